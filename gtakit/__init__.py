@@ -1,0 +1,25 @@
+"""gtakit: convert Hugging Face MHA/GQA language models to GTA, GLA and MLA attention."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .models import GLAConfig, GLAForCausalLM, GLAModel, GTAConfig, GTAForCausalLM, GTAModel
+
+
+def _register() -> None:
+    for config_cls, base_cls, lm_cls in ((GTAConfig, GTAModel, GTAForCausalLM), (GLAConfig, GLAModel, GLAForCausalLM)):
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModel.register(config_cls, base_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
+        # save_pretrained then writes auto_map and copies the flat modeling files next to the weights.
+        config_cls.register_for_auto_class()
+        base_cls.register_for_auto_class("AutoModel")
+        lm_cls.register_for_auto_class("AutoModelForCausalLM")
+
+
+_register()
+
+__all__ = ["GLAConfig", "GLAForCausalLM", "GLAModel", "GTAConfig", "GTAForCausalLM", "GTAModel", "__version__"]

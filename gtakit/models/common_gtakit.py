@@ -1,0 +1,409 @@
+"""Parts shared by the gtakit model forms: norm, MLP, RoPE, masks, decoder stack and the HF model classes.
+
+Flat file (copied next to converted weights for `trust_remote_code`); imports nothing from gtakit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as hf_init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache_gtakit import CompressedKVCache
+
+# Query lengths up to this use the absorbed decode path against a non-empty cache (speculative decoding
+# verifies a few tokens at once); longer chunks are prefill and use the plain path.
+MAX_ABSORBED_QUERY_LEN = 16
+ATTENTION_PATHS = ("auto", "plain", "absorbed")
+
+
+# --------------------------------------------------------------------------------------------- RoPE
+
+
+def standard_rope_freqs(rope_dim: int, theta: float) -> torch.Tensor:
+    """Inverse frequencies of a standard `rope_dim`-wide RoPE: theta^(-2i/rope_dim), i < rope_dim/2."""
+    exponent = torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim
+    return (1.0 / (theta**exponent)).float()
+
+
+def apply_static_rope_scaling(freqs: torch.Tensor, rope_parameters: dict) -> torch.Tensor:
+    """Length-independent scalings (`linear`, `llama3`) applied to inverse-frequency values."""
+    rope_type = rope_parameters.get("rope_type", "default")
+    if rope_type == "linear":
+        return freqs / float(rope_parameters["factor"])
+    if rope_type == "llama3":
+        factor = float(rope_parameters["factor"])
+        low = float(rope_parameters["low_freq_factor"])
+        high = float(rope_parameters["high_freq_factor"])
+        old_len = float(rope_parameters["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / freqs
+        scaled = torch.where(wavelen > old_len / low, freqs / factor, freqs)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    return freqs
+
+
+def dynamic_rope_freqs(freqs: torch.Tensor, rope_parameters: dict, seq_len: int, max_positions: int) -> torch.Tensor:
+    """Dynamic-NTK rescaling of stored frequencies.
+
+    Dynamic NTK replaces the base theta by theta' once the sequence outgrows the trained length. A frequency
+    theta^(-2i/d) then becomes theta'^(-2i/d) = freq^(ln theta' / ln theta), so stored frequency values can be
+    rescaled without knowing which index they came from (conversion keeps arbitrary subsets per layer).
+    """
+    if seq_len <= max_positions:
+        return freqs
+    theta = float(rope_parameters["rope_theta"])
+    factor = float(rope_parameters.get("factor", 1.0))
+    dim = int(rope_parameters.get("original_head_dim", 2 * freqs.numel()))
+    new_theta = theta * ((factor * seq_len / max_positions) - (factor - 1)) ** (dim / (dim - 2))
+    return freqs.double().pow(math.log(new_theta) / math.log(theta)).to(freqs.dtype)
+
+
+def default_layer_rope_freqs(config: Any, rope_dim: int) -> torch.Tensor:
+    return apply_static_rope_scaling(
+        standard_rope_freqs(rope_dim, float(config.rope_parameters["rope_theta"])), config.rope_parameters
+    )
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, freqs: torch.Tensor, config: Any, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[B, 1, L, 2 * len(freqs)]` in the rotate-half layout for positions `[B, L]`."""
+    if config.rope_parameters.get("rope_type") == "dynamic":
+        seq_len = int(position_ids.max().item()) + 1
+        freqs = dynamic_rope_freqs(freqs, config.rope_parameters, seq_len, config.max_position_embeddings)
+    angles = position_ids.to(torch.float32)[..., None] * freqs.to(position_ids.device, torch.float32)
+    emb = torch.cat((angles, angles), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------------------------- masks
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, past_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask `[B, 1, L, past_len + L]` (True = attend), or None when plain causal attention suffices.
+
+    None is returned only when no position is padded and the causal mask is top-left aligned (no past) or
+    trivial (one query). Rows with nothing to attend to (queries at left-padding positions) are opened to
+    their causal window so that they stay finite instead of producing NaN that would leak through values.
+    """
+    total = past_len + q_len
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask > -1
+        return mask[..., -q_len:, -total:]
+    has_padding = attention_mask is not None and not bool(attention_mask[:, -total:].all())
+    if not has_padding and (past_len == 0 or q_len == 1):
+        return None
+    q_pos = torch.arange(past_len, total, device=device)
+    causal = torch.arange(total, device=device)[None, :] <= q_pos[:, None]
+    mask = causal[None, None].expand(batch, 1, q_len, total)
+    if has_padding:
+        if attention_mask.shape[-1] < total:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but past + new tokens are {total}"
+            )
+        mask = mask & attention_mask[:, None, None, -total:].to(device).bool()
+        empty = ~mask.any(dim=-1, keepdim=True)
+        mask = torch.where(empty, causal[None, None], mask)
+    return mask
+
+
+def additive_mask(mask: torch.Tensor | None, q_len: int, past_len: int, device: torch.device, dtype: torch.dtype):
+    """Additive float mask for the explicit (absorbed) attention path; causal when `mask` is None."""
+    if mask is None:
+        if q_len == 1:
+            return None
+        total = past_len + q_len
+        q_pos = torch.arange(past_len, total, device=device)
+        mask = (torch.arange(total, device=device)[None, :] <= q_pos[:, None])[None, None]
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+# --------------------------------------------------------------------------------------------- blocks
+
+
+class GtakitRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class GtakitMLP(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class CompressedAttentionBase(nn.Module):
+    """Common plumbing of GTA and GLA attention: RoPE buffer, path selection, cache update."""
+
+    rope_width: int
+
+    def __init__(self, config: Any, layer_idx: int, rope_width: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.rope_width = rope_width
+        self.attention_path = "auto"
+        # Conversion keeps a different subset of the source's RoPE frequencies in every layer, so each layer
+        # owns its frequency vector and saves it with the weights.
+        self.register_buffer("rope_freqs", default_layer_rope_freqs(config, rope_width), persistent=True)
+
+    def use_absorbed(self, q_len: int, past_len: int) -> bool:
+        if self.attention_path == "absorbed":
+            return True
+        if self.attention_path == "plain":
+            return False
+        return past_len > 0 and q_len <= MAX_ABSORBED_QUERY_LEN
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        past_len: int = 0,
+    ) -> torch.Tensor:
+        cos, sin = rope_cos_sin(position_ids, self.rope_freqs, self.config, hidden_states.dtype)
+        query, state, rope_key = self.project(hidden_states, cos, sin)
+        if past_key_values is not None:
+            state, rope_key = past_key_values.update(state, rope_key, self.layer_idx)
+        q_len = hidden_states.shape[1]
+        if self.use_absorbed(q_len, past_len):
+            mask = additive_mask(attention_mask, q_len, past_len, hidden_states.device, torch.float32)
+            out = self.absorbed_attention(query, state, rope_key, mask)
+        else:
+            out = self.plain_attention(query, state, rope_key, attention_mask, q_len)
+        batch = hidden_states.shape[0]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, -1))
+
+    def sdpa(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, q_len: int
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=self.config.attention_dropout if self.training else 0.0,
+            is_causal=mask is None and q_len > 1,
+            scale=self.scale,
+        )
+
+
+class GtakitDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: Any, layer_idx: int, attention_cls: type[CompressedAttentionBase]) -> None:
+        super().__init__()
+        self.self_attn = attention_cls(config, layer_idx)
+        self.mlp = GtakitMLP(config)
+        self.input_layernorm = GtakitRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = GtakitRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        past_len: int = 0,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), position_ids, attention_mask, past_key_values, past_len
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+# --------------------------------------------------------------------------------------------- HF models
+
+
+class GtakitPreTrainedModel(PreTrainedModel):
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GtakitDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, CompressedAttentionBase):
+            hf_init.copy_(module.rope_freqs, default_layer_rope_freqs(self.config, module.rope_width))
+
+    def set_attention_path(self, path: str) -> None:
+        """Force the attention path: 'plain' (up-projected, SDPA), 'absorbed' (reads the compressed cache
+        directly) or 'auto' (absorbed for short queries against a non-empty cache)."""
+        if path not in ATTENTION_PATHS:
+            raise ValueError(f"attention path must be one of {ATTENTION_PATHS}, got {path!r}")
+        for module in self.modules():
+            if isinstance(module, CompressedAttentionBase):
+                module.attention_path = path
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        # generate() would build a DynamicCache; give it the compressed cache instead.
+        if (
+            model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation in (None, "dynamic")
+        ):
+            cache = CompressedKVCache(config=self.config)
+            if getattr(generation_config, "is_assistant", False) and hasattr(cache, "activate_past_recording"):
+                cache.activate_past_recording()
+            model_kwargs["past_key_values"] = cache
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+class GtakitModelBase(GtakitPreTrainedModel):
+    attention_cls: type[CompressedAttentionBase]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [GtakitDecoderLayer(config, idx, self.attention_cls) for idx in range(config.num_hidden_layers)]
+        )
+        self.norm = GtakitRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _ensure_cache(self, past_key_values: Cache | None) -> Cache:
+        if past_key_values is None:
+            return CompressedKVCache(config=self.config)
+        if isinstance(past_key_values, CompressedKVCache):
+            return past_key_values
+        if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
+            return CompressedKVCache(config=self.config)
+        raise ValueError(
+            f"gtakit models need a CompressedKVCache, got a non-empty {type(past_key_values).__name__}; "
+            "pass past_key_values=None and the model creates one"
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        past_key_values = self._ensure_cache(past_key_values) if use_cache else None
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        batch, q_len = inputs_embeds.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)
+            position_ids = position_ids.unsqueeze(0).expand(batch, q_len)
+        mask = build_attention_mask(attention_mask, batch, q_len, past_len, inputs_embeds.device)
+
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_ids, mask, past_key_values, past_len)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class GtakitForCausalLMBase(GtakitPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    model_cls: type[GtakitModelBase]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.model = self.model_cls(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
