@@ -73,6 +73,11 @@ class _LlamaStyleConfig(PretrainedConfig):
         self.mlp_bias = mlp_bias
         self.softmax_scale = softmax_scale
         self.decode_backend = decode_backend
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"`rope_parameters.rope_type` {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}"
+            )
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -87,11 +92,6 @@ class _LlamaStyleConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-        rope_type = self.rope_parameters.get("rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"`rope_parameters.rope_type` {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}"
-            )
         if self.decode_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"`decode_backend` must be 'auto', 'torch' or 'triton', got {self.decode_backend!r}")
 

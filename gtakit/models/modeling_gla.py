@@ -9,6 +9,8 @@ Head h reads latent j = h // Hb: key [W_uk,h c_j ; RoPE(k_r)], value W_uv,h c_j.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -33,7 +35,9 @@ class GLAAttention(CompressedAttentionBase):
         self.kv_down_proj = nn.Linear(hidden, self.num_latents * self.latent_dim, bias=bias)
         self.k_rope_proj = nn.Linear(hidden, self.rope_dim, bias=bias)
         # Rows h*n:(h+1)*n of k_up_proj.weight map latent j(h) to head h's no-RoPE key; likewise v_up_proj.
-        self.k_up_proj = nn.Linear(self.latent_dim, self.num_heads * self.nope_dim, bias=False)
+        with warnings.catch_warnings():  # qk_nope_head_dim = 0 (lossless conversions) gives an empty weight
+            warnings.simplefilter("ignore", UserWarning)
+            self.k_up_proj = nn.Linear(self.latent_dim, self.num_heads * self.nope_dim, bias=False)
         self.v_up_proj = nn.Linear(self.latent_dim, self.num_heads * self.v_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=config.o_proj_bias)
 

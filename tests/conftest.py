@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random configs of every gtakit form and small helpers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import gtakit  # noqa: E402,F401  (registers the Auto classes)
+from gtakit.models import GLAConfig, GTAConfig  # noqa: E402
+
+BASE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def gta_config(**overrides) -> GTAConfig:
+    kwargs = dict(BASE, num_key_value_heads=2, head_dim=16, rope_dim=8)
+    kwargs.update(overrides)
+    return GTAConfig(**kwargs)
+
+
+def gla_config(**overrides) -> GLAConfig:
+    kwargs = dict(BASE, num_latent_heads=2, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16)
+    kwargs.update(overrides)
+    return GLAConfig(**kwargs)
+
+
+TINY_CONFIGS = {
+    "gta-g2": lambda: gta_config(),
+    "gta-g1-mqa": lambda: gta_config(num_key_value_heads=1),
+    "gta-g4-mha-bias": lambda: gta_config(num_key_value_heads=4, attention_bias=True, o_proj_bias=True),
+    "gta-full-rope": lambda: gta_config(rope_dim=16, tie_word_embeddings=True),
+    "mla": lambda: gla_config(num_latent_heads=1, kv_lora_rank=32),
+    "gla2-bias": lambda: gla_config(attention_bias=True, o_proj_bias=True),
+    "gla4": lambda: gla_config(num_latent_heads=4, kv_lora_rank=12, qk_nope_head_dim=4, v_head_dim=12),
+    "gla2-no-nope-wide-rope": lambda: gla_config(qk_nope_head_dim=0, qk_rope_head_dim=40, softmax_scale=0.25),
+    "gla-llama3-rope": lambda: gla_config(
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        )
+    ),
+    # Dynamic NTK rescales frequencies once a sequence outgrows the trained length, so a cached decode and a
+    # full forward differ past it by design (as in transformers); here the tests stay inside that length.
+    "gta-dynamic-rope": lambda: gta_config(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)),
+}
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_config(request):
+    return TINY_CONFIGS[request.param]()
+
+
+def build_model(config, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    # Random init leaves biases at zero; give them values so the bias paths are exercised.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.1)
+    return model

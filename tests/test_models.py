@@ -1,0 +1,234 @@
+"""Foundation guarantees of the GTA / GLA / MLA models and their compressed cache (CPU, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BASE, build_model, gla_config, gta_config
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gtakit.models import CompressedKVCache, GLAConfig, GTAConfig
+
+
+def _ids(batch=2, length=13, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, BASE["vocab_size"], (batch, length), generator=generator)
+
+
+@torch.no_grad()
+def test_incremental_decoding_matches_full_forward(tiny_config):
+    model = build_model(tiny_config)
+    ids = _ids(length=20)
+    full = model(ids, use_cache=False).logits
+
+    out = model(ids[:, :5])
+    cache = out.past_key_values
+    assert isinstance(cache, CompressedKVCache)
+    pieces = [out.logits]
+    for t in range(5, 11):  # one token at a time
+        out = model(ids[:, t : t + 1], past_key_values=cache)
+        pieces.append(out.logits)
+    for start in (11, 14):  # then chunks (speculative-decoding sized, and longer)
+        end = min(start + 3 if start == 11 else 20, 20)
+        out = model(ids[:, start:end], past_key_values=cache)
+        pieces.append(out.logits)
+    incremental = torch.cat(pieces, dim=1)
+    assert incremental.shape == full.shape
+    assert (incremental - full).abs().max().item() < 1e-4
+    assert cache.get_seq_length() == 20
+
+
+@torch.no_grad()
+def test_generate_equals_no_cache_greedy_loop(tiny_config):
+    model = build_model(tiny_config)
+    prompt = _ids(batch=1, length=6)
+    generated = model.generate(prompt, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    seq = prompt
+    for _ in range(10):
+        next_token = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, next_token], dim=1)
+    assert torch.equal(generated, seq)
+
+
+@torch.no_grad()
+def test_generate_uses_compressed_cache(tiny_config):
+    model = build_model(tiny_config)
+    out = model.generate(_ids(batch=1, length=4), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, CompressedKVCache)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_absorbed_path_equals_plain_path(tiny_config, q_len):
+    model = build_model(tiny_config)
+    ids = _ids(length=12 + q_len)
+    results = {}
+    for path in ("plain", "absorbed"):
+        model.set_attention_path(path)
+        cache = model(ids[:, :12]).past_key_values
+        results[path] = model(ids[:, 12:], past_key_values=cache).logits
+    model.set_attention_path("auto")
+    plain, absorbed = results["plain"], results["absorbed"]
+    assert ((absorbed - plain).norm() / plain.norm()).item() < 1e-5
+
+
+@torch.no_grad()
+def test_absorbed_prefill_equals_plain_prefill(tiny_config):
+    """The absorbed path also handles a causal block of queries with no past (mask built internally)."""
+    model = build_model(tiny_config)
+    ids = _ids(length=9)
+    model.set_attention_path("plain")
+    plain = model(ids, use_cache=False).logits
+    model.set_attention_path("absorbed")
+    absorbed = model(ids, use_cache=False).logits
+    model.set_attention_path("auto")
+    assert ((absorbed - plain).norm() / plain.norm()).item() < 1e-5
+
+
+@torch.no_grad()
+def test_cache_bytes_per_token_match_formula(tiny_config):
+    model = build_model(tiny_config)
+    batch, length = 3, 7
+    cache = model(_ids(batch=batch, length=length)).past_key_values
+    per_layer = tiny_config.kv_cache_elements_per_layer
+    if isinstance(tiny_config, GTAConfig):
+        assert per_layer == tiny_config.num_key_value_heads * tiny_config.head_dim + tiny_config.rope_dim
+        assert tuple(cache.layers[0].state.shape) == (batch, tiny_config.num_key_value_heads, length, 16)
+    else:
+        assert per_layer == tiny_config.num_latent_heads * tiny_config.kv_lora_rank + tiny_config.qk_rope_head_dim
+        assert tuple(cache.layers[0].state.shape) == (
+            batch,
+            tiny_config.num_latent_heads,
+            length,
+            tiny_config.kv_lora_rank,
+        )
+    assert tuple(cache.layers[0].rope_key.shape)[1] == 1  # stored once, not per head
+    expected_elements = per_layer * tiny_config.num_hidden_layers
+    assert cache.elements_per_token() == expected_elements
+    assert cache.bytes_per_token() == expected_elements * 4  # fp32
+    assert cache.nbytes() == expected_elements * 4 * batch * length
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_gta_cache_is_smaller_than_gqa_by_expected_ratio(groups):
+    head_dim, rope_dim = 16, 8
+    gta = build_model(gta_config(num_key_value_heads=groups, head_dim=head_dim, rope_dim=rope_dim))
+    llama_cfg = LlamaConfig(**BASE, num_key_value_heads=groups, head_dim=head_dim)
+    llama = LlamaForCausalLM(llama_cfg).eval()
+    ids = _ids(batch=2, length=9)
+    gta_cache = gta(ids).past_key_values
+    gqa_cache = llama(ids, use_cache=True).past_key_values
+    gqa_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in gqa_cache.layers)
+    ratio = gta_cache.nbytes() / gqa_bytes
+    assert ratio == pytest.approx((groups * head_dim + rope_dim) / (2 * groups * head_dim))
+    assert ratio < 1
+
+
+@torch.no_grad()
+def test_gla_cache_ratio_against_gqa():
+    cfg = gla_config(num_latent_heads=2, kv_lora_rank=16, qk_rope_head_dim=8)
+    gla = build_model(cfg)
+    llama = LlamaForCausalLM(LlamaConfig(**BASE, num_key_value_heads=2, head_dim=16)).eval()
+    ids = _ids(batch=1, length=5)
+    gqa_cache = llama(ids, use_cache=True).past_key_values
+    gqa_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in gqa_cache.layers)
+    assert gla(ids).past_key_values.nbytes() / gqa_bytes == pytest.approx((2 * 16 + 8) / (2 * 2 * 16))
+
+
+@torch.no_grad()
+def test_left_padding_matches_rows_run_alone(tiny_config):
+    model = build_model(tiny_config)
+    long_row, short_row = _ids(batch=1, length=9, seed=3), _ids(batch=1, length=5, seed=4)
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    batch = torch.cat([long_row, torch.cat([pad, short_row], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(batch, attention_mask=mask, position_ids=position_ids).logits
+    alone_long = model(long_row).logits
+    alone_short = model(short_row).logits
+    assert (logits[0] - alone_long[0]).abs().max().item() < 1e-4
+    assert (logits[1, 4:] - alone_short[0]).abs().max().item() < 1e-4
+
+    # Generation with the padded batch gives each row what it gives alone.
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    alone = model.generate(short_row, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(out[1, 4:], alone[0])
+
+
+def test_rope_freqs_are_per_layer_buffers_saved_with_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build_model(gla_config())
+    with torch.no_grad():
+        model.model.layers[1].self_attn.rope_freqs.copy_(torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.model.layers[1].self_attn.rope_freqs, torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+    assert not torch.equal(loaded.model.layers[0].self_attn.rope_freqs, loaded.model.layers[1].self_attn.rope_freqs)
+
+
+def test_fresh_model_uses_standard_rope_frequencies():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+    )
+    model = build_model(gta_config(rope_dim=16, rope_parameters=rope))
+    reference, _ = ROPE_INIT_FUNCTIONS["llama3"](
+        LlamaConfig(**BASE, head_dim=16, rope_parameters=rope), "cpu"
+    )
+    assert torch.allclose(model.model.layers[0].self_attn.rope_freqs, reference.float(), rtol=1e-6)
+
+    linear = build_model(gta_config(rope_dim=16, rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=4.0)))
+    plain = build_model(gta_config(rope_dim=16))
+    assert torch.allclose(
+        linear.model.layers[0].self_attn.rope_freqs, plain.model.layers[0].self_attn.rope_freqs / 4.0
+    )
+
+
+@pytest.mark.parametrize(
+    "factory, field",
+    [
+        (lambda: gta_config(rope_dim=7), "rope_dim"),
+        (lambda: gta_config(rope_dim=32), "rope_dim"),
+        (lambda: gta_config(num_key_value_heads=3), "num_key_value_heads"),
+        (lambda: gla_config(num_latent_heads=3), "num_latent_heads"),
+        (lambda: gla_config(qk_rope_head_dim=9), "qk_rope_head_dim"),
+        (lambda: gla_config(kv_lora_rank=0), "kv_lora_rank"),
+        (lambda: gla_config(qk_nope_head_dim=-1), "qk_nope_head_dim"),
+        (lambda: gla_config(v_head_dim=0), "v_head_dim"),
+        (lambda: gta_config(rope_parameters=dict(rope_type="yarn", rope_theta=1e4)), "rope_type"),
+        (lambda: gta_config(hidden_size=0), "hidden_size"),
+    ],
+)
+def test_bad_configs_name_the_field(factory, field):
+    with pytest.raises(ValueError, match=field):
+        factory()
+
+
+def test_gla_allows_wide_rope_and_empty_nope():
+    cfg = gla_config(qk_nope_head_dim=0, qk_rope_head_dim=64)
+    assert cfg.qk_head_dim == 64
+    assert isinstance(cfg, GLAConfig)
+
+
+@torch.no_grad()
+def test_dynamic_rope_changes_frequencies_past_trained_length():
+    model = build_model(
+        gta_config(max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0))
+    )
+    short = model(_ids(batch=1, length=8)).logits
+    assert torch.isfinite(short).all()
+    from gtakit.models.common_gtakit import dynamic_rope_freqs
+
+    base = model.model.layers[0].self_attn.rope_freqs
+    scaled = dynamic_rope_freqs(base, model.config.rope_parameters, seq_len=64, max_positions=16)
+    assert torch.all(scaled[1:] < base[1:]) and scaled[0] == base[0]

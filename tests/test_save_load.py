@@ -1,0 +1,92 @@
+"""A saved gtakit folder loads with remote code where gtakit is not importable, and natively after import."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS, build_model
+from transformers import AutoModelForCausalLM
+
+# A child process in which `import gtakit` fails, however the package was installed.
+LOAD_WITHOUT_GTAKIT = textwrap.dedent(
+    """
+    import sys, importlib.abc
+    class _Hide(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "gtakit" or name.startswith("gtakit."):
+                raise ModuleNotFoundError("gtakit hidden for this test")
+            return None
+    sys.meta_path.insert(0, _Hide())
+    sys.path = [p for p in sys.path if p not in ("", ".")]
+    try:
+        import gtakit  # noqa: F401
+        raise SystemExit("gtakit was importable")
+    except ModuleNotFoundError:
+        pass
+    import torch
+    from transformers import AutoModelForCausalLM
+    folder, ids_path, out_path = sys.argv[1:4]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert "gtakit" not in type(model).__module__.split(".")[0], type(model).__module__
+    ids = torch.load(ids_path, weights_only=True)
+    with torch.no_grad():
+        logits = model(ids).logits
+        generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    torch.save({"logits": logits, "generated": generated, "cache": type(model(ids).past_key_values).__name__},
+               out_path)
+    """
+)
+
+
+@pytest.mark.parametrize("name", ["gta-g2", "gla2-bias", "mla", "gla-llama3-rope"])
+def test_load_with_remote_code_without_gtakit(tmp_path, name):
+    model = build_model(TINY_CONFIGS[name]())
+    with torch.no_grad():  # a non-default RoPE buffer must survive the round trip
+        model.model.layers[0].self_attn.rope_freqs.mul_(0.5)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert "AutoModelForCausalLM" in config["auto_map"] and "AutoConfig" in config["auto_map"]
+    for needed in ("configuration_gtakit.py", "common_gtakit.py", "cache_gtakit.py"):
+        assert (folder / needed).exists()
+
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_WITHOUT_GTAKIT)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        expected = model(ids).logits
+        expected_generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    assert torch.equal(remote["logits"], expected)
+    assert torch.equal(remote["generated"], expected_generated)
+    assert remote["cache"] == "CompressedKVCache"
+
+
+@pytest.mark.parametrize("name", ["gta-g4-mha-bias", "gla4", "gta-full-rope"])
+def test_native_load_after_import_gives_identical_logits(tmp_path, name):
+    model = build_model(TINY_CONFIGS[name]())
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded).__module__.startswith("gtakit.")
+    ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    for (name_a, a), (name_b, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert name_a == name_b and torch.equal(a, b), name_a
