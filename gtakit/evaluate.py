@@ -1,0 +1,98 @@
+"""Perplexity over non-overlapping windows and measured KV-cache bytes per token (`gtakit eval`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from gtakit.errors import GtakitError
+
+
+def read_text(path: str | Path) -> str:
+    """Plain text, or JSON lines with a `text` field (joined with blank lines)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise GtakitError(f"text file {path} does not exist")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix in (".jsonl", ".json"):
+        texts = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise GtakitError(f"{path}:{number} is not a JSON object with a 'text' field") from None
+        return "\n\n".join(texts)
+    return raw
+
+
+def load_model(model: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from an HF folder (gtakit or source), a .gguf file or a Hub id."""
+    import gtakit  # noqa: F401 - registers the gtakit architectures
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gtakit.convert.source import open_source
+
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        config = json.loads((path / "config.json").read_text())
+        if str(config.get("model_type", "")).startswith("gtakit_"):
+            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+            return loaded, AutoTokenizer.from_pretrained(path)
+    source = open_source(model)
+    return source.load_model(dtype), source.load_tokenizer()
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    max_tokens: int | None = None,
+    window: int = 1024,
+    progress: bool = False,
+) -> dict:
+    """Perplexity of `text` over non-overlapping windows of `window` tokens (each window scored on its own)."""
+    if window < 2:
+        raise GtakitError("--window must be at least 2 tokens")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    num_windows = len(ids) // window
+    if num_windows == 0:
+        raise GtakitError(f"the text has {len(ids)} tokens, fewer than one window of {window}; lower --window")
+    device = next(model.parameters()).device
+    total_nll, total_count = 0.0, 0
+    for index in tqdm(range(num_windows), desc="perplexity", disable=not progress):
+        chunk = ids[index * window : (index + 1) * window].unsqueeze(0).to(device)
+        logits = model(chunk, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
+        total_nll += float(nll)
+        total_count += window - 1
+    return {
+        "perplexity": math.exp(total_nll / total_count),
+        "nll": total_nll / total_count,
+        "tokens": num_windows * window,
+        "windows": num_windows,
+        "window": window,
+    }
+
+
+@torch.no_grad()
+def kv_bytes_per_token(model, tokens: int = 8) -> dict:
+    """Measured cache size per token (all layers) after a short forward pass."""
+    device = next(model.parameters()).device
+    ids = torch.full((1, tokens), 1, dtype=torch.long, device=device)
+    cache = model(ids, use_cache=True).past_key_values
+    total_bytes, total_elements = 0, 0
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values):
+            if tensor is not None:
+                total_bytes += tensor.numel() * tensor.element_size()
+                total_elements += tensor.numel()
+    return {"bytes_per_token": total_bytes / tokens, "elements_per_token": total_elements / tokens}

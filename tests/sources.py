@@ -1,0 +1,83 @@
+"""Tiny random source checkpoints (Llama, Mistral, Qwen2) written to disk like real ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 97
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+SOURCES = {
+    "llama-mha": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=4, head_dim=16)),
+    "llama-gqa-llama3rope": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            **COMMON,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        )
+    ),
+    "mistral-gqa": lambda: MistralForCausalLM(
+        MistralConfig(**COMMON, num_key_value_heads=2, head_dim=16, sliding_window=None)
+    ),
+    "qwen2-bias": lambda: Qwen2ForCausalLM(
+        Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False)
+    ),
+}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<pad>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def write_source(name: str, folder: Path, seed: int = 0, shard_size: str = "60KB") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = SOURCES[name]().eval()
+    with torch.no_grad():  # random init zeroes biases; make them matter
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("bias"):
+                param.normal_(0, 0.2)
+    model.save_pretrained(folder, max_shard_size=shard_size)
+    tiny_tokenizer().save_pretrained(folder)
+    return model
+
+
+def random_text(words: int = 3000, seed: int = 0) -> str:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (words,), generator=generator)
+    return " ".join(f"w{int(i)}" for i in ids)
