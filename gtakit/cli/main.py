@@ -58,7 +58,10 @@ def convert(
     rope_dim: Optional[str] = typer.Option(
         None, help="Width of the shared RoPE key, or 'full' (every RoPE component; GLA/MLA lossless)."
     ),
-    init: str = typer.Option("svd", help="Initialisation method: svd (weight-only)."),
+    init: str = typer.Option(
+        "auto", help="Initialisation: auto (aware with --calib, else svd), svd, pca or aware."
+    ),
+    gta_state: str = typer.Option("joint", help="GTA tied state: joint (key/value subspace) or value (exact values)."),
     calib: Optional[str] = typer.Option(None, help="Calibration text (plain text or JSON lines with 'text')."),
     calib_tokens: int = typer.Option(262144, help="Calibration tokens."),
     calib_seq_len: int = typer.Option(2048, help="Calibration sequence length."),
@@ -81,6 +84,7 @@ def convert(
         kv_rank=kv_rank,
         rope_dim=rope_dim,
         init=init,
+        gta_state=gta_state,
         calib=calib,
         calib_tokens=calib_tokens,
         calib_seq_len=calib_seq_len,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .rope import RopeSelection, SourceAttention, select_shared_rope
+from .rope import SourceAttention, nope_query, select_shared_rope
 
 
 @dataclass
@@ -28,6 +28,8 @@ class LayerMetric:
     key_out_weight: list[torch.Tensor] | None = None
     value_out_weight: list[torch.Tensor] | None = None
     balance: bool = True
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # [H, d/2] mean cos/sin per head and frequency
+    gta_state: str = "value"  # GTA tied state: "value" (values exact) or "joint" (key/value subspace)
 
 
 @dataclass
@@ -86,7 +88,7 @@ def convert_gla_layer(
     """GLA/MLA weights; returns the layer and its no-RoPE head dim (0 when every RoPE component is kept)."""
     H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
     cov = metric.input_cov
-    rope = select_shared_rope(src, rope_pairs, cov, metric.query_cov)
+    rope = select_shared_rope(src, rope_pairs, cov, metric.query_cov, metric.rotation)
     nope_dim = 0 if rope_pairs == G * d // 2 else d
     groups = src.group_of_head
     per_latent = H // num_latents
@@ -144,10 +146,10 @@ def convert_gla_layer(
 
     q_rows, q_bias = [], [] if src.bq is not None else None
     for h in range(H):
-        parts = ([src.wq[src.q_rows(h)]] if nope_dim else []) + [rope.query_rows[h]]
-        q_rows.append(torch.cat(parts))
+        nope_rows, nope_bias = nope_query(src, h, metric.rotation)
+        q_rows.append(torch.cat(([nope_rows] if nope_dim else []) + [rope.query_rows[h]]))
         if q_bias is not None:
-            q_bias.append(torch.cat(([src.bq[src.q_rows(h)]] if nope_dim else []) + [rope.query_bias[h]]))
+            q_bias.append(torch.cat(([nope_bias] if nope_dim else []) + [rope.query_bias[h]]))
     tensors = {
         "q_proj.weight": torch.cat(q_rows),
         "kv_down_proj.weight": torch.cat(down_rows),
@@ -178,7 +180,7 @@ def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metr
     """GTA weights: per group a tied state s (value; its first d - r coords are the no-RoPE key)."""
     H, d = src.num_heads, src.head_dim
     cov = metric.input_cov
-    rope = select_shared_rope(src, rope_dim // 2, cov, metric.query_cov)
+    rope = select_shared_rope(src, rope_dim // 2, cov, metric.query_cov, metric.rotation)
     nope = d - rope_dim
     groups = src.group_of_head
     per_group = H // num_groups
@@ -199,13 +201,15 @@ def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metr
                 value_basis = torch.linalg.pinv(_sqrt_psd(weight), hermitian=True) @ value_basis
                 value_basis = torch.linalg.qr(value_basis).Q
         state0 = value_basis.T @ values  # [d, D]
-        value_errs.append(_rel_err(value_basis @ state0 - values, values, cov))
-
-        # Reduced-rank regression of the residual (no-RoPE) keys on the state: keys ~= B s[:nope].
         keys = torch.cat([rope.residual_key[g] for g in kv_heads])  # [|S| d, D]
         kw = metric.key_out_weight
         k_weight = torch.block_diag(*[kw[g] for g in kv_heads]) if kw else None
         keys_w = _weighted(keys, k_weight)
+        if metric.gta_state == "joint" and nope:
+            state0, value_basis = _joint_tied_state(keys_w, values, nope, cov, metric, kv_heads)
+        value_errs.append(_rel_err(value_basis @ state0 - values, values, cov))
+
+        # Reduced-rank regression of the residual (no-RoPE) keys on the state: keys ~= B s[:nope].
         s_moment = _moment(state0, cov)
         cross = keys_w @ state0.T if cov is None else keys_w @ cov @ state0.T
         coef = cross @ torch.linalg.pinv(s_moment, hermitian=True)  # unconstrained regression [|S| d, d]
@@ -225,9 +229,10 @@ def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metr
             # head value = value_basis[block] @ s0 = value_basis[block] @ transform^T @ s
             o_cols[h] = src.wo[:, src.q_rows(h)] @ value_basis[block] @ transform.T
             b_h = b[block]  # [d, nope]
-            q_rows[h] = torch.cat([b_h.T @ src.wq[src.q_rows(h)], rope.query_rows[h]])
+            nope_rows, nope_bias = nope_query(src, h, metric.rotation)
+            q_rows[h] = torch.cat([b_h.T @ nope_rows, rope.query_rows[h]])
             if src.bq is not None:
-                q_bias[h] = torch.cat([b_h.T @ src.bq[src.q_rows(h)], rope.query_bias[h]])
+                q_bias[h] = torch.cat([b_h.T @ nope_bias, rope.query_bias[h]])
     tensors = {
         "q_proj.weight": torch.cat(q_rows),
         "kv_proj.weight": torch.cat(state_rows),
@@ -248,3 +253,35 @@ def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metr
         "rope_score_kept": rope.score_energy_kept,
     }
     return ConvertedLayer(tensors, metrics)
+
+
+def _joint_tied_state(
+    keys_w: torch.Tensor,
+    values: torch.Tensor,
+    nope: int,
+    cov: torch.Tensor | None,
+    metric: LayerMetric,
+    kv_heads: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GTA tied state that trades value exactness for key fidelity.
+
+    The first `nope` coordinates are the top principal directions of the (query-weighted) residual keys, so
+    the no-RoPE key is a plain PCA of the keys; the other coordinates are the principal directions of what
+    those miss of the values. Values are then read from the whole state by least squares (folded into W_o).
+    Returns (state rows [d, D], value map [|S| d, d] with values ~= value_map @ state).
+    """
+    d = values.shape[0] // len(kv_heads)
+    key_dirs = _top_basis(_moment(keys_w, cov), nope).T @ keys_w  # [nope, D]
+    vw = metric.value_out_weight
+    v_weight = torch.block_diag(*[vw[g] for g in kv_heads]) if vw else None
+    values_w = _weighted(values, v_weight)
+    k_moment = _moment(key_dirs, cov)
+    cross = values_w @ key_dirs.T if cov is None else values_w @ cov @ key_dirs.T
+    explained = cross @ torch.linalg.pinv(k_moment, hermitian=True) @ key_dirs
+    residual = values_w - explained
+    extra = _top_basis(_moment(residual, cov), d - nope).T @ residual  # [d - nope, D]
+    state = torch.cat([key_dirs, extra])
+    s_moment = _moment(state, cov)
+    v_cross = values @ state.T if cov is None else values @ cov @ state.T
+    value_map = v_cross @ torch.linalg.pinv(s_moment, hermitian=True)  # [|S| d, d]
+    return state, value_map

@@ -19,7 +19,7 @@ from gtakit.models.common_gtakit import apply_static_rope_scaling, standard_rope
 
 from .card import build_card, dump_json
 from .decompose import convert_gla_layer, convert_gta_layer
-from .methods import get_init_method
+from .methods import get_init_method, resolve_init
 from .plan import ConvertOptions, TargetPlan, plan_target
 from .rope import SourceAttention
 from .source import SourceModel, open_source, source_head_dim, source_rope_parameters
@@ -132,6 +132,7 @@ def iter_converted_tensors(
         attn = read_attention(source, layer, inv_freq)
         stats = stats_for_layer(layer) if stats_for_layer is not None else None
         metric = method.build_metric(attn, stats)
+        metric.gta_state = plan.gta_state
         if plan.target == "gta":
             converted = convert_gta_layer(attn, plan.config.num_key_value_heads, plan.config.rope_dim, metric)
         else:
@@ -153,6 +154,7 @@ def convert_in_memory(
 ) -> tuple[torch.nn.Module, dict]:
     """Convert without writing anything (benchmarks, experiments): returns (model in float32, per-layer report)."""
     plan = plan_target(source, options)
+    options.init = resolve_init(options.init, bool(options.calib) or stats_for_layer is not None)
     method = get_init_method(options.init)
     if method.needs_calibration and stats_for_layer is None:
         from .calibration import collect_layer_statistics  # noqa: PLC0415
@@ -185,7 +187,10 @@ def convert(
     log = log or (lambda message: None)
     out = Path(out).expanduser()
     check_output(out, force)
+    options.init = resolve_init(options.init, bool(options.calib))
     method = get_init_method(options.init)
+    if options.init == "svd":
+        log("no --calib text: weight-only SVD initialisation; pass --calib FILE for far better quality")
     if options.dtype != "auto" and options.dtype not in DTYPES:
         raise GtakitError(f"--dtype must be auto, {', '.join(DTYPES)}; got {options.dtype!r}")
     source = open_source(src)

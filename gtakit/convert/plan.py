@@ -22,7 +22,8 @@ class ConvertOptions:
     latent_heads: int | None = None  # GLA: latent heads (default 2 if it divides H and G, else G)
     kv_rank: int | str | None = None  # GLA/MLA: latent width per latent head, or "full"
     rope_dim: int | str | None = None  # width of the shared RoPE key, or "full" (every component)
-    init: str = "svd"
+    init: str = "auto"
+    gta_state: str = "joint"  # GTA: "joint" key/value tied state or "value" (values kept exact)
     calib: str | None = None
     calib_tokens: int = 262144
     calib_seq_len: int = 2048
@@ -42,6 +43,7 @@ class TargetPlan:
     config: GTAConfig | GLAConfig
     source_elements_per_layer: int
     latent_kv_heads: list[list[int]] = field(default_factory=list)
+    gta_state: str = "joint"
 
     @property
     def target_elements_per_layer(self) -> int:
@@ -113,8 +115,10 @@ def plan_target(source: SourceModel, options: ConvertOptions) -> TargetPlan:
         elif rope_dim == "full":
             rope_dim = d
         _check_rope_dim(rope_dim, d)
+        if options.gta_state not in ("joint", "value"):
+            raise GtakitError(f"--gta-state must be joint or value, got {options.gta_state!r}")
         config = GTAConfig(num_key_value_heads=groups, head_dim=d, rope_dim=rope_dim, **common)
-        return TargetPlan("gta", config, source_elements)
+        return TargetPlan("gta", config, source_elements, gta_state=options.gta_state)
 
     if options.groups is not None:
         raise GtakitError("--groups applies to --to gta; for gla/mla use --latent-heads")

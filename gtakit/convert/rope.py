@@ -69,11 +69,15 @@ def select_shared_rope(
     num_pairs: int,
     input_cov: torch.Tensor | None = None,
     query_cov: torch.Tensor | None = None,
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RopeSelection:
     """Pick `num_pairs` mixed (frequency, component) pairs for the shared RoPE key.
 
     `input_cov` [D, D] is the second moment of the layer input (None: identity, i.e. weights only).
     `query_cov`, if given, replaces the query energies by measured ones: [H, d] mean squared query per dim.
+    `rotation` ([H, d/2] attention-weighted E[cos], E[sin] of each frequency), if given, ranks components by the
+    score energy that their mean rotation cannot reproduce: a slowly rotating component loses little when it
+    becomes position-free, a fast one loses everything.
     """
     H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
     half = d // 2
@@ -100,6 +104,9 @@ def select_shared_rope(
         q_energy = _energy(wq, input_cov).sum(dim=1)  # [H, i]
     # Query energy of component m of frequency i: heads read it with weight U_i[m, g(h)].
     head_weight = mixing[:, :, groups] ** 2  # [i, m, H]
+    if rotation is not None:
+        kept_share = (rotation[0] ** 2 + rotation[1] ** 2).clamp(max=1.0)  # [H, i]
+        q_energy = q_energy * (1.0 - kept_share)
     comp_q_energy = torch.einsum("imh,hi->im", head_weight, q_energy)
     score = key_energy * comp_q_energy
     flat = torch.argsort(score.flatten(), descending=True)[:num_pairs]
@@ -147,3 +154,26 @@ def select_shared_rope(
         residual_key=residual,
         score_energy_kept=kept_score / total if total > 0 else 1.0,
     )
+
+
+def nope_query(
+    src: SourceAttention, head: int, rotation: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Query rows (and bias) of `head` for the position-free residual key.
+
+    The residual key lost its rotation R(-dt theta_i); replacing R by its attention-weighted mean
+    M_i = [[c, s], [-s, c]] is the best position-free stand-in, and M_i folds into the query: q' = M_i^T q.
+    """
+    rows = src.wq[src.q_rows(head)].clone()
+    bias = src.bq[src.q_rows(head)].clone() if src.bq is not None else None
+    if rotation is None:
+        return rows, bias
+    half = src.head_dim // 2
+    c = rotation[0][head].to(rows.dtype)
+    s = rotation[1][head].to(rows.dtype)
+    a, b = rows[:half], rows[half:]
+    rows = torch.cat([c[:, None] * a - s[:, None] * b, s[:, None] * a + c[:, None] * b])
+    if bias is not None:
+        ba, bb = bias[:half], bias[half:]
+        bias = torch.cat([c * ba - s * bb, s * ba + c * bb])
+    return rows, bias

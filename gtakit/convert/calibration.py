@@ -1,0 +1,153 @@
+"""Calibration: stream text through the source model one decoder layer at a time, keeping only the second
+moment of each attention input (E[x x^T] after the input norm).
+
+Every statistic the initialisation methods need (key covariances per RoPE frequency, query energies, value
+covariances) is a quadratic form of that moment with the layer's weights, so nothing else is stored. Only one
+layer's weights and the running hidden states are in memory; statistics are produced lazily in layer order so
+conversion can consume layer i before layer i + 1 is computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from gtakit.errors import GtakitError
+
+from .source import SourceModel
+
+MICRO_BATCH_TOKENS = 8192
+
+
+ROTATION_SAMPLE_ROWS = 1  # sequences on which attention distances are measured
+
+
+@dataclass
+class LayerStats:
+    input_cov: torch.Tensor  # [D, D] float64, E[x x^T] of the attention input
+    tokens: int
+    # Attention-weighted E[cos(dt * theta_i)] and E[sin(dt * theta_i)] per query head and source RoPE
+    # frequency ([H, d/2]), dt = query position - key position: the rotation a component would see on average.
+    rotation_cos: torch.Tensor | None = None
+    rotation_sin: torch.Tensor | None = None
+
+
+def attention_rotation_moments(
+    layer: torch.nn.Module, x: torch.Tensor, cos_sin, config, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Measure, on normalised inputs `x` [B, L, D], the attention-weighted mean rotation of every frequency."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    batch, length, _ = x.shape
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = inv_freq.numel() * 2
+    q = attn.q_proj(x).view(batch, length, heads, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=0)  # [H, L, L]
+    # hist[h, dt] = attention mass at distance dt, summed over queries
+    distance = (torch.arange(length)[:, None] - torch.arange(length)[None, :]).clamp(min=0).flatten()
+    hist = torch.zeros(heads, length, dtype=torch.float64)
+    hist.index_add_(1, distance, probs.reshape(heads, -1).double())
+    hist = hist / hist.sum(dim=1, keepdim=True)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq.double()[None, :]  # [L, d/2]
+    return hist @ angles.cos(), hist @ angles.sin()
+
+
+def calibration_ids(source: SourceModel, path: str, num_tokens: int, seq_len: int) -> torch.Tensor:
+    """Token ids `[num_sequences, seq_len]` from a text file (plain or JSON lines)."""
+    from gtakit.evaluate import read_text
+
+    if seq_len < 16:
+        raise GtakitError(f"--calib-seq-len {seq_len} is too short; use at least 16 tokens")
+    text = read_text(path)
+    tokenizer = source.load_tokenizer()
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][:num_tokens]
+    seq_len = min(seq_len, len(ids))
+    rows = len(ids) // seq_len if seq_len else 0
+    if rows * seq_len < 1024:
+        raise GtakitError(f"{path} gives only {len(ids)} tokens; calibration needs at least 1024")
+    return ids[: rows * seq_len].view(rows, seq_len)
+
+
+class LayerwiseCalibrator:
+    """Callable `layer_idx -> LayerStats`, to be called for layers 0, 1, 2, ... in order."""
+
+    def __init__(self, source: SourceModel, ids: torch.Tensor, progress: bool = False) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.source = source
+        config = source.config
+        config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        self.layers = skeleton.model.layers
+        self.rotary = type(skeleton.model.rotary_emb)(config=config)
+        from .pipeline import source_inv_freq
+
+        self.inv_freq = source_inv_freq(config)
+        self.config = config
+        embed = source.weights.get("model.embed_tokens.weight").float()
+        self.hidden = torch.nn.functional.embedding(ids, embed)  # [rows, seq, D], float32
+        del embed
+        seq_len = ids.shape[1]
+        self.position_ids = torch.arange(seq_len).unsqueeze(0)
+        self.next_layer = 0
+        self.rows_per_batch = max(1, MICRO_BATCH_TOKENS // seq_len)
+        self.progress = tqdm(total=config.num_hidden_layers, desc="calibrating", disable=not progress)
+
+    def _load_layer(self, index: int) -> torch.nn.Module:
+        layer = self.layers[index]
+        prefix = f"model.layers.{index}."
+        state = {name: self.source.weights.get(prefix + name).float() for name in layer.state_dict()}
+        layer.load_state_dict(state, assign=True)
+        return layer.eval()
+
+    @torch.no_grad()
+    def __call__(self, index: int) -> LayerStats:
+        if index != self.next_layer:
+            raise RuntimeError(f"calibration is sequential: expected layer {self.next_layer}, got {index}")
+        layer = self._load_layer(index)
+        dim = self.hidden.shape[-1]
+        cov = torch.zeros(dim, dim, dtype=torch.float64)
+        count = 0
+        cos_sin = None
+        last = index == len(self.layers) - 1
+        rotation = None
+        for start in range(0, self.hidden.shape[0], self.rows_per_batch):
+            chunk = self.hidden[start : start + self.rows_per_batch]
+            normed = layer.input_layernorm(chunk)
+            x = normed.reshape(-1, dim).double()
+            cov += x.T @ x
+            count += x.shape[0]
+            if cos_sin is None or cos_sin[0].shape[0] != chunk.shape[0]:
+                position_ids = self.position_ids.expand(chunk.shape[0], -1)
+                cos_sin = self.rotary(chunk, position_ids)
+            if rotation is None:
+                rows = min(ROTATION_SAMPLE_ROWS, chunk.shape[0])
+                sample_cos_sin = (cos_sin[0][:rows], cos_sin[1][:rows])
+                rotation = attention_rotation_moments(layer, normed[:rows], sample_cos_sin, self.config,
+                                                      self.inv_freq)
+            if last:
+                continue  # the last layer's output is never needed
+            out = layer(chunk, attention_mask=None, position_embeddings=cos_sin, use_cache=False)
+            self.hidden[start : start + self.rows_per_batch] = out[0] if isinstance(out, tuple) else out
+        layer.to("meta")  # release this layer's weights
+        self.next_layer += 1
+        self.progress.update(1)
+        if last:
+            self.progress.close()
+            self.hidden = None
+        return LayerStats(input_cov=cov / count, tokens=count, rotation_cos=rotation[0], rotation_sin=rotation[1])
+
+
+def collect_layer_statistics(source: SourceModel, options, progress: bool = False) -> LayerwiseCalibrator:
+    ids = calibration_ids(source, options.calib, options.calib_tokens, options.calib_seq_len)
+    return LayerwiseCalibrator(source, ids, progress=progress)
