@@ -13,17 +13,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import gtakit  # noqa: E402,F401  (registers the Auto classes)
 from gtakit.models import GLAConfig, GTAConfig  # noqa: E402
 
-BASE = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=256,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+from sources import COMMON as BASE  # noqa: E402
+from sources import LLAMA3_ROPE  # noqa: E402
 
 
 def gta_config(**overrides) -> GTAConfig:
@@ -47,16 +38,7 @@ TINY_CONFIGS = {
     "gla2-bias": lambda: gla_config(attention_bias=True, o_proj_bias=True),
     "gla4": lambda: gla_config(num_latent_heads=4, kv_lora_rank=12, qk_nope_head_dim=4, v_head_dim=12),
     "gla2-no-nope-wide-rope": lambda: gla_config(qk_nope_head_dim=0, qk_rope_head_dim=40, softmax_scale=0.25),
-    "gla-llama3-rope": lambda: gla_config(
-        rope_parameters=dict(
-            rope_type="llama3",
-            rope_theta=500000.0,
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=64,
-        )
-    ),
+    "gla-llama3-rope": lambda: gla_config(rope_parameters=LLAMA3_ROPE),
     # Dynamic NTK rescales frequencies once a sequence outgrows the trained length, so a cached decode and a
     # full forward differ past it by design (as in transformers); here the tests stay inside that length.
     "gta-dynamic-rope": lambda: gta_config(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)),

@@ -28,6 +28,15 @@ COMMON = dict(
     pad_token_id=0,
 )
 
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=32,
+)
+
 SOURCES = {
     "llama-mha": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=4, head_dim=16)),
     "llama-gqa-llama3rope": lambda: LlamaForCausalLM(
@@ -35,14 +44,7 @@ SOURCES = {
             **COMMON,
             num_key_value_heads=2,
             head_dim=16,
-            rope_parameters=dict(
-                rope_type="llama3",
-                rope_theta=500000.0,
-                factor=8.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=32,
-            ),
+            rope_parameters=LLAMA3_ROPE,
         )
     ),
     "mistral-gqa": lambda: MistralForCausalLM(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import BASE, build_model, gla_config, gta_config
+from sources import LLAMA3_ROPE
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gtakit.models import CompressedKVCache, GLAConfig, GTAConfig
@@ -173,14 +174,7 @@ def test_fresh_model_uses_standard_rope_frequencies():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope = dict(
-        rope_type="llama3",
-        rope_theta=500000.0,
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=64,
-    )
+    rope = LLAMA3_ROPE
     model = build_model(gta_config(rope_dim=16, rope_parameters=rope))
     reference, _ = ROPE_INIT_FUNCTIONS["llama3"](
         LlamaConfig(**BASE, head_dim=16, rope_parameters=rope), "cpu"

@@ -37,8 +37,8 @@ def test_smollm2_default_conversion_generates_readable_text(tmp_path, args):
     out = tmp_path / "out"
     result = CliRunner().invoke(
         app,
-        ["convert", *args, "-o", str(out), "--calib", str(calib), "--calib-tokens", "16384", "--calib-seq-len",
-         "1024", "--quiet"],
+        ["convert", *args, "-o", str(out), "--calib", str(calib), "--calib-tokens", "8192", "--calib-seq-len",
+         "1024", "--dtype", "bfloat16", "--quiet"],
     )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "conversion.json").read_text())

@@ -62,6 +62,23 @@ def _top_basis(moment: torch.Tensor, rank: int) -> torch.Tensor:
     return basis
 
 
+def _svd_full(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD with a full orthogonal Vh; falls back to the eigendecomposition of M^T M when LAPACK's SVD fails
+    to converge on an ill-conditioned M (seen on real checkpoints)."""
+    try:
+        return torch.linalg.svd(mat, full_matrices=True)
+    except torch.linalg.LinAlgError:
+        evals, evecs = torch.linalg.eigh(mat.T @ mat)
+        order = torch.argsort(evals, descending=True)
+        evecs = evecs[:, order]
+        k = min(mat.shape)
+        sing = evals[order][:k].clamp(min=0).sqrt()
+        left = mat @ evecs[:, :k]
+        safe = torch.where(sing > sing.max() * 1e-12, sing, torch.ones_like(sing))
+        left = torch.where(sing > sing.max() * 1e-12, left / safe, torch.zeros_like(left))
+        return left, sing, evecs.T
+
+
 def _fold_value_bias(src: SourceAttention) -> torch.Tensor | None:
     """A value bias passes through softmax unchanged (weights sum to 1), so it folds into o_proj's bias."""
     if src.bv is None and src.bo is None:
@@ -216,7 +233,7 @@ def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metr
         fitted = coef @ s_moment @ coef.T
         top = _top_basis(fitted, nope)  # [|S| d, nope]
         reduced = top.T @ coef  # [nope, d]
-        u_c, sing, vh = torch.linalg.svd(reduced, full_matrices=True)
+        u_c, sing, vh = _svd_full(reduced)
         transform = vh  # orthogonal [d, d]; first `nope` rows span the regression's row space
         b_w = top @ u_c @ torch.diag(sing) if nope else keys.new_zeros(keys.shape[0], 0)
         b = torch.linalg.pinv(_sqrt_psd(k_weight), hermitian=True) @ b_w if k_weight is not None else b_w

@@ -189,8 +189,6 @@ def convert(
     check_output(out, force)
     options.init = resolve_init(options.init, bool(options.calib))
     method = get_init_method(options.init)
-    if options.init == "svd":
-        log("no --calib text: weight-only SVD initialisation; pass --calib FILE for far better quality")
     if options.dtype != "auto" and options.dtype not in DTYPES:
         raise GtakitError(f"--dtype must be auto, {', '.join(DTYPES)}; got {options.dtype!r}")
     source = open_source(src)
@@ -201,6 +199,8 @@ def convert(
     num_layers = source.config.num_hidden_layers
     before = plan.source_elements_per_layer * num_layers
     after = plan.target_elements_per_layer * num_layers
+    if options.init == "svd":
+        log("no --calib text: weight-only SVD initialisation; pass --calib FILE for far better quality")
     log(f"KV cache per token: {before} -> {after} elements ({after / before:.1%}), {plan.target} {_summary(plan)}")
 
     stats_for_layer = None

@@ -99,29 +99,6 @@ class SafetensorsReader(WeightReader):
             raise GtakitError(f"cannot read {name} from {self._map[name]} ({err}); re-download the shard") from None
 
 
-class TorchBinReader(WeightReader):
-    def __init__(self, folder: Path) -> None:
-        index = folder / "pytorch_model.bin.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
-            "pytorch_model.bin"
-        ]
-        self._tensors: dict[str, torch.Tensor] = {}
-        for name in files:
-            try:  # weights_only: never unpickle arbitrary objects; mmap keeps it lazy
-                part = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:  # noqa: BLE001 - any failure here is a bad file for the user
-                raise GtakitError(f"cannot load {folder / name} safely ({type(err).__name__}); convert it to safetensors")
-            self._tensors.update(part)
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self._tensors:
-            raise GtakitError(f"tensor {name} is missing from the checkpoint")
-        return self._tensors[name]
-
-
 class StateDictReader(WeightReader):
     def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
         self._tensors = state_dict
@@ -133,6 +110,22 @@ class StateDictReader(WeightReader):
         if name not in self._tensors:
             raise GtakitError(f"tensor {name} is missing from the checkpoint")
         return self._tensors[name]
+
+
+class TorchBinReader(StateDictReader):
+    def __init__(self, folder: Path) -> None:
+        index = folder / "pytorch_model.bin.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+            "pytorch_model.bin"
+        ]
+        tensors: dict[str, torch.Tensor] = {}
+        for name in files:
+            try:  # weights_only: never unpickle arbitrary objects; mmap keeps it lazy
+                part = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # noqa: BLE001 - any failure here is a bad file for the user
+                raise GtakitError(f"cannot load {folder / name} safely ({type(err).__name__}); convert it to safetensors")
+            tensors.update(part)
+        super().__init__(tensors)
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""Unit checks of the conversion linear algebra."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gtakit.convert import decompose
+from gtakit.convert.rope import SourceAttention, nope_query, select_shared_rope
+
+
+def _source(heads=4, kv_heads=2, head_dim=8, hidden=32, seed=0) -> SourceAttention:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    return SourceAttention(
+        wq=rand(heads * head_dim, hidden), wk=rand(kv_heads * head_dim, hidden), wv=rand(kv_heads * head_dim, hidden),
+        wo=rand(hidden, heads * head_dim), bq=None, bk=None, bv=None, bo=None, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, inv_freq=1.0 / (10000 ** (torch.arange(0, head_dim, 2) / head_dim)),
+    )
+
+
+def test_keeping_every_component_leaves_no_residual_key():
+    src = _source()
+    rope = select_shared_rope(src, num_pairs=src.num_kv_heads * src.head_dim // 2)
+    assert rope.score_energy_kept == pytest.approx(1.0)
+    assert all(r.abs().max() < 1e-10 for r in rope.residual_key)
+
+
+def test_kept_plus_residual_reconstructs_each_key_head():
+    """Mixing is orthogonal per frequency: head g's key = sum over components of U[m, g] * component."""
+    src = _source()
+    rope = select_shared_rope(src, num_pairs=3)
+    half, G = src.head_dim // 2, src.num_kv_heads
+    for g in range(G):
+        rebuilt = rope.residual_key[g].clone()
+        P = len(rope.kept)
+        for j, (i, m) in enumerate(rope.kept):
+            for c in range(2):
+                rebuilt[i + c * half] += rope.mixing[i, m, g] * rope.key_rows[j + c * P]
+        assert torch.allclose(rebuilt, src.wk[src.kv_rows(g)], atol=1e-10)
+
+
+def test_mean_rotation_of_zero_distance_is_identity():
+    src = _source()
+    cos = torch.ones(src.num_heads, src.head_dim // 2, dtype=torch.float64)
+    rows, _ = nope_query(src, 1, (cos, torch.zeros_like(cos)))
+    assert torch.equal(rows, src.wq[src.q_rows(1)])
+
+
+def test_svd_fallback_when_lapack_fails(monkeypatch):
+    mat = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def failing_svd(*args, **kwargs):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    left, sing, vh = decompose._svd_full(mat)
+    assert vh.shape == (6, 6) and torch.allclose(vh @ vh.T, torch.eye(6, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(left @ torch.diag(sing) @ vh[:3], mat, atol=1e-10)
