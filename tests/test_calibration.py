@@ -122,3 +122,22 @@ def test_calibration_needs_text(calib_setup, tmp_path):
     result = runner.invoke(app, ["convert", str(root / "qwen2-bias"), "-o", str(tmp_path / "o"), "--calib",
                                  str(tmp_path / "missing.txt")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_calibration_text_from_a_datasets_name(monkeypatch):
+    """A non-file --calib is read with datasets.load_dataset (streamed); the Hub is faked here."""
+    import sys
+    import types
+
+    from gtakit.convert.calibration import load_calibration_text
+
+    calls = []
+
+    def load_dataset(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "first document"}, {"text": "second one"}, {"text": "never read"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    text = load_calibration_text("org/corpus:raw:validation", max_chars=20)
+    assert calls == [("org/corpus", "raw", "validation", True)]
+    assert text == "first document\n\nsecond one"

@@ -249,3 +249,8 @@ def test_push_sends_folder_and_card(source_dirs, tmp_path, monkeypatch):
 def test_push_refuses_non_model_folder(tmp_path):
     result = run_cli("push", tmp_path, "me/x")
     assert result.exit_code == 2 and "no config.json" in result.output
+
+
+def test_hub_id_offline_gives_clear_error(tmp_path):
+    result = run_cli("convert", "someone/not-cached-model", "-o", tmp_path / "out")
+    _assert_clean_failure(result, tmp_path, "someone/not-cached-model")

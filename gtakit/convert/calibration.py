@@ -61,13 +61,42 @@ def attention_rotation_moments(
     return hist @ angles.cos(), hist @ angles.sin()
 
 
-def calibration_ids(source: SourceModel, path: str, num_tokens: int, seq_len: int) -> torch.Tensor:
-    """Token ids `[num_sequences, seq_len]` from a text file (plain or JSON lines)."""
+def load_calibration_text(spec: str, max_chars: int) -> str:
+    """Text of a local file (plain or JSON lines), or of a `datasets` dataset `NAME[:CONFIG[:SPLIT]]`."""
+    from pathlib import Path
+
     from gtakit.evaluate import read_text
 
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")) or path.suffix in (".txt", ".json", ".jsonl", ".md"):
+        return read_text(path)
+    try:
+        import datasets
+    except ImportError:
+        raise GtakitError(f"--calib {spec!r} is not a file; to read a datasets name, pip install datasets") from None
+    name, _, rest = spec.partition(":")
+    config, _, split = rest.partition(":")
+    try:
+        rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+        texts, total = [], 0
+        for row in rows:
+            text = row.get("text") or ""
+            texts.append(text)
+            total += len(text)
+            if total >= max_chars:
+                break
+    except Exception as err:  # noqa: BLE001 - network / dataset errors become one line for the user
+        raise GtakitError(f"cannot read dataset {spec!r}: {str(err).splitlines()[0] if str(err) else err}") from None
+    if not texts:
+        raise GtakitError(f"dataset {spec!r} has no 'text' rows")
+    return "\n\n".join(texts)
+
+
+def calibration_ids(source: SourceModel, path: str, num_tokens: int, seq_len: int) -> torch.Tensor:
+    """Token ids `[num_sequences, seq_len]` from a text file (plain or JSON lines) or a datasets name."""
     if seq_len < 16:
         raise GtakitError(f"--calib-seq-len {seq_len} is too short; use at least 16 tokens")
-    text = read_text(path)
+    text = load_calibration_text(path, max_chars=num_tokens * 8)
     tokenizer = source.load_tokenizer()
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][:num_tokens]
     seq_len = min(seq_len, len(ids))
