@@ -32,9 +32,13 @@ from gtakit.evaluate import perplexity, read_text  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
 
 
-def budget_settings(target: str, budget: int, latents: int, head_dim: int) -> dict:
-    """Largest integer (kv_rank, rope_dim) with latents * kv_rank + rope_dim <= budget."""
-    rope_dim = min(64 if head_dim >= 128 else head_dim // 2, (budget // 2) // 2 * 2)
+def budget_settings(target: str, budget: int, latents: int, head_dim: int, rope_dim: int | None = None) -> dict:
+    """Largest integer (kv_rank, rope_dim) with latents * kv_rank + rope_dim <= budget.
+
+    The RoPE width is the converter's default (64, or d/2 when d < 128) unless `rope_dim` is given; it never
+    takes more than half the budget."""
+    default = rope_dim if rope_dim is not None else (64 if head_dim >= 128 else head_dim // 2)
+    rope_dim = min(default, (budget // 2) // 2 * 2)
     kv_rank = (budget - rope_dim) // latents
     return {"target": target, "kv_rank": kv_rank, "rope_dim": rope_dim, "latent_heads": latents}
 
@@ -50,6 +54,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--methods", default="svd,pca,aware")
     parser.add_argument("--budgets", default="0.5,0.25,0.125")
+    parser.add_argument("--rope-dim", type=int, default=None, help="shared RoPE width for the GLA/MLA rows")
+    parser.add_argument("--no-gta", action="store_true", help="skip the GTA row")
     parser.add_argument("--json", default="benchmarks/out/convert_quality.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -84,11 +90,11 @@ def main() -> None:
         calib_seconds = time.time() - started
     print(f"calibration: {ids.numel()} tokens in {calib_seconds:.1f}s, peak {mem.peak_mb:.0f} MB", flush=True)
 
-    settings = [("GTA default", {"target": "gta"})]
+    settings = [] if args.no_gta else [("GTA default", {"target": "gta"})]
     for fraction in [float(b) for b in args.budgets.split(",")]:
         budget = int(source_elements * fraction)
-        settings.append((f"GLA-3 {fraction:.1%}", budget_settings("gla", budget, 3, d)))
-        settings.append((f"MLA {fraction:.1%}", budget_settings("mla", budget, 1, d)))
+        settings.append((f"GLA-3 {fraction:.1%}", budget_settings("gla", budget, 3, d, args.rope_dim)))
+        settings.append((f"MLA {fraction:.1%}", budget_settings("mla", budget, 1, d, args.rope_dim)))
     for label, setting in settings:
         for method in args.methods.split(","):
             options = ConvertOptions(init=method, **{k: v for k, v in setting.items() if not (
@@ -100,7 +106,7 @@ def main() -> None:
             per_layer = model.config.kv_cache_elements_per_layer
             result = perplexity(model, tokenizer, eval_text, eval_tokens, window=args.window)
             rows.append({
-                "model": label,
+                "model": label + (f" (d_r={setting['rope_dim']})" if "rope_dim" in setting else ""),
                 "method": method,
                 "settings": {k: v for k, v in setting.items() if k != "target"},
                 "kv_per_layer": per_layer,
