@@ -36,7 +36,8 @@ def build_card(report: dict) -> ModelCard:
         f"{kv['dtype']}) instead of {kv['elements_per_token_before']} "
         f"({kv['bytes_per_token_before']} bytes): {kv['ratio']:.1%} of the source's KV cache.",
         "",
-        "This is a zero-shot conversion: quality recovers further with `gtakit finetune` (uptraining).",
+        "This is a zero-shot conversion (no training): the compression costs some quality, which uptraining on "
+        "text like the model's own recovers.",
         "",
         "## KV cache per token (all layers)",
         "",
