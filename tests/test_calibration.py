@@ -122,6 +122,13 @@ def test_calibration_needs_text(calib_setup, tmp_path):
     result = runner.invoke(app, ["convert", str(root / "qwen2-bias"), "-o", str(tmp_path / "o"), "--calib",
                                  str(tmp_path / "missing.txt")])
     assert result.exit_code == 2 and "does not exist" in result.output
+    if not torch.cuda.is_available():
+        text = tmp_path / "calib.txt"
+        text.write_text(random_text(2000))
+        result = runner.invoke(app, ["convert", str(root / "llama-gqa-llama3rope"), "-o", str(tmp_path / "o"),
+                                     "--calib", str(text), "--calib-device", "cuda"])
+        assert result.exit_code == 2 and "CUDA is not available" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_calibration_text_from_a_datasets_name(monkeypatch):
@@ -141,3 +148,18 @@ def test_calibration_text_from_a_datasets_name(monkeypatch):
     text = load_calibration_text("org/corpus:raw:validation", max_chars=20)
     assert calls == [("org/corpus", "raw", "validation", True)]
     assert text == "first document\n\nsecond one"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_calibration_on_gpu_matches_cpu(calib_setup):
+    root, _, text = calib_setup
+    source = open_source(str(root / "llama-gqa-llama3rope"))
+    ids = calibration_ids(source, str(text), num_tokens=2048, seq_len=256)
+    on_cpu = LayerwiseCalibrator(source, ids, device="cpu")
+    on_gpu = LayerwiseCalibrator(source, ids, device="cuda")
+    for index in range(2):
+        a, b = on_cpu(index), on_gpu(index)
+        assert b.input_cov.device.type == "cpu"
+        assert torch.allclose(a.input_cov, b.input_cov, rtol=1e-3, atol=1e-5)
+        assert torch.allclose(a.rotation_cos, b.rotation_cos, atol=1e-3)

@@ -50,14 +50,15 @@ def attention_rotation_moments(
     q, k = apply_rotary_pos_emb(q, k, *cos_sin)
     k = k.repeat_interleave(heads // kv_heads, dim=1)
     scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=0)  # [H, L, L]
     # hist[h, dt] = attention mass at distance dt, summed over queries
-    distance = (torch.arange(length)[:, None] - torch.arange(length)[None, :]).clamp(min=0).flatten()
-    hist = torch.zeros(heads, length, dtype=torch.float64)
+    positions = torch.arange(length, device=x.device)
+    distance = (positions[:, None] - positions[None, :]).clamp(min=0).flatten()
+    hist = torch.zeros(heads, length, dtype=torch.float64, device=x.device)
     hist.index_add_(1, distance, probs.reshape(heads, -1).double())
     hist = hist / hist.sum(dim=1, keepdim=True)
-    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq.double()[None, :]  # [L, d/2]
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]  # [L, d/2]
     return hist @ angles.cos(), hist @ angles.sin()
 
 
@@ -109,16 +110,20 @@ def calibration_ids(source: SourceModel, path: str, num_tokens: int, seq_len: in
 class LayerwiseCalibrator:
     """Callable `layer_idx -> LayerStats`, to be called for layers 0, 1, 2, ... in order."""
 
-    def __init__(self, source: SourceModel, ids: torch.Tensor, progress: bool = False) -> None:
+    def __init__(
+        self, source: SourceModel, ids: torch.Tensor, progress: bool = False, device: str | torch.device = "cpu"
+    ) -> None:
         from transformers import AutoModelForCausalLM
 
         self.source = source
+        # Hidden states stay on the CPU; one layer and one micro-batch at a time visit the device.
+        self.device = torch.device(device)
         config = source.config
         config._attn_implementation = "sdpa"
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         self.layers = skeleton.model.layers
-        self.rotary = type(skeleton.model.rotary_emb)(config=config)
+        self.rotary = type(skeleton.model.rotary_emb)(config=config).to(self.device)
         from .pipeline import source_inv_freq
 
         self.inv_freq = source_inv_freq(config)
@@ -127,7 +132,7 @@ class LayerwiseCalibrator:
         self.hidden = torch.nn.functional.embedding(ids, embed)  # [rows, seq, D], float32
         del embed
         seq_len = ids.shape[1]
-        self.position_ids = torch.arange(seq_len).unsqueeze(0)
+        self.position_ids = torch.arange(seq_len, device=self.device).unsqueeze(0)
         self.next_layer = 0
         self.rows_per_batch = max(1, MICRO_BATCH_TOKENS // seq_len)
         self.progress = tqdm(total=config.num_hidden_layers, desc="calibrating", disable=not progress)
@@ -135,7 +140,9 @@ class LayerwiseCalibrator:
     def _load_layer(self, index: int) -> torch.nn.Module:
         layer = self.layers[index]
         prefix = f"model.layers.{index}."
-        state = {name: self.source.weights.get(prefix + name).float() for name in layer.state_dict()}
+        state = {
+            name: self.source.weights.get(prefix + name).to(self.device, torch.float32) for name in layer.state_dict()
+        }
         layer.load_state_dict(state, assign=True)
         return layer.eval()
 
@@ -145,13 +152,13 @@ class LayerwiseCalibrator:
             raise RuntimeError(f"calibration is sequential: expected layer {self.next_layer}, got {index}")
         layer = self._load_layer(index)
         dim = self.hidden.shape[-1]
-        cov = torch.zeros(dim, dim, dtype=torch.float64)
+        cov = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
         count = 0
         cos_sin = None
         last = index == len(self.layers) - 1
         rotation = None
         for start in range(0, self.hidden.shape[0], self.rows_per_batch):
-            chunk = self.hidden[start : start + self.rows_per_batch]
+            chunk = self.hidden[start : start + self.rows_per_batch].to(self.device)
             normed = layer.input_layernorm(chunk)
             x = normed.reshape(-1, dim).double()
             cov += x.T @ x
@@ -163,20 +170,28 @@ class LayerwiseCalibrator:
                 rows = min(ROTATION_SAMPLE_ROWS, chunk.shape[0])
                 sample_cos_sin = (cos_sin[0][:rows], cos_sin[1][:rows])
                 rotation = attention_rotation_moments(layer, normed[:rows], sample_cos_sin, self.config,
-                                                      self.inv_freq)
+                                                      self.inv_freq.to(self.device))
             if last:
                 continue  # the last layer's output is never needed
             out = layer(chunk, attention_mask=None, position_embeddings=cos_sin, use_cache=False)
-            self.hidden[start : start + self.rows_per_batch] = out[0] if isinstance(out, tuple) else out
+            out = out[0] if isinstance(out, tuple) else out
+            self.hidden[start : start + self.rows_per_batch] = out.to(self.hidden.device)
         layer.to("meta")  # release this layer's weights
         self.next_layer += 1
         self.progress.update(1)
         if last:
             self.progress.close()
             self.hidden = None
-        return LayerStats(input_cov=cov / count, tokens=count, rotation_cos=rotation[0], rotation_sin=rotation[1])
+        return LayerStats(
+            input_cov=(cov / count).cpu(), tokens=count, rotation_cos=rotation[0].cpu(), rotation_sin=rotation[1].cpu()
+        )
 
 
 def collect_layer_statistics(source: SourceModel, options, progress: bool = False) -> LayerwiseCalibrator:
     ids = calibration_ids(source, options.calib, options.calib_tokens, options.calib_seq_len)
-    return LayerwiseCalibrator(source, ids, progress=progress)
+    device = options.calib_device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise GtakitError(f"--calib-device {device}: CUDA is not available here; use cpu or auto")
+    return LayerwiseCalibrator(source, ids, progress=progress, device=device)

@@ -27,6 +27,7 @@ class ConvertOptions:
     calib: str | None = None
     calib_tokens: int = 262144
     calib_seq_len: int = 2048
+    calib_device: str = "auto"  # where calibration runs the source layers: auto (cuda if available), cpu, cuda
     dtype: str = "auto"
     max_shard_size: str = "5GB"
     eval_text: str | None = None
