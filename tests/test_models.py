@@ -226,3 +226,15 @@ def test_dynamic_rope_changes_frequencies_past_trained_length():
     base = model.model.layers[0].self_attn.rope_freqs
     scaled = dynamic_rope_freqs(base, model.config.rope_parameters, seq_len=64, max_positions=16)
     assert torch.all(scaled[1:] < base[1:]) and scaled[0] == base[0]
+
+
+def test_casting_the_model_keeps_rope_frequencies_in_float32():
+    model = build_model(gla_config())
+    freqs = model.model.layers[0].self_attn.rope_freqs.clone()
+    for dtype in (torch.bfloat16, torch.float16):
+        model.to(dtype)
+        buffer = model.model.layers[0].self_attn.rope_freqs
+        assert buffer.dtype == torch.float32 and torch.equal(buffer, freqs)
+        assert model.model.layers[0].self_attn.q_proj.weight.dtype == dtype
+    with torch.no_grad():
+        assert torch.isfinite(model.to(torch.bfloat16)(_ids(batch=1, length=5)).logits.float()).all()

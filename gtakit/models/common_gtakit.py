@@ -185,6 +185,19 @@ class CompressedAttentionBase(nn.Module):
         # owns its frequency vector and saves it with the weights.
         self.register_buffer("rope_freqs", default_layer_rope_freqs(config, rope_width), persistent=True)
 
+    def _apply(self, fn, recurse: bool = True):
+        # `model.to(torch.bfloat16)` / `.half()` would round the frequencies (bf16 keeps ~3 digits, so angles at
+        # long positions go wrong); follow device moves but keep them in float32.
+        original = self._buffers["rope_freqs"]
+        super()._apply(fn, recurse)
+        converted = self._buffers["rope_freqs"]
+        if converted is not None and converted.dtype != torch.float32:
+            if original.is_meta or converted.is_meta:
+                self._buffers["rope_freqs"] = converted.float()
+            else:
+                self._buffers["rope_freqs"] = original.to(device=converted.device, dtype=torch.float32)
+        return self
+
     def use_absorbed(self, q_len: int, past_len: int) -> bool:
         if self.attention_path == "absorbed":
             return True
