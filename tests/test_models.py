@@ -238,3 +238,15 @@ def test_casting_the_model_keeps_rope_frequencies_in_float32():
         assert model.model.layers[0].self_attn.q_proj.weight.dtype == dtype
     with torch.no_grad():
         assert torch.isfinite(model.to(torch.bfloat16)(_ids(batch=1, length=5)).logits.float()).all()
+
+
+@torch.no_grad()
+def test_hidden_states_and_loss_like_transformers(tiny_config):
+    model = build_model(tiny_config)
+    ids = _ids(batch=2, length=7)
+    out = model(ids, labels=ids, output_hidden_states=True, use_cache=False)
+    assert len(out.hidden_states) == tiny_config.num_hidden_layers + 1
+    assert torch.equal(out.hidden_states[0], model.model.embed_tokens(ids))
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]),
+                                                 ids[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, expected, atol=1e-6)

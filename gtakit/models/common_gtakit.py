@@ -346,6 +346,7 @@ class GtakitModelBase(GtakitPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -363,11 +364,22 @@ class GtakitModelBase(GtakitPreTrainedModel):
             position_ids = position_ids.unsqueeze(0).expand(batch, q_len)
         mask = build_attention_mask(attention_mask, batch, q_len, past_len, inputs_embeds.device)
 
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        all_hidden = [] if output_hidden_states else None
         hidden_states = inputs_embeds
         for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
             hidden_states = layer(hidden_states, position_ids, mask, past_key_values, past_len)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
 
 
 class GtakitForCausalLMBase(GtakitPreTrainedModel, GenerationMixin):
@@ -403,6 +415,7 @@ class GtakitForCausalLMBase(GtakitPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
@@ -412,6 +425,7 @@ class GtakitForCausalLMBase(GtakitPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -419,4 +433,6 @@ class GtakitForCausalLMBase(GtakitPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
