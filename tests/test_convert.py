@@ -110,12 +110,9 @@ def test_output_folder_contents(source_dirs, tmp_path):
 def test_bin_checkpoint_is_read_with_weights_only(source_dirs, tmp_path):
     root, models = source_dirs
     src = tmp_path / "bin"
-    models["llama-mha"].save_pretrained(src, safe_serialization=False) if "safe_serialization" in \
-        models["llama-mha"].save_pretrained.__code__.co_varnames else None
-    if not (src / "pytorch_model.bin").exists():  # transformers 5 only writes safetensors: write the .bin by hand
-        src.mkdir(exist_ok=True)
-        models["llama-mha"].config.save_pretrained(src)
-        torch.save(models["llama-mha"].state_dict(), src / "pytorch_model.bin")
+    src.mkdir()  # transformers 5 only writes safetensors: write the legacy .bin checkpoint by hand
+    models["llama-mha"].config.save_pretrained(src)
+    torch.save(models["llama-mha"].state_dict(), src / "pytorch_model.bin")
     out = tmp_path / "out"
     result = run_cli("convert", src, "--to", "mla", "--kv-rank", "full", "--rope-dim", "full", "-o", out, "--quiet")
     assert result.exit_code == 0, result.output

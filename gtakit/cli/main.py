@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -156,6 +155,3 @@ def push(
         _fail(err)
     typer.echo(url)
 
-
-def run() -> None:  # pragma: no cover - console entry point alias
-    sys.exit(app())

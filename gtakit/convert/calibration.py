@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from gtakit.errors import GtakitError
 
-from .source import SourceModel
+from .source import SourceModel, source_inv_freq
 
 MICRO_BATCH_TOKENS = 8192
 
@@ -124,8 +124,6 @@ class LayerwiseCalibrator:
             skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         self.layers = skeleton.model.layers
         self.rotary = type(skeleton.model.rotary_emb)(config=config).to(self.device)
-        from .pipeline import source_inv_freq
-
         self.inv_freq = source_inv_freq(config)
         self.config = config
         embed = source.weights.get("model.embed_tokens.weight").float()

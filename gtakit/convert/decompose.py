@@ -101,8 +101,8 @@ def convert_gla_layer(
     kv_rank: int,
     rope_pairs: int,
     metric: LayerMetric,
-) -> tuple[ConvertedLayer, int]:
-    """GLA/MLA weights; returns the layer and its no-RoPE head dim (0 when every RoPE component is kept)."""
+) -> ConvertedLayer:
+    """GLA/MLA weights. The no-RoPE head dim is d, or 0 when every RoPE component is kept."""
     H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
     cov = metric.input_cov
     rope = select_shared_rope(src, rope_pairs, cov, metric.query_cov, metric.rotation)
@@ -134,19 +134,12 @@ def convert_gla_layer(
         # Latent = projection of the weighted rows; the up-projection maps it back in unweighted coordinates:
         # stacked ~= up @ (basis^T stacked_w), with up = pinv(W) blocks applied to the basis.
         down = basis.T @ stacked_w  # [c, D]
-        offset = 0
-        unweights = []
-        for k_rows, g in zip(keys, kv_heads):
-            w = kw[g] if kw else None
-            unweights.append(("k", g, offset, alpha, w))
-            offset += k_rows.shape[0]
-        for v_rows, g in zip(values, kv_heads):
-            w = vw[g] if vw else None
-            unweights.append(("v", g, offset, 1.0, w))
-            offset += v_rows.shape[0]
+        # Blocks of `basis` follow the stacking order: one d-row block per key head, then per value head.
+        blocks = [("k", g, alpha, kw[g] if kw else None) for g in (kv_heads if keys else [])]
+        blocks += [("v", g, 1.0, vw[g] if vw else None) for g in kv_heads]
         block_up = {}
-        for kind, g, start, scale, w in unweights:
-            rows = basis[start : start + d] / scale
+        for index, (kind, g, scale, w) in enumerate(blocks):
+            rows = basis[index * d : (index + 1) * d] / scale
             if w is not None:
                 rows = torch.linalg.pinv(_sqrt_psd(w), hermitian=True) @ rows
             block_up[(kind, g)] = rows  # [d, c]
@@ -190,7 +183,7 @@ def convert_gla_layer(
         "value_rel_error": max(value_errs),
         "rope_score_kept": rope.score_energy_kept,
     }
-    return ConvertedLayer(tensors, metrics), nope_dim
+    return ConvertedLayer(tensors, metrics)
 
 
 def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metric: LayerMetric) -> ConvertedLayer:

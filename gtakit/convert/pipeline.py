@@ -15,14 +15,13 @@ from tqdm.auto import tqdm
 import gtakit
 from gtakit.errors import GtakitError
 from gtakit.models import GLAForCausalLM, GTAForCausalLM
-from gtakit.models.common_gtakit import apply_static_rope_scaling, standard_rope_freqs
 
 from .card import build_card, dump_json
 from .decompose import convert_gla_layer, convert_gta_layer
 from .methods import get_init_method, resolve_init
 from .plan import ConvertOptions, TargetPlan, plan_target
 from .rope import SourceAttention
-from .source import SourceModel, open_source, source_head_dim, source_rope_parameters
+from .source import SourceModel, open_source, source_head_dim, source_inv_freq
 from .writer import StreamingShardWriter
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -39,12 +38,6 @@ def check_output(out: Path, force: bool) -> None:
         raise GtakitError(f"output {out} exists and is a file; choose a folder path")
     if out.exists() and any(out.iterdir()) and not force:
         raise GtakitError(f"output folder {out} is not empty; pass --force to overwrite it")
-
-
-def source_inv_freq(config) -> torch.Tensor:
-    d = source_head_dim(config)
-    rope = source_rope_parameters(config)
-    return apply_static_rope_scaling(standard_rope_freqs(d, float(rope["rope_theta"])), rope).double()
 
 
 def read_attention(source: SourceModel, layer: int, inv_freq: torch.Tensor) -> SourceAttention:
@@ -72,10 +65,13 @@ def read_attention(source: SourceModel, layer: int, inv_freq: torch.Tensor) -> S
     )
 
 
+def model_class(plan: TargetPlan) -> type:
+    return GTAForCausalLM if plan.target == "gta" else GLAForCausalLM
+
+
 def meta_state_dict(plan: TargetPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    model_cls = GTAForCausalLM if plan.target == "gta" else GLAForCausalLM
     with torch.device("meta"):
-        model = model_cls(plan.config)
+        model = model_class(plan)(plan.config)
     state = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and plan.config.tie_word_embeddings:
@@ -122,7 +118,8 @@ def iter_converted_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the target checkpoint tensor by tensor, one source layer in memory at a time."""
     inv_freq = source_inv_freq(source.config)
-    for name in source.weights.keys():
+    names = source.weights.keys()
+    for name in names:
         if ".layers." in name or "rotary_emb" in name or not name.startswith(("model.", "lm_head")):
             continue
         if name == "lm_head.weight" and plan.config.tie_word_embeddings:
@@ -137,16 +134,30 @@ def iter_converted_tensors(
             converted = convert_gta_layer(attn, plan.config.num_key_value_heads, plan.config.rope_dim, metric)
         else:
             cfg = plan.config
-            converted, _ = convert_gla_layer(
-                attn, cfg.num_latent_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim // 2, metric
-            )
+            rope_pairs = cfg.qk_rope_head_dim // 2
+            converted = convert_gla_layer(attn, cfg.num_latent_heads, cfg.kv_lora_rank, rope_pairs, metric)
         for name, tensor in converted.tensors.items():
             yield f"model.layers.{layer}.self_attn.{name}", tensor
         prefix = f"model.layers.{layer}."
-        for name in source.weights.keys():
+        for name in names:
             if name.startswith(prefix) and ".self_attn." not in name:
                 yield name, source.weights.get(name)
         layer_reports.append({"layer": layer, **{k: round(v, 6) for k, v in converted.metrics.items()}})
+
+
+def _init_method(options: ConvertOptions, has_statistics: bool):
+    """Resolve `auto` and check that a calibrated method has calibration text (or given statistics)."""
+    options.init = resolve_init(options.init, bool(options.calib) or has_statistics)
+    method = get_init_method(options.init)
+    if method.needs_calibration and not (options.calib or has_statistics):
+        raise GtakitError(f"--init {options.init} needs calibration text: pass --calib FILE")
+    return method
+
+
+def _calibrator(source: SourceModel, options: ConvertOptions, progress: bool):
+    from .calibration import collect_layer_statistics  # noqa: PLC0415 - only when calibrating
+
+    return collect_layer_statistics(source, options, progress=progress)
 
 
 def convert_in_memory(
@@ -154,14 +165,10 @@ def convert_in_memory(
 ) -> tuple[torch.nn.Module, dict]:
     """Convert without writing anything (benchmarks, experiments): returns (model in float32, per-layer report)."""
     plan = plan_target(source, options)
-    options.init = resolve_init(options.init, bool(options.calib) or stats_for_layer is not None)
-    method = get_init_method(options.init)
+    method = _init_method(options, has_statistics=stats_for_layer is not None)
     if method.needs_calibration and stats_for_layer is None:
-        from .calibration import collect_layer_statistics  # noqa: PLC0415
-
-        stats_for_layer = collect_layer_statistics(source, options, progress=progress)
-    model_cls = GTAForCausalLM if plan.target == "gta" else GLAForCausalLM
-    model = model_cls(plan.config).eval()
+        stats_for_layer = _calibrator(source, options, progress)
+    model = model_class(plan)(plan.config).eval()
     layer_reports: list[dict] = []
     state = dict(iter_converted_tensors(source, plan, method, stats_for_layer, layer_reports, progress))
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
@@ -187,14 +194,11 @@ def convert(
     log = log or (lambda message: None)
     out = Path(out).expanduser()
     check_output(out, force)
-    options.init = resolve_init(options.init, bool(options.calib))
-    method = get_init_method(options.init)
+    method = _init_method(options, has_statistics=False)
     if options.dtype != "auto" and options.dtype not in DTYPES:
         raise GtakitError(f"--dtype must be auto, {', '.join(DTYPES)}; got {options.dtype!r}")
     source = open_source(src)
     plan = plan_target(source, options)
-    if method.needs_calibration and not options.calib:
-        raise GtakitError(f"--init {options.init} needs calibration text: pass --calib FILE")
     dtype = DTYPES[options.dtype] if options.dtype != "auto" else source.weights.get("model.embed_tokens.weight").dtype
     num_layers = source.config.num_hidden_layers
     before = plan.source_elements_per_layer * num_layers
@@ -203,11 +207,7 @@ def convert(
         log("no --calib text: weight-only SVD initialisation; pass --calib FILE for far better quality")
     log(f"KV cache per token: {before} -> {after} elements ({after / before:.1%}), {plan.target} {_summary(plan)}")
 
-    stats_for_layer = None
-    if method.needs_calibration:
-        from .calibration import collect_layer_statistics  # noqa: PLC0415 - only when calibrating
-
-        stats_for_layer = collect_layer_statistics(source, options, progress=progress)
+    stats_for_layer = _calibrator(source, options, progress) if method.needs_calibration else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from gtakit.errors import GtakitError
@@ -43,7 +43,6 @@ class TargetPlan:
     target: str
     config: GTAConfig | GLAConfig
     source_elements_per_layer: int
-    latent_kv_heads: list[list[int]] = field(default_factory=list)
     gta_state: str = "joint"
 
     @property
@@ -163,7 +162,7 @@ def plan_target(source: SourceModel, options: ConvertOptions) -> TargetPlan:
         v_head_dim=d,
         **common,
     )
-    return TargetPlan(options.target, config, source_elements, latent_kv)
+    return TargetPlan(options.target, config, source_elements)
 
 
 def _check_rope_dim(rope_dim: int, maximum: int) -> None:

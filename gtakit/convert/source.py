@@ -290,3 +290,12 @@ def source_rope_parameters(config: Any) -> dict:
     if "rope_theta" not in rope:
         rope["rope_theta"] = float(getattr(config, "rope_theta", 10000.0))
     return rope
+
+
+def source_inv_freq(config: Any) -> torch.Tensor:
+    """The source's RoPE inverse frequencies [d/2] (static scaling applied), float64."""
+    from gtakit.models.common_gtakit import apply_static_rope_scaling, standard_rope_freqs
+
+    rope = source_rope_parameters(config)
+    freqs = standard_rope_freqs(source_head_dim(config), float(rope["rope_theta"]))
+    return apply_static_rope_scaling(freqs, rope).double()

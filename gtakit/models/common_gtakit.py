@@ -141,6 +141,26 @@ def additive_mask(mask: torch.Tensor | None, q_len: int, past_len: int, device: 
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+class AttentionMask:
+    """The mask of one forward pass, shared by all layers: `boolean` for SDPA (None = plain causal) and, built
+    once on first use, the `additive` float mask of the explicit (absorbed) path."""
+
+    def __init__(self, boolean: torch.Tensor | None, q_len: int, past_len: int, device: torch.device) -> None:
+        self.boolean = boolean
+        self.q_len = q_len
+        self.past_len = past_len
+        self.device = device
+        self._additive: torch.Tensor | None = None
+        self._additive_built = False
+
+    @property
+    def additive(self) -> torch.Tensor | None:
+        if not self._additive_built:
+            self._additive = additive_mask(self.boolean, self.q_len, self.past_len, self.device, torch.float32)
+            self._additive_built = True
+        return self._additive
+
+
 # --------------------------------------------------------------------------------------------- blocks
 
 
@@ -209,7 +229,7 @@ class CompressedAttentionBase(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: AttentionMask,
         past_key_values: Cache | None = None,
         past_len: int = 0,
     ) -> torch.Tensor:
@@ -219,10 +239,9 @@ class CompressedAttentionBase(nn.Module):
             state, rope_key = past_key_values.update(state, rope_key, self.layer_idx)
         q_len = hidden_states.shape[1]
         if self.use_absorbed(q_len, past_len):
-            mask = additive_mask(attention_mask, q_len, past_len, hidden_states.device, torch.float32)
-            out = self.absorbed_attention(query, state, rope_key, mask)
+            out = self.absorbed_attention(query, state, rope_key, attention_mask.additive)
         else:
-            out = self.plain_attention(query, state, rope_key, attention_mask, q_len)
+            out = self.plain_attention(query, state, rope_key, attention_mask.boolean, q_len)
         batch = hidden_states.shape[0]
         return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, -1))
 
@@ -252,7 +271,7 @@ class GtakitDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: AttentionMask,
         past_key_values: Cache | None = None,
         past_len: int = 0,
     ) -> torch.Tensor:
@@ -362,7 +381,9 @@ class GtakitModelBase(GtakitPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)
             position_ids = position_ids.unsqueeze(0).expand(batch, q_len)
-        mask = build_attention_mask(attention_mask, batch, q_len, past_len, inputs_embeds.device)
+        device = inputs_embeds.device
+        boolean_mask = build_attention_mask(attention_mask, batch, q_len, past_len, device)
+        mask = AttentionMask(boolean_mask, q_len, past_len, device)
 
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
