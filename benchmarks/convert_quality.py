@@ -6,7 +6,8 @@
 Calibrates on the first 300,000 characters of ../shared/data/wikitext2-test.txt and measures perplexity on
 windows of 1024 tokens taken from character 400,000 on (calibration and evaluation never overlap). Rows: the
 source; GTA at its default; GLA-3 and MLA at 50%, 25% and 12.5% of the source's KV elements per token (the
-closest integer settings not above the budget); each with the svd, pca and aware initialisations.
+closest integer settings not above the budget); GHLA (maps = source KV heads, one key head) at the same budgets;
+each with the svd, pca and aware initialisations. `--forms` picks which forms get rows.
 Prints a markdown table and writes JSON.
 """
 
@@ -43,6 +44,19 @@ def budget_settings(target: str, budget: int, latents: int, head_dim: int, rope_
     return {"target": target, "kv_rank": kv_rank, "rope_dim": rope_dim, "latent_heads": latents}
 
 
+def ghla_budget_settings(budget: int, maps: int, head_dim: int) -> dict:
+    """GHLA with one key head: key width min(d, half the budget), the rest for the latent value (at 50% of
+    SmolLM2's cache that is their 1B model's 64 + 128)."""
+    key_dim = min(head_dim, (budget // 2) // 2 * 2)
+    return {"target": "ghla", "maps": maps, "key_heads": 1, "rope_dim": key_dim, "latent_dim": budget - key_dim}
+
+
+def _label_suffix(setting: dict) -> str:
+    if setting["target"] == "ghla":
+        return f" (d_k={setting['rope_dim']}, d_l={setting['latent_dim']})"
+    return f" (d_r={setting['rope_dim']})" if "rope_dim" in setting else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", default=str(DATA))
@@ -55,7 +69,10 @@ def main() -> None:
     parser.add_argument("--methods", default="svd,pca,aware")
     parser.add_argument("--budgets", default="0.5,0.25,0.125")
     parser.add_argument("--rope-dim", type=int, default=None, help="shared RoPE width for the GLA/MLA rows")
-    parser.add_argument("--no-gta", action="store_true", help="skip the GTA row")
+    parser.add_argument("--no-gta", action="store_true", help="skip the GTA rows")
+    parser.add_argument("--gta-states", default="joint,value",
+                        help="GTA tied-state variants to compare: joint (key/value subspace) and/or value")
+    parser.add_argument("--forms", default="gta,gla,mla,ghla", help="comma-separated forms to benchmark")
     parser.add_argument("--json", default="benchmarks/out/convert_quality.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -90,11 +107,18 @@ def main() -> None:
         calib_seconds = time.time() - started
     print(f"calibration: {ids.numel()} tokens in {calib_seconds:.1f}s, peak {mem.peak_mb:.0f} MB", flush=True)
 
-    settings = [] if args.no_gta else [("GTA default", {"target": "gta"})]
-    for fraction in [float(b) for b in args.budgets.split(",")]:
+    forms = set(args.forms.split(","))
+    settings = [] if args.no_gta or "gta" not in forms else [
+        (f"GTA default ({state} state)", {"target": "gta", "gta_state": state}) for state in args.gta_states.split(",")
+    ]
+    for fraction in [float(b) for b in args.budgets.split(",") if b]:
         budget = int(source_elements * fraction)
-        settings.append((f"GLA-3 {fraction:.1%}", budget_settings("gla", budget, 3, d, args.rope_dim)))
-        settings.append((f"MLA {fraction:.1%}", budget_settings("mla", budget, 1, d, args.rope_dim)))
+        if "gla" in forms:
+            settings.append((f"GLA-3 {fraction:.1%}", budget_settings("gla", budget, 3, d, args.rope_dim)))
+        if "mla" in forms:
+            settings.append((f"MLA {fraction:.1%}", budget_settings("mla", budget, 1, d, args.rope_dim)))
+        if "ghla" in forms:
+            settings.append((f"GHLA-{G}map {fraction:.1%}", ghla_budget_settings(budget, G, d)))
     for label, setting in settings:
         for method in args.methods.split(","):
             options = ConvertOptions(init=method, **{k: v for k, v in setting.items() if not (
@@ -106,7 +130,7 @@ def main() -> None:
             per_layer = model.config.kv_cache_elements_per_layer
             result = perplexity(model, tokenizer, eval_text, eval_tokens, window=args.window)
             rows.append({
-                "model": label + (f" (d_r={setting['rope_dim']})" if "rope_dim" in setting else ""),
+                "model": label + _label_suffix(setting),
                 "method": method,
                 "settings": {k: v for k, v in setting.items() if k != "target"},
                 "kv_per_layer": per_layer,

@@ -1,4 +1,4 @@
-"""gtakit: convert Hugging Face MHA/GQA language models to GTA, GLA and MLA attention."""
+"""gtakit: convert Hugging Face MHA/GQA language models to GTA, GLA, MLA and GHLA attention."""
 
 from __future__ import annotations
 
@@ -6,11 +6,25 @@ __version__ = "0.1.0"
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .models import GLAConfig, GLAForCausalLM, GLAModel, GTAConfig, GTAForCausalLM, GTAModel
+from .models import (
+    GHLAConfig,
+    GHLAForCausalLM,
+    GHLAModel,
+    GLAConfig,
+    GLAForCausalLM,
+    GLAModel,
+    GTAConfig,
+    GTAForCausalLM,
+    GTAModel,
+)
 
 
 def _register() -> None:
-    for config_cls, base_cls, lm_cls in ((GTAConfig, GTAModel, GTAForCausalLM), (GLAConfig, GLAModel, GLAForCausalLM)):
+    for config_cls, base_cls, lm_cls in (
+        (GTAConfig, GTAModel, GTAForCausalLM),
+        (GLAConfig, GLAModel, GLAForCausalLM),
+        (GHLAConfig, GHLAModel, GHLAForCausalLM),
+    ):
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModel.register(config_cls, base_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
@@ -22,4 +36,15 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["GLAConfig", "GLAForCausalLM", "GLAModel", "GTAConfig", "GTAForCausalLM", "GTAModel", "__version__"]
+__all__ = [
+    "GHLAConfig",
+    "GHLAForCausalLM",
+    "GHLAModel",
+    "GLAConfig",
+    "GLAForCausalLM",
+    "GLAModel",
+    "GTAConfig",
+    "GTAForCausalLM",
+    "GTAModel",
+    "__version__",
+]

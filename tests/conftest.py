@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import gtakit  # noqa: E402,F401  (registers the Auto classes)
-from gtakit.models import GLAConfig, GTAConfig  # noqa: E402
+from gtakit.models import GHLAConfig, GLAConfig, GTAConfig  # noqa: E402
 
 from sources import COMMON as BASE  # noqa: E402
 from sources import LLAMA3_ROPE  # noqa: E402
@@ -29,6 +29,12 @@ def gla_config(**overrides) -> GLAConfig:
     return GLAConfig(**kwargs)
 
 
+def ghla_config(**overrides) -> GHLAConfig:
+    kwargs = dict(BASE, num_maps=2, num_key_heads=1, head_dim=16, latent_dim=24, v_head_dim=16)
+    kwargs.update(overrides)
+    return GHLAConfig(**kwargs)
+
+
 TINY_CONFIGS = {
     "gta-g2": lambda: gta_config(),
     "gta-g1-mqa": lambda: gta_config(num_key_value_heads=1),
@@ -42,6 +48,12 @@ TINY_CONFIGS = {
     # Dynamic NTK rescales frequencies once a sequence outgrows the trained length, so a cached decode and a
     # full forward differ past it by design (as in transformers); here the tests stay inside that length.
     "gta-dynamic-rope": lambda: gta_config(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)),
+    "ghla-m2-k1": lambda: ghla_config(),
+    # Latent narrower than a head's value (zero-padded residual), two key heads, biases everywhere.
+    "ghla-m4-k2-bias": lambda: ghla_config(num_maps=4, num_key_heads=2, latent_dim=12, attention_bias=True,
+                                           o_proj_bias=True),
+    "ghla-m1-llama3-rope": lambda: ghla_config(num_maps=1, head_dim=8, latent_dim=40, rope_parameters=LLAMA3_ROPE,
+                                               tie_word_embeddings=True),
 }
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BASE, build_model, gla_config, gta_config
+from conftest import BASE, build_model, ghla_config, gla_config, gta_config
 from sources import LLAMA3_ROPE
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gtakit.models import CompressedKVCache, GLAConfig, GTAConfig
+from gtakit.models import CompressedKVCache, GHLAConfig, GLAConfig, GTAConfig
 
 
 def _ids(batch=2, length=13, seed=1):
@@ -92,7 +92,13 @@ def test_cache_bytes_per_token_match_formula(tiny_config):
     batch, length = 3, 7
     cache = model(_ids(batch=batch, length=length)).past_key_values
     per_layer = tiny_config.kv_cache_elements_per_layer
-    if isinstance(tiny_config, GTAConfig):
+    if isinstance(tiny_config, GHLAConfig):
+        # GHLA: the keys slot holds the rotated key heads, the values slot the latent value (no padding).
+        cfg = tiny_config
+        assert per_layer == cfg.num_key_heads * cfg.head_dim + cfg.latent_dim
+        assert tuple(cache.layers[0].keys.shape) == (batch, cfg.num_key_heads, length, cfg.head_dim)
+        assert tuple(cache.layers[0].values.shape) == (batch, 1, length, cfg.latent_dim)
+    elif isinstance(tiny_config, GTAConfig):
         assert per_layer == tiny_config.num_key_value_heads * tiny_config.head_dim + tiny_config.rope_dim
         assert tuple(cache.layers[0].state.shape) == (batch, tiny_config.num_key_value_heads, length, 16)
     else:
@@ -201,6 +207,11 @@ def test_fresh_model_uses_standard_rope_frequencies():
         (lambda: gla_config(v_head_dim=0), "v_head_dim"),
         (lambda: gta_config(rope_parameters=dict(rope_type="yarn", rope_theta=1e4)), "rope_type"),
         (lambda: gta_config(hidden_size=0), "hidden_size"),
+        (lambda: ghla_config(num_maps=3), "num_maps"),
+        (lambda: ghla_config(num_maps=2, num_key_heads=4), "num_key_heads"),
+        (lambda: ghla_config(head_dim=7), "head_dim"),
+        (lambda: ghla_config(latent_dim=0), "latent_dim"),
+        (lambda: ghla_config(v_head_dim=0), "v_head_dim"),
     ],
 )
 def test_bad_configs_name_the_field(factory, field):

@@ -44,7 +44,7 @@ LOAD_WITHOUT_GTAKIT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("name", ["gta-g2", "gla2-bias", "mla", "gla-llama3-rope"])
+@pytest.mark.parametrize("name", ["gta-g2", "gla2-bias", "mla", "gla-llama3-rope", "ghla-m4-k2-bias"])
 def test_load_with_remote_code_without_gtakit(tmp_path, name):
     model = build_model(TINY_CONFIGS[name]())
     with torch.no_grad():  # a non-default RoPE buffer must survive the round trip
@@ -79,7 +79,7 @@ def test_load_with_remote_code_without_gtakit(tmp_path, name):
     assert remote["cache"] == "CompressedKVCache"
 
 
-@pytest.mark.parametrize("name", ["gta-g4-mha-bias", "gla4", "gta-full-rope"])
+@pytest.mark.parametrize("name", ["gta-g4-mha-bias", "gla4", "gta-full-rope", "ghla-m1-llama3-rope"])
 def test_native_load_after_import_gives_identical_logits(tmp_path, name):
     model = build_model(TINY_CONFIGS[name]())
     model.save_pretrained(tmp_path)

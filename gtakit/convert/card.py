@@ -10,6 +10,7 @@ FORM_NAMES = {
     "gta": "GTA (grouped-tied attention)",
     "gla": "GLA (grouped latent attention)",
     "mla": "MLA (multi-head latent attention, GLA with one latent head)",
+    "ghla": "GHLA (grouped-head latent attention: shared attention maps, one latent value)",
 }
 
 
@@ -36,7 +37,9 @@ def build_card(report: dict) -> ModelCard:
         f"{kv['dtype']}) instead of {kv['elements_per_token_before']} "
         f"({kv['bytes_per_token_before']} bytes): {kv['ratio']:.1%} of the source's KV cache.",
         "",
-        "This is a zero-shot conversion (no training): the compression costs some quality, which uptraining on "
+        "Then uptrained with `gtakit finetune` to recover the quality the compression cost (see Uptraining below)."
+        if report.get("uptraining")
+        else "This is a zero-shot conversion (no training): the compression costs some quality, which uptraining on "
         "text like the model's own recovers.",
         "",
         "## KV cache per token (all layers)",

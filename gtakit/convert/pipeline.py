@@ -14,10 +14,11 @@ from tqdm.auto import tqdm
 
 import gtakit
 from gtakit.errors import GtakitError
-from gtakit.models import GLAForCausalLM, GTAForCausalLM
+from gtakit.models import GHLAForCausalLM, GLAForCausalLM, GTAForCausalLM
 
 from .card import build_card, dump_json
 from .decompose import convert_gla_layer, convert_gta_layer
+from .ghla import convert_ghla_layer
 from .methods import get_init_method, resolve_init
 from .plan import ConvertOptions, TargetPlan, plan_target
 from .rope import SourceAttention
@@ -65,8 +66,12 @@ def read_attention(source: SourceModel, layer: int, inv_freq: torch.Tensor) -> S
     )
 
 
+MODEL_FILES = {"gta": ("modeling_gta", "GTA"), "gla": ("modeling_gla", "GLA"), "mla": ("modeling_gla", "GLA"),
+               "ghla": ("modeling_ghla", "GHLA")}
+
+
 def model_class(plan: TargetPlan) -> type:
-    return GTAForCausalLM if plan.target == "gta" else GLAForCausalLM
+    return {"gta": GTAForCausalLM, "ghla": GHLAForCausalLM}.get(plan.target, GLAForCausalLM)
 
 
 def meta_state_dict(plan: TargetPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -82,8 +87,7 @@ def meta_state_dict(plan: TargetPlan, dtype: torch.dtype) -> dict[str, torch.Ten
 
 def write_config(plan: TargetPlan, folder: Path, dtype: torch.dtype) -> None:
     config = plan.config
-    modeling = "modeling_gta" if plan.target == "gta" else "modeling_gla"
-    prefix = "GTA" if plan.target == "gta" else "GLA"
+    modeling, prefix = MODEL_FILES[plan.target]
     config.architectures = [f"{prefix}ForCausalLM"]
     config.auto_map = {
         "AutoConfig": f"configuration_gtakit.{prefix}Config",
@@ -130,7 +134,12 @@ def iter_converted_tensors(
         stats = stats_for_layer(layer) if stats_for_layer is not None else None
         metric = method.build_metric(attn, stats)
         metric.gta_state = plan.gta_state
-        if plan.target == "gta":
+        if plan.target == "ghla":
+            cfg = plan.config
+            sample = getattr(stats, "attention_sample", None)
+            converted = convert_ghla_layer(attn, cfg.num_maps, cfg.num_key_heads, cfg.head_dim, cfg.latent_dim, metric,
+                                           sample, plan.ghla_query, cfg.softmax_scale)
+        elif plan.target == "gta":
             converted = convert_gta_layer(attn, plan.config.num_key_value_heads, plan.config.rope_dim, metric)
         else:
             cfg = plan.config
@@ -264,6 +273,11 @@ def _summary(plan: TargetPlan) -> str:
     cfg = plan.config
     if plan.target == "gta":
         return f"(groups={cfg.num_key_value_heads}, head_dim={cfg.head_dim}, rope_dim={cfg.rope_dim})"
+    if plan.target == "ghla":
+        return (
+            f"(maps={cfg.num_maps}, key_heads={cfg.num_key_heads}, key_dim={cfg.head_dim}, "
+            f"latent_dim={cfg.latent_dim})"
+        )
     return (
         f"(latent_heads={cfg.num_latent_heads}, kv_rank={cfg.kv_lora_rank}, rope_dim={cfg.qk_rope_head_dim}, "
         f"nope_dim={cfg.qk_nope_head_dim})"
@@ -272,11 +286,10 @@ def _summary(plan: TargetPlan) -> str:
 
 def _architecture(plan: TargetPlan) -> dict:
     cfg = plan.config
-    fields = (
-        ("num_key_value_heads", "head_dim", "rope_dim")
-        if plan.target == "gta"
-        else ("num_latent_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-    )
+    fields = {
+        "gta": ("num_key_value_heads", "head_dim", "rope_dim"),
+        "ghla": ("num_maps", "num_key_heads", "head_dim", "latent_dim", "v_head_dim"),
+    }.get(plan.target, ("num_latent_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
     return {"model_type": cfg.model_type, **{name: getattr(cfg, name) for name in fields}}
 
 

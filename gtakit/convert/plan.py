@@ -6,11 +6,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from gtakit.errors import GtakitError
-from gtakit.models import GLAConfig, GTAConfig
+from gtakit.models import GHLAConfig, GLAConfig, GTAConfig
 
 from .source import SourceModel, source_head_dim, source_rope_parameters
 
-TARGETS = ("gta", "gla", "mla")
+TARGETS = ("gta", "gla", "mla", "ghla")
 
 
 @dataclass
@@ -24,6 +24,10 @@ class ConvertOptions:
     rope_dim: int | str | None = None  # width of the shared RoPE key, or "full" (every component)
     init: str = "auto"
     gta_state: str = "joint"  # GTA: "joint" key/value tied state or "value" (values kept exact)
+    maps: int | None = None  # GHLA: attention maps per layer (default: source KV heads, H/4 for MHA)
+    key_heads: int | None = None  # GHLA: fully rotary key heads (default 1)
+    latent_dim: int | str | None = None  # GHLA: latent value width, or "full"
+    ghla_query: str = "auto"  # GHLA map query: auto (measured best), mean (least squares), central head or fit
     calib: str | None = None
     calib_tokens: int = 262144
     calib_seq_len: int = 2048
@@ -41,9 +45,10 @@ class ConvertOptions:
 @dataclass
 class TargetPlan:
     target: str
-    config: GTAConfig | GLAConfig
+    config: GTAConfig | GLAConfig | GHLAConfig
     source_elements_per_layer: int
     gta_state: str = "joint"
+    ghla_query: str = "auto"
 
     @property
     def target_elements_per_layer(self) -> int:
@@ -103,6 +108,13 @@ def plan_target(source: SourceModel, options: ConvertOptions) -> TargetPlan:
     source_elements = 2 * G * d
     rope_dim = _as_int(options.rope_dim, "rope-dim")
     kv_rank = _as_int(options.kv_rank, "kv-rank")
+
+    if options.target == "ghla":
+        return _plan_ghla(options, common, H, G, d, D, rope_dim, kv_rank, source_elements)
+    ghla_only = [f"--{name}" for name, value in (("maps", options.maps), ("key-heads", options.key_heads),
+                                                  ("latent-dim", options.latent_dim)) if value is not None]
+    if ghla_only:
+        raise GtakitError(f"{', '.join(ghla_only)} apply to --to ghla only")
 
     if options.target == "gta":
         if options.latent_heads is not None or kv_rank is not None:
@@ -170,3 +182,42 @@ def _check_rope_dim(rope_dim: int, maximum: int) -> None:
         raise GtakitError(f"--rope-dim {rope_dim} must be even (RoPE rotates pairs of dimensions)")
     if not 2 <= rope_dim <= maximum:
         raise GtakitError(f"--rope-dim {rope_dim} is out of range: it must be between 2 and {maximum}")
+
+
+def _plan_ghla(
+    options: ConvertOptions, common: dict, H: int, G: int, d: int, D: int, rope_dim, kv_rank, source_elements: int
+) -> TargetPlan:
+    """GHLA: `--maps` maps sharing `--key-heads` fully rotary keys of width `--rope-dim`, one latent value."""
+    if options.groups is not None or options.latent_heads is not None or kv_rank is not None:
+        raise GtakitError("--groups, --latent-heads and --kv-rank do not apply to --to ghla (use --maps, "
+                          "--key-heads, --latent-dim, --rope-dim)")
+    maps = options.maps if options.maps is not None else (G if G < H else (H // 4 if H % 4 == 0 else H))
+    if maps < 1 or H % maps:
+        raise GtakitError(f"--maps {maps} must divide the {H} query heads; valid: {_divisors(H)}")
+    key_heads = options.key_heads if options.key_heads is not None else 1
+    valid_keys = [k for k in _divisors(G) if maps % k == 0]
+    if key_heads not in valid_keys:
+        raise GtakitError(
+            f"--key-heads {key_heads} must divide both the {G} source KV heads and --maps {maps}; valid: {valid_keys}"
+        )
+    max_key = (G // key_heads) * d
+    if rope_dim is None:
+        rope_dim = d
+    elif rope_dim == "full":
+        rope_dim = max_key
+    _check_rope_dim(rope_dim, max_key)
+    full_latent = min(G * d, D)
+    latent = _as_int(options.latent_dim, "latent-dim")
+    if latent is None:
+        # Half the source cache in total (their 1B model: 64 key + 128 latent), at least one head dim.
+        latent = min(full_latent, max(d, source_elements // 2 - key_heads * rope_dim))
+    elif latent == "full":
+        latent = full_latent
+    if not 1 <= latent <= full_latent:
+        raise GtakitError(f"--latent-dim {latent} is out of range: it must be between 1 and {full_latent}")
+    if options.ghla_query not in ("auto", "mean", "central", "fit"):
+        raise GtakitError(f"--ghla-query must be auto, mean, central or fit; got {options.ghla_query!r}")
+    config = GHLAConfig(
+        num_maps=maps, num_key_heads=key_heads, head_dim=rope_dim, latent_dim=latent, v_head_dim=d, **common
+    )
+    return TargetPlan("ghla", config, source_elements, ghla_query=options.ghla_query)

@@ -25,6 +25,26 @@ from .cache_gtakit import CompressedKVCache
 MAX_ABSORBED_QUERY_LEN = 16
 ATTENTION_PATHS = ("auto", "plain", "absorbed")
 
+_KERNELS: Any = None
+_KERNEL_IMPORT_ERROR: str | None = None
+
+
+def decode_kernels() -> Any | None:
+    """`gtakit.kernels` (Triton decode kernels) or None when it does not import.
+
+    Imported lazily and guarded: this file is copied next to converted weights and must load without gtakit or
+    triton (the PyTorch path is then used). Lazy also lets TRITON_INTERPRET=1 be set before triton builds them.
+    """
+    global _KERNELS, _KERNEL_IMPORT_ERROR
+    if _KERNELS is None and _KERNEL_IMPORT_ERROR is None:
+        try:
+            import gtakit.kernels as kernels
+        except ImportError as exc:
+            _KERNEL_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+        else:
+            _KERNELS = kernels
+    return _KERNELS
+
 
 # --------------------------------------------------------------------------------------------- RoPE
 
@@ -143,15 +163,37 @@ def additive_mask(mask: torch.Tensor | None, q_len: int, past_len: int, device: 
 
 class AttentionMask:
     """The mask of one forward pass, shared by all layers: `boolean` for SDPA (None = plain causal) and, built
-    once on first use, the `additive` float mask of the explicit (absorbed) path."""
+    once on first use, the `additive` float mask of the explicit (absorbed) path. `source` is the caller's
+    attention_mask, kept to tell (lazily, see `causal_only`) whether the Triton decode kernels may be used."""
 
-    def __init__(self, boolean: torch.Tensor | None, q_len: int, past_len: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        boolean: torch.Tensor | None,
+        q_len: int,
+        past_len: int,
+        device: torch.device,
+        source: torch.Tensor | None = None,
+    ) -> None:
         self.boolean = boolean
         self.q_len = q_len
         self.past_len = past_len
         self.device = device
+        self.source = source
         self._additive: torch.Tensor | None = None
         self._additive_built = False
+        self._causal_only: bool | None = None
+
+    @property
+    def causal_only(self) -> bool:
+        """True when the mask is plain causal over the whole cache (no padding, no custom 4-D mask)."""
+        if self._causal_only is None:
+            if self.boolean is None or self.source is None:
+                self._causal_only = True
+            elif self.source.dim() != 2:
+                self._causal_only = False
+            else:  # one host sync per forward pass, and only when a kernel path asks
+                self._causal_only = bool(self.source[:, -(self.past_len + self.q_len) :].all())
+        return self._causal_only
 
     @property
     def additive(self) -> torch.Tensor | None:
@@ -218,6 +260,37 @@ class CompressedAttentionBase(nn.Module):
                 self._buffers["rope_freqs"] = original.to(device=converted.device, dtype=torch.float32)
         return self
 
+    # Subclasses with a `kernel_attention(kernels, query, state, rope_key)` set this (GTA, GLA).
+    supports_decode_kernels = False
+
+    def select_decode_kernels(self, query: torch.Tensor, mask: AttentionMask) -> Any | None:
+        """The `gtakit.kernels` module when this absorbed step should run the Triton kernels, else None.
+
+        `config.decode_backend`: 'torch' never uses them; 'auto' uses them for CUDA tensors when they import;
+        'triton' always (CPU only under TRITON_INTERPRET=1, otherwise a clear error). Cases the kernels do not
+        cover fall back to PyTorch whatever the backend: gradients (no backward), a padding or custom mask (the
+        kernels know only per-row lengths and causal order, and this contiguous cache gives every row the full
+        length; left padding lives in the mask), query blocks over the kernels' limit and unsupported dtypes.
+        """
+        backend = getattr(self.config, "decode_backend", "auto")
+        if backend == "torch" or not self.supports_decode_kernels or (backend == "auto" and not query.is_cuda):
+            return None
+        kernels = decode_kernels()
+        if kernels is None:
+            if backend == "triton":
+                raise ImportError(f"decode_backend='triton' needs gtakit.kernels and triton: {_KERNEL_IMPORT_ERROR}")
+            return None
+        if not query.is_cuda and not kernels.kernels_interpreted():
+            raise RuntimeError(
+                "decode_backend='triton' on CPU needs TRITON_INTERPRET=1 set before gtakit.kernels is imported "
+                "(slow, for tests); use decode_backend='auto' or 'torch' on CPU"
+            )
+        if query.shape[2] > kernels.MAX_QUERY_LEN or query.dtype not in kernels.SUPPORTED_DTYPES:
+            return None
+        if torch.is_grad_enabled() and query.requires_grad:
+            return None
+        return kernels if mask.causal_only else None
+
     def use_absorbed(self, q_len: int, past_len: int) -> bool:
         if self.attention_path == "absorbed":
             return True
@@ -238,7 +311,11 @@ class CompressedAttentionBase(nn.Module):
         if past_key_values is not None:
             state, rope_key = past_key_values.update(state, rope_key, self.layer_idx)
         q_len = hidden_states.shape[1]
-        if self.use_absorbed(q_len, past_len):
+        absorbed = self.use_absorbed(q_len, past_len)
+        kernels = self.select_decode_kernels(query, attention_mask) if absorbed else None
+        if kernels is not None:
+            out = self.kernel_attention(kernels, query, state, rope_key)
+        elif absorbed:
             out = self.absorbed_attention(query, state, rope_key, attention_mask.additive)
         else:
             out = self.plain_attention(query, state, rope_key, attention_mask.boolean, q_len)
@@ -383,7 +460,7 @@ class GtakitModelBase(GtakitPreTrainedModel):
             position_ids = position_ids.unsqueeze(0).expand(batch, q_len)
         device = inputs_embeds.device
         boolean_mask = build_attention_mask(attention_mask, batch, q_len, past_len, device)
-        mask = AttentionMask(boolean_mask, q_len, past_len, device)
+        mask = AttentionMask(boolean_mask, q_len, past_len, device, source=attention_mask)
 
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)

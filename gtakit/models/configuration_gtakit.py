@@ -1,4 +1,4 @@
-"""Configurations of the gtakit target attention forms (GTA, GLA and MLA).
+"""Configurations of the gtakit target attention forms (GTA, GLA, MLA and GHLA).
 
 Flat file on purpose: it is copied next to converted weights so that they load with
 `trust_remote_code=True` on machines without gtakit. It must import nothing from gtakit.
@@ -201,3 +201,59 @@ class GLAConfig(_LlamaStyleConfig):
     @property
     def kv_cache_elements_per_layer(self) -> int:
         return self.num_latent_heads * self.kv_lora_rank + self.qk_rope_head_dim
+
+
+class GHLAConfig(_LlamaStyleConfig):
+    r"""Grouped-head latent attention (GHLA; Sun, Deng et al. 2025, whose paper calls it GTA).
+
+    `num_maps` attention maps per layer, each shared by `num_attention_heads / num_maps` output heads. Map m
+    scores with its query of width `head_dim` against key head `m // (num_maps / num_key_heads)`; keys carry RoPE
+    on every dimension. One latent value of width `latent_dim` is cached for all heads; each output head decodes
+    its map's attended latent with its own linear map (`v_head_dim` wide) plus a parameter-free residual, and a
+    sigmoid gate computed from the layer input scales the decoded heads before `o_proj`.
+    Cache per token per layer: `num_key_heads * head_dim + latent_dim`.
+    """
+
+    model_type = "gtakit_ghla"
+
+    def __init__(
+        self,
+        num_maps: int = 4,
+        num_key_heads: int = 1,
+        head_dim: int = 64,
+        latent_dim: int = 128,
+        v_head_dim: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.num_maps = num_maps
+        self.num_key_heads = num_key_heads
+        self.head_dim = head_dim
+        self.latent_dim = latent_dim
+        self.v_head_dim = v_head_dim if v_head_dim is not None else head_dim
+        # Before the base class: transformers' own RoPE validation would reject an odd head_dim less clearly.
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"`head_dim` must be an even number >= 2 (full RoPE rotates pairs), got {head_dim}")
+        super().__init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        heads = self.num_attention_heads
+        if self.num_maps < 1 or heads % self.num_maps:
+            valid = [n for n in range(1, heads + 1) if heads % n == 0]
+            raise ValueError(
+                f"`num_maps` ({self.num_maps}) must divide `num_attention_heads` ({heads}); valid: {valid}"
+            )
+        if self.num_key_heads < 1 or self.num_maps % self.num_key_heads:
+            raise ValueError(f"`num_key_heads` ({self.num_key_heads}) must divide `num_maps` ({self.num_maps})")
+        if self.latent_dim < 1:
+            raise ValueError(f"`latent_dim` must be at least 1, got {self.latent_dim}")
+        if self.v_head_dim < 1:
+            raise ValueError(f"`v_head_dim` must be at least 1, got {self.v_head_dim}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.head_dim
+
+    @property
+    def kv_cache_elements_per_layer(self) -> int:
+        return self.num_key_heads * self.head_dim + self.latent_dim

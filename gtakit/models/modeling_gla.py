@@ -65,13 +65,29 @@ class GLAAttention(CompressedAttentionBase):
         key = torch.cat((key_nope, rope_key.expand(batch, self.num_heads, total, -1)), dim=-1)
         return self.sdpa(query, key, value, mask, q_len)
 
+    def _absorbed_query(self, query: torch.Tensor) -> torch.Tensor:
+        """q_nope `[B, H, L, n]` -> latent-space query `[B, J, Hb, L, c]` (W_uk folded in)."""
+        batch, _, q_len, _ = query.shape
+        q_nope = query[..., : self.nope_dim].reshape(batch, self.num_latents, self.heads_per_latent, q_len, -1)
+        return torch.einsum("bjhln,jhnc->bjhlc", q_nope, self._up_weights()[0])
+
+    supports_decode_kernels = True
+
+    def kernel_attention(self, kernels, query, latent, rope_key):
+        """Triton decode over the whole (contiguous, causal) cache; same result as `absorbed_attention`."""
+        batch, _, q_len, _ = query.shape
+        q_latent = self._absorbed_query(query).reshape(batch, self.num_heads, q_len, self.latent_dim).contiguous()
+        attended = kernels.gla_decode(q_latent, query[..., self.nope_dim :], latent, rope_key, scale=self.scale)
+        attended = attended.view(batch, self.num_latents, self.heads_per_latent, q_len, self.latent_dim)
+        out = torch.einsum("bjhlc,jhvc->bjhlv", attended, self._up_weights()[1])
+        return out.reshape(batch, self.num_heads, q_len, self.v_dim)
+
     def absorbed_attention(self, query, latent, rope_key, mask):
         """Weight absorption: W_uk folds into the query, W_uv is applied after attending over the latents."""
         batch, _, q_len, _ = query.shape
         total = latent.shape[2]
         w_uk, w_uv = self._up_weights()
-        q_nope = query[..., : self.nope_dim].reshape(batch, self.num_latents, self.heads_per_latent, q_len, -1)
-        q_latent = torch.einsum("bjhln,jhnc->bjhlc", q_nope, w_uk)
+        q_latent = self._absorbed_query(query)
         q_latent = q_latent.reshape(batch, self.num_latents, self.heads_per_latent * q_len, self.latent_dim)
         scores = (q_latent @ latent.transpose(-1, -2)).view(batch, self.num_heads, q_len, total)
         scores = scores + query[..., self.nope_dim :] @ rope_key.transpose(-1, -2)

@@ -52,6 +52,12 @@ class GTAAttention(CompressedAttentionBase):
         value = state.repeat_interleave(rep, dim=1)
         return self.sdpa(query, key, value, mask, q_len)
 
+    supports_decode_kernels = True
+
+    def kernel_attention(self, kernels, query, state, rope_key):
+        """Triton decode over the whole (contiguous, causal) cache; same result as `absorbed_attention`."""
+        return kernels.gta_decode(query, state, rope_key, scale=self.scale)
+
     def absorbed_attention(self, query, state, rope_key, mask):
         """Scores straight from the cache: q_nope . s_g[:d-r] + q_rope . k_r; output p @ s_g. No key is built."""
         batch, _, q_len, _ = query.shape

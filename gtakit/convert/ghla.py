@@ -1,0 +1,364 @@
+"""Per-layer conversion of one MHA/GQA attention layer into GHLA (grouped-head latent attention), in float64.
+
+Keys: the source KV heads are split into `num_key_heads` contiguous blocks; each block's heads are merged into
+one fully rotary key of width `head_dim` by the shared-RoPE selection of `rope.py` (per frequency, an orthogonal
+mix of the block's heads that commutes with the rotation; the strongest components are kept, the rest dropped).
+A block with one source head and a full-width key keeps the source key exactly.
+
+Maps: the query heads of a block are partitioned into maps of H / num_maps heads, heads whose attention maps
+agree most on a calibration sample together (query-weight similarity without one). When a map fits inside the
+heads of one source KV head, maps never straddle KV heads. A map's query is either the least-squares shared
+query (the members' mean: it minimises the summed squared score error) or its most central member; `auto`
+measures both on the sample and keeps the one whose map agrees better with the members' source maps. `fit`
+instead fits a per-frequency complex combination of the members' queries to their maps (cross-entropy).
+
+Values: one latent by PCA of all KV heads' values (under the calibration input moment and the optional
+output weighting of the init method); each output head decodes it by the least-squares map back to its source
+value, minus the model's fixed residual. The gate starts closed-form neutral: zero weight, bias `GATE_BIAS`,
+and the constant sigmoid(GATE_BIAS) is divided out of W_o so that the initial model is exactly the linear one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decompose import ConvertedLayer, LayerMetric, _fold_value_bias, _moment, _sqrt_psd, _top_basis
+from .rope import SourceAttention, select_shared_rope
+
+GATE_BIAS = 6.0  # sigmoid(6) = 0.9975: the gate passes (nearly) everything and still has gradient to train
+QUERY_CHOICES = ("auto", "mean", "central", "fit")
+FIT_STEPS = 60  # Adam steps of the fitted shared query; float32 (the fit needs no float64 precision)
+
+
+def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of `x` [n, L, w] at positions 0..L-1 with frequencies `freqs` [w/2]."""
+    positions = torch.arange(x.shape[1], dtype=torch.float64)
+    angles = positions[:, None] * freqs.double()[None, :]
+    cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_probs(
+    x: torch.Tensor, q_rows: torch.Tensor, q_bias, k_rows: torch.Tensor, k_bias, freqs: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention probabilities `[n, L, L]` of n query heads `q_rows` [n, w, D] against the keys `k_rows`
+    [n, w, D] (one per query head), on the sample `x` [L, D] at positions 0..L-1."""
+    q = torch.einsum("ld,nwd->nlw", x, q_rows)
+    k = torch.einsum("ld,nwd->nlw", x, k_rows)
+    if q_bias is not None:
+        q = q + q_bias[:, None, :]
+    if k_bias is not None:
+        k = k + k_bias[:, None, :]
+    scores = (_rope(q, freqs) @ _rope(k, freqs).transpose(-1, -2)) * scale
+    length = x.shape[0]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+def map_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over query rows of sum_t min(a, b): 1 for identical attention maps, 0 for disjoint ones."""
+    return torch.minimum(a, b).sum(dim=-1).mean(dim=-1)
+
+
+def partition_heads(heads: list[int], similarity: torch.Tensor, size: int) -> list[list[int]]:
+    """Split `heads` into groups of `size`, greedily: the head least like the others starts a group, which then
+    takes the remaining head most similar to its members on average, until full. `similarity` is indexed by
+    position in `heads`."""
+    remaining = list(range(len(heads)))
+    groups = []
+    while remaining:
+        sub = similarity[remaining][:, remaining]
+        seed = remaining[int(torch.argmin(sub.sum(dim=1)))]
+        members = [seed]
+        remaining.remove(seed)
+        while len(members) < size:
+            scores = similarity[remaining][:, members].mean(dim=1)
+            pick = remaining[int(torch.argmax(scores))]
+            members.append(pick)
+            remaining.remove(pick)
+        groups.append(sorted(heads[i] for i in members))
+    return groups
+
+
+def _block_attention(src: SourceAttention, kv_heads: list[int]) -> tuple[SourceAttention, list[int]]:
+    """The part of `src` made of the KV heads `kv_heads` and the query heads that read them."""
+    groups = src.group_of_head
+    q_heads = [h for h in range(src.num_heads) if groups[h] in kv_heads]
+    q_idx = torch.cat([torch.arange(src.q_rows(h).start, src.q_rows(h).stop) for h in q_heads])
+    kv_idx = torch.cat([torch.arange(src.kv_rows(g).start, src.kv_rows(g).stop) for g in kv_heads])
+    sub = SourceAttention(
+        wq=src.wq[q_idx],
+        wk=src.wk[kv_idx],
+        wv=src.wv[kv_idx],
+        wo=src.wo[:, q_idx],
+        bq=src.bq[q_idx] if src.bq is not None else None,
+        bk=src.bk[kv_idx] if src.bk is not None else None,
+        bv=src.bv[kv_idx] if src.bv is not None else None,
+        bo=src.bo,
+        num_heads=len(q_heads),
+        num_kv_heads=len(kv_heads),
+        head_dim=src.head_dim,
+        inv_freq=src.inv_freq,
+    )
+    return sub, q_heads
+
+
+def _source_probs(src: SourceAttention, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Source attention maps of every query head on the sample: `[H, L, L]`."""
+    H, d = src.num_heads, src.head_dim
+    groups = src.group_of_head
+    q_rows = src.wq.view(H, d, -1)
+    k_rows = src.wk.view(src.num_kv_heads, d, -1)[groups]
+    q_bias = src.bq.view(H, d) if src.bq is not None else None
+    k_bias = src.bk.view(src.num_kv_heads, d)[groups] if src.bk is not None else None
+    return attention_probs(x, q_rows, q_bias, k_rows, k_bias, src.inv_freq, scale)
+
+
+def _pairwise_overlap(probs: torch.Tensor) -> torch.Tensor:
+    n = probs.shape[0]
+    sim = torch.ones(n, n, dtype=probs.dtype)
+    for a in range(n):
+        for b in range(a + 1, n):
+            sim[a, b] = sim[b, a] = map_overlap(probs[a], probs[b])
+    return sim
+
+
+def _weight_similarity(rows: list[torch.Tensor], cov: torch.Tensor | None) -> torch.Tensor:
+    """Cosine similarity of query rows that read the same key (under the input moment when known)."""
+    n = len(rows)
+    sim = torch.ones(n, n, dtype=rows[0].dtype)
+    norms = [float(torch.trace(_moment(r, cov))) ** 0.5 for r in rows]
+    for a in range(n):
+        for b in range(a + 1, n):
+            inner = torch.trace(rows[a] @ rows[b].T if cov is None else rows[a] @ cov @ rows[b].T)
+            sim[a, b] = sim[b, a] = float(inner) / max(norms[a] * norms[b], 1e-300)
+    return sim
+
+
+def _group_similarity(maps: list[list[int]], similarity: torch.Tensor, position: dict[int, int]) -> float:
+    """Mean pairwise similarity of heads that share a map."""
+    values = [float(similarity[position[a], position[b]]) for m in maps for i, a in enumerate(m) for b in m[i + 1 :]]
+    return sum(values) / len(values) if values else 1.0
+
+
+def _agreement(x, candidate, key, key_bias, freqs, scale, targets) -> float:
+    """Mean map overlap between the map of the shared query `candidate` (rows, bias) and the members' maps."""
+    rows, bias = candidate
+    probs = attention_probs(
+        x, rows[None], bias[None] if bias is not None else None, key[None],
+        key_bias[None] if key_bias is not None else None, freqs, scale,
+    )[0]
+    return float(torch.stack([map_overlap(probs, target) for target in targets]).mean())
+
+
+def _rotate_half_rows(rows: torch.Tensor) -> torch.Tensor:
+    half = rows.shape[0] // 2
+    return torch.cat((-rows[half:], rows[:half]))
+
+
+def _fit_shared_query(
+    x, member_rows, member_biases, start_index, key, key_bias, freqs, scale, targets
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Shared query as a per-frequency complex combination of the members' queries, sum_h (a_h + i b_h) q_h,
+    fitted by cross-entropy to the members' maps on the sample. A complex factor per RoPE pair commutes with the
+    rotation, so the result is again a plain query; it contains the mean (a = 1/n) and every single member, and
+    starts from the better of mean and central (`start_index`)."""
+    n, width = len(member_rows), member_rows[0].shape[0]
+    half = width // 2
+    q = torch.einsum("ld,nwd->nlw", x, torch.stack(member_rows))
+    if member_biases is not None:
+        q = q + torch.stack(member_biases)[:, None, :]
+    k = x @ key.T + (key_bias if key_bias is not None else 0.0)
+    q, k = _rope(q, freqs).float(), _rope(k[None], freqs)[0].float()
+    targets = targets.float()
+    q_turned = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+    real = torch.full((n, half), 1.0 / n)
+    if start_index is not None:
+        real = torch.zeros(n, half)
+        real[start_index] = 1.0
+    real.requires_grad_(True)
+    imag = torch.zeros(n, half, requires_grad=True)
+    # Fit on the later half of the query rows (longer contexts, half the cost); agreement is measured on all.
+    length = x.shape[0]
+    rows_from = length // 2
+    q, q_turned, targets = q[:, rows_from:], q_turned[:, rows_from:], targets[:, rows_from:]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()[rows_from:]
+    optimizer = torch.optim.Adam([real, imag], lr=0.02)
+    with torch.enable_grad():
+        for _ in range(FIT_STEPS):
+            a, b = real.repeat(1, 2)[:, None, :], imag.repeat(1, 2)[:, None, :]
+            shared = (a * q + b * q_turned).sum(dim=0)
+            logits = (shared @ k.T * scale).masked_fill(~causal, float("-inf"))
+            log_probs = torch.log_softmax(logits, dim=-1).masked_fill(~causal, 0.0)
+            loss = -(targets * log_probs).sum(dim=-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    real, imag = real.detach().double().repeat(1, 2), imag.detach().double().repeat(1, 2)
+    rows = sum(real[h][:, None] * r + imag[h][:, None] * _rotate_half_rows(r) for h, r in enumerate(member_rows))
+    bias = None
+    if member_biases is not None:
+        bias = sum(real[h] * b + imag[h] * _rotate_half_rows(b) for h, b in enumerate(member_biases))
+    return rows, bias
+
+
+def convert_ghla_layer(
+    src: SourceAttention,
+    num_maps: int,
+    num_key_heads: int,
+    key_dim: int,
+    latent_dim: int,
+    metric: LayerMetric,
+    sample: torch.Tensor | None = None,
+    query_choice: str = "auto",
+    scale: float | None = None,
+) -> ConvertedLayer:
+    """GHLA weights of one layer; the output heads are reordered so that the members of a map are adjacent.
+
+    `sample` [L, D] is a calibration sequence's normalised layer input: with it heads are grouped by measured
+    attention-map agreement and the reported agreement is measured; without it grouping uses query weights.
+    """
+    H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
+    if query_choice not in QUERY_CHOICES:
+        raise ValueError(f"query_choice must be one of {QUERY_CHOICES}, got {query_choice!r}")
+    scale = scale if scale is not None else d**-0.5
+    cov = metric.input_cov
+    groups = src.group_of_head
+    per_map = H // num_maps
+    per_kv = H // G
+    kv_per_block = G // num_key_heads
+    x = sample.double() if sample is not None else None
+    source_probs = _source_probs(src, x, scale) if x is not None else None
+
+    q_rows, q_bias, k_rows, k_bias, freqs = [], [], [], [], []
+    order: list[int] = []  # output slot -> source query head
+    agreements, member_agreements, key_kept = [], [], []
+    candidate_agreements: dict[str, list[float]] = {"mean": [], "central": [], "fit": []}
+    chosen = dict.fromkeys(("mean", "central", "fit"), 0)
+    for block in range(num_key_heads):
+        kv_heads = list(range(block * kv_per_block, (block + 1) * kv_per_block))
+        sub, q_heads = _block_attention(src, kv_heads)
+        # Every dropped component is lost outright (GHLA keys have no position-free part): rank by plain
+        # score energy, not by what a mean rotation could stand in for.
+        rope = select_shared_rope(sub, key_dim // 2, cov, None, None)
+        key_kept.append(rope.score_energy_kept)
+        rows = {h: rope.query_rows[i] for i, h in enumerate(q_heads)}
+        biases = {h: rope.query_bias[i] for i, h in enumerate(q_heads)} if rope.query_bias is not None else None
+        block_probs = source_probs[q_heads] if source_probs is not None else None
+        position = {h: i for i, h in enumerate(q_heads)}
+        if block_probs is not None and per_map > 1:
+            similarity = _pairwise_overlap(block_probs)
+        else:
+            similarity = _weight_similarity([rows[h] for h in q_heads], cov)
+        maps = partition_heads(q_heads, similarity, per_map)
+        if per_kv % per_map == 0:
+            # Maps inside one source KV head (those heads were trained against the same key) unless the block
+            # merges several KV heads into one key and a free grouping agrees better.
+            within = []
+            for g in kv_heads:
+                part = [h for h in q_heads if groups[h] == g]
+                index = torch.tensor([position[h] for h in part])
+                within += partition_heads(part, similarity[index][:, index], per_map)
+            if len(kv_heads) == 1 or _group_similarity(within, similarity, position) >= _group_similarity(
+                maps, similarity, position
+            ):
+                maps = within
+
+        key = rope.key_rows
+        key_b = rope.key_bias
+        for members in maps:
+            index = torch.tensor([position[h] for h in members])
+            sim = similarity[index][:, index]
+            central = members[int(torch.argmax(sim.sum(dim=1)))]
+            candidates = {
+                "mean": (torch.stack([rows[h] for h in members]).mean(dim=0),
+                         torch.stack([biases[h] for h in members]).mean(dim=0) if biases else None),
+                "central": (rows[central], biases[central] if biases else None),
+            }
+            scores = {}
+            if x is not None:
+                targets = source_probs[members]
+                measure = lambda cand: _agreement(x, cand, key, key_b, rope.freqs, scale, targets)  # noqa: E731
+                scores = {name: measure(cand) for name, cand in candidates.items()}
+                # Measured on SmolLM2 the fit raises map agreement by < 0.01 and leaves perplexity unchanged,
+                # at minutes of CPU: only on request, not part of auto.
+                if query_choice == "fit" and len(members) > 1:
+                    best = max(scores, key=scores.get)
+                    candidates["fit"] = _fit_shared_query(
+                        x, [rows[h] for h in members], [biases[h] for h in members] if biases else None,
+                        members.index(central) if best == "central" else None, key, key_b, rope.freqs, scale,
+                        targets,
+                    )
+                    scores["fit"] = measure(candidates["fit"])
+            if query_choice == "fit" and "fit" not in candidates:
+                choice = "mean"  # one head per map (nothing to fit) or no calibration sample
+            elif query_choice != "auto":
+                choice = query_choice
+            elif scores:
+                choice = max(scores, key=scores.get)
+            else:
+                choice = "mean"  # least squares in score space is the safer default without data
+            chosen[choice] += 1
+            if scores:
+                agreements.append(scores[choice])
+                for name, value in scores.items():
+                    candidate_agreements[name].append(value)
+                pairs = [float(sim[a, b]) for a in range(len(members)) for b in range(a + 1, len(members))]
+                member_agreements.append(sum(pairs) / len(pairs) if pairs else 1.0)
+            q_rows.append(candidates[choice][0])
+            q_bias.append(candidates[choice][1])
+            order += members
+        k_rows.append(key)
+        k_bias.append(key_b)
+        freqs.append(rope.freqs)
+
+    # Latent value: PCA of all KV heads' values (output-weighted when the method gives weights).
+    values = src.wv  # [G d, D]
+    vw = metric.value_out_weight
+    weight = torch.block_diag(*[_sqrt_psd(vw[g]) for g in range(G)]) if vw else None
+    weighted = values if weight is None else weight @ values
+    basis = _top_basis(_moment(weighted, cov), latent_dim)  # [G d, c]
+    down = basis.T @ weighted  # [c, D]
+    c_moment = _moment(down, cov)
+    cross = values @ down.T if cov is None else values @ cov @ down.T
+    decoders = cross @ torch.linalg.pinv(c_moment, hermitian=True)  # [G d, c]: least-squares values from c
+    resid = decoders @ down - values
+    value_err = float(torch.trace(_moment(resid, cov)).clamp(min=0) / torch.trace(_moment(values, cov))) ** 0.5
+
+    residual = torch.eye(d, latent_dim, dtype=values.dtype)  # the model adds a_m[:v] (zero-padded) itself
+    gate = torch.sigmoid(torch.tensor(GATE_BIAS, dtype=torch.float64))
+    decoder_rows = [decoders[src.kv_rows(groups[h])] - residual for h in order]
+    o_cols = [src.wo[:, src.q_rows(h)] / gate for h in order]
+    tensors = {
+        "q_proj.weight": torch.cat(q_rows),
+        "k_proj.weight": torch.cat(k_rows),
+        "latent_proj.weight": down,
+        "value_decoder.weight": torch.cat(decoder_rows),
+        "gate_proj.weight": src.wq.new_zeros(H * d, src.wq.shape[1]),
+        "gate_proj.bias": src.wq.new_full((H * d,), GATE_BIAS),
+        "o_proj.weight": torch.cat(o_cols, dim=1),
+        "rope_freqs": torch.cat(freqs),
+    }
+    if src.bq is not None or src.bk is not None:
+        zeros = src.wq.new_zeros(key_dim)
+        tensors["q_proj.bias"] = torch.cat([b if b is not None else zeros for b in q_bias])
+        tensors["k_proj.bias"] = torch.cat([b if b is not None else zeros for b in k_bias])
+        tensors["latent_proj.bias"] = src.wq.new_zeros(latent_dim)
+    o_bias = _fold_value_bias(src)
+    if o_bias is not None:
+        tensors["o_proj.bias"] = o_bias
+    metrics = {
+        "value_rel_error": value_err,
+        "key_score_kept": min(key_kept),
+        **{f"{name}_query_share": count / num_maps for name, count in chosen.items()},
+    }
+    if agreements:
+        metrics["map_agreement"] = sum(agreements) / len(agreements)
+        metrics["member_agreement"] = sum(member_agreements) / len(member_agreements)
+        # Both shared-query candidates, measured, so reports show which one wins where.
+        for name, values in candidate_agreements.items():
+            if values:
+                metrics[f"map_agreement_{name}_query"] = sum(values) / len(values)
+    return ConvertedLayer(tensors, metrics)

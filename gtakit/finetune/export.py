@@ -1,0 +1,167 @@
+"""Write the uptrained model as a converted HF folder (same layout and loading guarantees as `gtakit convert`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import gtakit
+from gtakit.convert.card import build_card, dump_json
+from gtakit.convert.pipeline import DTYPES, _replace_dir, write_config
+from gtakit.convert.plan import TargetPlan
+
+from .recipe import Recipe
+
+
+def _target_of(config) -> str:
+    """gtakit_gta -> gta etc.: the converter's key for the modeling file and class prefix."""
+    return config.model_type.removeprefix("gtakit_")
+
+
+def merged_model(recipe: Recipe, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain (un-wrapped) CPU model holding the trained weights; LoRA adapters are merged into them.
+
+    The model is rebuilt from the recipe's input folder so this works the same for a single process, DDP and
+    FSDP (whose full state dict exists only as gathered tensors on the main process)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32)
+    if recipe.train.mode != "lora":
+        missing, unexpected = base.load_state_dict(state_dict, strict=False)
+        _check_keys(base, missing, unexpected)
+        return base
+    from peft import get_peft_model
+
+    from .modes import lora_config
+
+    peft_model = get_peft_model(base, lora_config(base, recipe.lora))
+    missing, unexpected = peft_model.load_state_dict(state_dict, strict=False)
+    _check_keys(peft_model, missing, unexpected)
+    return peft_model
+
+
+def _check_keys(model, missing, unexpected) -> None:
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied = {k for k in missing if k.endswith("lm_head.weight")}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"trained state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def export_model(accelerator, model, recipe: Recipe, tokenizer, state, after: float, data, started: float,
+                 say: Callable[[str], None]) -> dict:
+    state_dict = accelerator.get_state_dict(model)  # every process must take part (FSDP gathers here)
+    report: dict = {}
+    if accelerator.is_main_process:
+        report = _write(recipe, tokenizer, state, after, data, started, say, state_dict)
+    accelerator.wait_for_everyone()
+    return report
+
+
+def _write(recipe, tokenizer, state, after, data, started, say, state_dict) -> dict:
+    out = Path(recipe.output.dir).expanduser()
+    model = merged_model(recipe, {k: v.detach().cpu() for k, v in state_dict.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if recipe.train.mode == "lora":
+            if recipe.lora.save_adapter:
+                model.save_pretrained(tmp / "lora-adapter")
+            model = model.merge_and_unload()
+        config = model.config
+        dtype = DTYPES.get(recipe.output.dtype) or _input_dtype(recipe)
+        # rope_freqs stay float32 whatever the weights' dtype (see CompressedAttentionBase._apply).
+        model.to(dtype)
+        model.save_pretrained(tmp, max_shard_size=recipe.output.max_shard_size)
+        write_config(TargetPlan(target=_target_of(config), config=config, source_elements_per_layer=0), tmp, dtype)
+        tokenizer.save_pretrained(tmp)
+        generation = Path(recipe.model.path).expanduser() / "generation_config.json"
+        if generation.exists():
+            shutil.copyfile(generation, tmp / "generation_config.json")
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+
+        report = _report(recipe, state, after, data, started)
+        kv = report.get("kv_cache")
+        if kv and kv.get("dtype") != str(dtype).removeprefix("torch."):  # saved in another dtype than converted
+            size = torch.empty(0, dtype=dtype).element_size()
+            kv["dtype"] = str(dtype).removeprefix("torch.")
+            kv["bytes_per_token_before"] = kv["elements_per_token_before"] * size
+            kv["bytes_per_token_after"] = kv["elements_per_token_after"] * size
+        (tmp / "conversion.json").write_text(dump_json(report))
+        if "source" in report:
+            card = build_card(report)
+        else:
+            from huggingface_hub import ModelCard
+
+            sections = "\n\n".join(f"## {title}\n\n{body}" for title, body in report["card_sections"])
+            card = ModelCard(f"---\nlibrary_name: transformers\ntags: [gtakit]\n---\n\n# {out.name}\n\n{sections}\n")
+        card.save(tmp / "README.md")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote {out}")
+    return report
+
+
+def _input_dtype(recipe: Recipe) -> torch.dtype:
+    config = json.loads((Path(recipe.model.path).expanduser() / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPES.get(name, torch.float32)
+
+
+def _report(recipe: Recipe, state, after: float, data, started: float) -> dict:
+    source_report = Path(recipe.model.path).expanduser() / "conversion.json"
+    report = json.loads(source_report.read_text()) if source_report.exists() else {}
+    report.pop("card_sections", None)
+    uptraining = {
+        "gtakit_version": gtakit.__version__,
+        "input_model": recipe.model.path,
+        "mode": recipe.train.mode,
+        "loss": recipe.loss.kind,
+        "steps": state.step,
+        "tokens": state.tokens,
+        "eval": {"sequences": len(data.eval), "seq_len": data.seq_len,
+                 "source": recipe.data.eval or "held out from data.train"},
+        "perplexity_before": state.before_perplexity,
+        "perplexity_after": after,
+        "teacher_perplexity": state.teacher_perplexity,
+        "evals": state.evals,
+        "train_seconds": round(state.train_seconds, 1),
+        "wall_time_s": round(time.time() - started, 1),
+        "recipe": recipe.to_dict(),
+    }
+    report["uptraining"] = uptraining
+    report["card_sections"] = [("Uptraining", _card_body(recipe, uptraining))]
+    return report
+
+
+def _card_body(recipe: Recipe, up: dict) -> str:
+    ev = up["eval"]
+    rows = ["| model | perplexity |", "|---|---|"]
+    if up["teacher_perplexity"] is not None:
+        rows.append(f"| teacher (`{recipe.teacher.model}`) | {up['teacher_perplexity']:.3f} |")
+    rows.append(f"| converted, before uptraining | {up['perplexity_before']:.3f} |")
+    rows.append(f"| after uptraining | {up['perplexity_after']:.3f} |")
+    where = ", ".join(ev["source"]) if isinstance(ev["source"], list) else ev["source"]
+    return "\n".join([
+        f"Uptrained with `gtakit finetune` (mode `{up['mode']}`, loss `{up['loss']}`) on {up['tokens']:,} tokens "
+        f"in {up['steps']} optimiser steps ({up['train_seconds']:.0f} s of training).",
+        "",
+        f"Perplexity on {ev['sequences']} sequences of {ev['seq_len']} tokens ({where}):",
+        "",
+        *rows,
+        "",
+        "The recipe (also in `recipe.yaml`; rerun it with `gtakit finetune recipe.yaml`):",
+        "",
+        "```yaml",
+        recipe.to_yaml().rstrip(),
+        "```",
+    ])

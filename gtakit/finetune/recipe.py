@@ -1,0 +1,349 @@
+"""Uptraining recipe: a YAML file validated against dataclasses, with dotted `key=value` overrides.
+
+Every field carries its help text in `metadata["help"]`; unknown keys, wrong types and bad choices are
+refused before anything is loaded, with one line naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from gtakit.errors import GtakitError
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - `help` reads best in the schema
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelSection:
+    path: str = _f("", "Converted model folder (the OUT of `gtakit convert`), or any gtakit HF folder / Hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "dtype the trainable copy is loaded in; keep float32 and use train.precision for speed."
+    )
+
+
+@dataclass
+class TeacherSection:
+    model: str | None = _f(
+        None,
+        "Teacher for distillation: 'source' (the model the converted folder was made from, read from its "
+        "conversion.json), a folder, a .gguf file or a Hub id. Needed when loss.kind is distill or mix.",
+    )
+    device: str = _f("auto", "Device of the frozen teacher: auto (same as the student), cpu, cuda:1, ...")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the teacher.")
+
+
+@dataclass
+class DataSection:
+    train: list[str] = _f(
+        [],
+        "Training text: files (plain text = one document per file; .jsonl/.json = one document per line; "
+        ".parquet = one per row; globs allowed) or a datasets name 'hf:NAME[:CONFIG[:SPLIT]]'.",
+    )
+    eval: list[str] = _f(
+        [], "Evaluation text in the same forms; empty = hold out eval.sequences packed sequences of the train data."
+    )
+    text_field: str = _f("text", "Field holding the text in JSON lines, parquet and datasets rows.")
+    max_chars: int | None = _f(None, "Read at most this many characters of training text (None = all).")
+    eval_sequences: int = _f(16, "Packed sequences used for evaluation (held out from train when data.eval is empty).")
+    cache_dir: str | None = _f(
+        None, "Where the tokenised, packed data is cached (default: the checkpoint folder); tokenised once."
+    )
+
+
+@dataclass
+class TrainSection:
+    mode: Literal["full", "attention", "lora"] = _f(
+        "full", "full: every parameter trains; attention: only the converted attention; lora: peft adapters."
+    )
+    tokens: int = _f(1_000_000, "Token budget: optimiser steps = ceil(tokens / tokens per step).")
+    max_steps: int | None = _f(None, "Optimiser steps; overrides train.tokens when set.")
+    seq_len: int = _f(1024, "Tokens per packed training sequence.")
+    micro_batch: int = _f(4, "Sequences per forward pass and process.")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.")
+    lr: float = _f(1e-4, "Peak learning rate (AdamW).")
+    min_lr_ratio: float = _f(0.1, "Cosine schedule floor as a fraction of lr.")
+    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate schedule after warm-up.")
+    warmup_steps: int | None = _f(None, "Linear warm-up steps (default: 5% of the steps).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    betas: list[float] = _f([0.9, 0.95], "AdamW betas.")
+    grad_clip: float | None = _f(1.0, "Clip the global gradient norm to this (None = no clipping).")
+    precision: Literal["no", "bf16", "fp16"] = _f("no", "Mixed precision through accelerate (autocast).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    seed: int = _f(0, "Seed of the data order, LoRA init and dropout.")
+
+
+@dataclass
+class LossSection:
+    kind: Literal["ce", "distill", "mix"] = _f(
+        "ce", "ce: next-token cross-entropy; distill: KL to the teacher's logits; mix: weighted sum of both."
+    )
+    distill_weight: float = _f(0.5, "mix: loss = (1 - w) * CE + w * KD.")
+    temperature: float = _f(1.0, "Distillation temperature; the KL is scaled by T^2 so gradients keep their size.")
+
+
+@dataclass
+class LoraSection:
+    r: int = _f(16, "LoRA rank.")
+    alpha: float = _f(32.0, "LoRA alpha (scale = alpha / r).")
+    dropout: float = _f(0.0, "LoRA dropout.")
+    target_modules: list[str] | None = _f(
+        None, "Module names that get adapters (default: every attention projection except k_rope_proj)."
+    )
+    modules_to_save: list[str] | None = _f(
+        None, "Modules trained in full next to the adapters (default: k_rope_proj, the small new RoPE key)."
+    )
+    save_adapter: bool = _f(True, "Also write the unmerged adapter to OUT/lora-adapter/.")
+
+
+@dataclass
+class EvalSection:
+    every: int = _f(100, "Evaluate perplexity every N optimiser steps (0 = only before and after training).")
+    batch: int = _f(4, "Sequences per evaluation forward pass.")
+
+
+@dataclass
+class CheckpointSection:
+    dir: str | None = _f(None, "Checkpoint folder (default: OUTPUT.checkpoints beside the output).")
+    every: int = _f(500, "Save accelerate state every N optimiser steps (and always at the end; 0 = end only).")
+    keep: int = _f(2, "Keep this many most recent checkpoints.")
+
+
+@dataclass
+class LogSection:
+    every: int = _f(10, "Print loss, lr and tokens/s every N optimiser steps.")
+    tensorboard: bool = _f(False, "Also log to tensorboard (needs `pip install tensorboard`).")
+    dir: str | None = _f(None, "Tensorboard folder (default: the checkpoint folder's runs/).")
+
+
+@dataclass
+class OutputSection:
+    dir: str = _f("", "Output folder: a converted HF folder like `gtakit convert` writes, with updated card.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "Saved dtype; auto = the input model's.")
+    max_shard_size: str = _f("5GB", "Largest safetensors shard.")
+    force: bool = _f(False, "Overwrite a non-empty output folder.")
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    loss: LossSection = field(default_factory=LossSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        if self.checkpoint.dir:
+            return Path(self.checkpoint.dir).expanduser()
+        out = Path(self.output.dir).expanduser()
+        return out.with_name(out.name + ".checkpoints")
+
+
+# ------------------------------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int -> float, str -> [str])."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except GtakitError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        # YAML reads `no` as False; precision: no is meant as the string
+        if value is False and "no" in typing.get_args(tp):
+            return "no"
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single file is a list of one
+        if isinstance(value, list):
+            return [_coerce(v, item, key) for v in value]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:  # PyYAML reads 1e6 (no dot) as a string; it is a natural way to write a budget
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # PyYAML reads 1e-4 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise GtakitError(f"recipe key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise GtakitError(f"recipe key '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise GtakitError(f"recipe: unknown key '{prefix}{key}' (known here: {known})")
+    values = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise GtakitError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings -> (key, YAML-parsed value) pairs."""
+    pairs = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise GtakitError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe (a YAML file, or an already-parsed mapping), applying `key=value` overrides.
+
+    Relative paths inside a recipe file stay relative to the working directory (as on the command line)."""
+    if isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise GtakitError(f"recipe {path} does not exist (see `gtakit recipes list`)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise GtakitError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise GtakitError("a recipe must be a YAML mapping of sections (model, data, train, ...)")
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy so overrides never touch the caller's mapping
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    recipe = _build(Recipe, raw, "")
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-field checks that need no files."""
+    if not recipe.model.path:
+        raise GtakitError("recipe key 'model.path' is required: the converted model folder")
+    if not recipe.output.dir:
+        raise GtakitError("recipe key 'output.dir' is required: where the uptrained model is written")
+    if not recipe.data.train:
+        raise GtakitError("recipe key 'data.train' is required: training text files or hf:NAME")
+    t = recipe.train
+    for key, value in (("train.seq_len", t.seq_len), ("train.micro_batch", t.micro_batch),
+                       ("train.grad_accum", t.grad_accum), ("train.tokens", t.tokens)):
+        if value < 1:
+            raise GtakitError(f"recipe key '{key}' must be at least 1, got {value}")
+    if t.seq_len < 2:
+        raise GtakitError("recipe key 'train.seq_len' must be at least 2")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise GtakitError(f"recipe key 'train.max_steps' must be at least 1, got {t.max_steps}")
+    if len(t.betas) != 2:
+        raise GtakitError(f"recipe key 'train.betas' needs two numbers, got {t.betas}")
+    if t.lr <= 0:
+        raise GtakitError(f"recipe key 'train.lr' must be positive, got {t.lr}")
+    loss = recipe.loss
+    if loss.kind in ("distill", "mix") and not recipe.teacher.model:
+        raise GtakitError(f"loss.kind {loss.kind} needs a teacher: set teacher.model (e.g. 'source')")
+    if not 0.0 <= loss.distill_weight <= 1.0:
+        raise GtakitError(f"recipe key 'loss.distill_weight' must be in [0, 1], got {loss.distill_weight}")
+    if loss.temperature <= 0:
+        raise GtakitError(f"recipe key 'loss.temperature' must be positive, got {loss.temperature}")
+    if recipe.data.eval_sequences < 1:
+        raise GtakitError("recipe key 'data.eval_sequences' must be at least 1")
+    if recipe.checkpoint.keep < 1:
+        raise GtakitError("recipe key 'checkpoint.keep' must be at least 1")
+
+
+def describe_schema(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) for every field: for docs and `--help`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe_schema(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((prefix + f.name, _type_name(tp), default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,374 @@
+"""The uptraining loop (`gtakit finetune`): accelerate for devices, precision, accumulation and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from gtakit.errors import GtakitError
+
+from .data import RowSampler, load_packed_data, resolve_files
+from .modes import apply_mode, count_parameters, cross_entropy, distillation_kl
+from .recipe import Recipe
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
+
+
+@dataclass
+class TrainerState:
+    """Progress saved with every checkpoint (accelerate saves model, optimiser, RNG; this is the rest)."""
+
+    step: int = 0
+    tokens: int = 0
+    history: list = field(default_factory=list)  # one record per optimiser step
+    evals: list = field(default_factory=list)  # {"step", "tokens", "perplexity"}
+    before_perplexity: float | None = None
+    teacher_perplexity: float | None = None
+    train_seconds: float = 0.0
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob("step_*") if (p / STATE_FILE).exists()) if folder.is_dir() else []
+    return done[-1] if done else None
+
+
+def resolve_teacher(spec: str, model_path: str) -> str | None:
+    """'source' -> what the converted folder was made from (None = the bundled SmolLM2 GGUF)."""
+    if spec != "source":
+        return spec
+    report_path = Path(model_path).expanduser() / "conversion.json"
+    if not report_path.exists():
+        raise GtakitError(f"teacher.model 'source' needs {report_path} (written by gtakit convert); give a path")
+    source = json.loads(report_path.read_text())["source"]
+    from gtakit.convert.source import SMOLLM2_GGUF
+
+    name = source["name"]
+    if source["kind"] == "gguf" and not Path(name).exists() and name == SMOLLM2_GGUF:
+        return None
+    return name
+
+
+def preflight(recipe: Recipe, resume: bool) -> None:
+    """Everything that can fail without loading a model fails here, before any work."""
+    from gtakit.convert.pipeline import check_output
+
+    resolve_files(recipe.data.train, "data.train")
+    resolve_files(recipe.data.eval, "data.eval")
+    model_path = Path(recipe.model.path).expanduser()
+    if model_path.exists() and not (model_path / "config.json").exists():
+        raise GtakitError(f"model.path {model_path} has no config.json; give a converted model folder")
+    if not model_path.exists() and (recipe.model.path.startswith((".", "/", "~")) or recipe.model.path.count("/") > 1):
+        raise GtakitError(f"model.path {model_path} does not exist; convert a model first (gtakit convert)")
+    if recipe.loss.kind != "ce":
+        resolve_teacher(recipe.teacher.model, recipe.model.path)
+    out = Path(recipe.output.dir).expanduser()
+    check_output(out, recipe.output.force)
+    if recipe.log.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise GtakitError("log.tensorboard needs tensorboard: pip install tensorboard") from None
+    ckpt = recipe.checkpoint_dir
+    if resume and latest_checkpoint(ckpt) is None:
+        raise GtakitError(f"--resume: no complete checkpoint in {ckpt}")
+    if not resume and latest_checkpoint(ckpt) is not None and not recipe.output.force:
+        raise GtakitError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it, or "
+                          "output.force=true to start over")
+
+
+def _scheduler(recipe: Recipe, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    t = recipe.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else max(0, round(0.05 * total_steps))
+    if t.schedule == "cosine":
+        return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                             scheduler_specific_kwargs={"min_lr_rate": t.min_lr_ratio})
+    name = "linear" if t.schedule == "linear" else "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def total_steps(recipe: Recipe, num_processes: int) -> int:
+    t = recipe.train
+    if t.max_steps is not None:
+        return t.max_steps
+    per_step = t.seq_len * t.micro_batch * t.grad_accum * num_processes
+    return max(1, math.ceil(t.tokens / per_step))
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, rows: torch.Tensor, batch: int, accelerator) -> float:
+    """Perplexity of `rows` (each scored on its own, like `gtakit eval`), split over processes. Every process runs
+    the same number of forward passes (FSDP needs that); padding rows have weight 0."""
+    was_training = model.training
+    model.eval()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_process = math.ceil(len(rows) / world)
+    indices = list(range(rank, len(rows), world))
+    weights = [1.0] * len(indices) + [0.0] * (per_process - len(indices))
+    indices += [0] * (per_process - len(indices))
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for start in range(0, per_process, batch):
+        ids = rows[indices[start : start + batch]].long().to(accelerator.device)
+        weight = torch.tensor(weights[start : start + batch], dtype=torch.float64, device=accelerator.device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
+        ).sum(dim=1).double()
+        total[0] += (nll * weight).sum()
+        total[1] += weight.sum() * (ids.shape[1] - 1)
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    return math.exp(float(total[0] / total[1]))
+
+
+@torch.no_grad()
+def teacher_perplexity(teacher, rows: torch.Tensor, batch: int, device) -> float:
+    nll, count = 0.0, 0
+    for start in range(0, len(rows), batch):
+        ids = rows[start : start + batch].long().to(device)
+        logits = teacher(input_ids=ids, use_cache=False).logits.float()
+        nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="sum"))
+        count += ids.shape[0] * (ids.shape[1] - 1)
+    return math.exp(nll / count)
+
+
+def finetune(
+    recipe: Recipe,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Uptrain `recipe.model.path` and write `recipe.output.dir`; returns the report written to conversion.json
+    plus `history` (one record per optimiser step) on the main process, {} on the others.
+
+    `callback(step, record)` runs after every optimiser step (and its checkpoint); raising from it stops the run
+    there, which is how tests simulate an interruption."""
+    import gtakit  # noqa: F401 - registers the gtakit architectures
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gtakit.evaluate import load_model
+
+    started = time.time()
+    preflight(recipe, resume)
+    t = recipe.train
+    ckpt_dir = recipe.checkpoint_dir
+    log_dir = Path(recipe.log.dir).expanduser() if recipe.log.dir else ckpt_dir / "runs"
+    accelerator = Accelerator(
+        mixed_precision=t.precision,
+        gradient_accumulation_steps=t.grad_accum,
+        log_with="tensorboard" if recipe.log.tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(ckpt_dir), logging_dir=str(log_dir)),
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: every process would train alone and
+        # write the same files
+        raise GtakitError(f"launched as {launched} processes but accelerate set up {accelerator.num_processes}; on "
+                          "a CPU-only machine launch with ACCELERATE_USE_CPU=true")
+    say = (log or (lambda message: None)) if accelerator.is_main_process else (lambda message: None)
+    if accelerator.is_main_process:
+        if not resume and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)  # output.force was given (preflight): start over
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _check_resumed_recipe(recipe, ckpt_dir, resume, say)
+    accelerator.wait_for_everyone()
+    set_seed(t.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+    cache_dir = Path(recipe.data.cache_dir).expanduser() if recipe.data.cache_dir else ckpt_dir
+    data = load_packed_data(recipe.data, tokenizer, t.seq_len, cache_dir, accelerator)
+    say(f"data: {len(data.train)} training and {len(data.eval)} evaluation sequences of {t.seq_len} tokens")
+
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=DTYPES[recipe.model.dtype])
+    if not str(getattr(model.config, "model_type", "")).startswith("gtakit_"):
+        raise GtakitError(f"{recipe.model.path} is not a gtakit model ({model.config.model_type}); convert it first")
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model = apply_mode(model, t.mode, recipe.lora)
+    model.train()
+    trainable, everything = count_parameters(model)
+    say(f"mode {t.mode}: {trainable:,} of {everything:,} parameters train ({trainable / everything:.1%})")
+
+    teacher, teacher_device = None, None
+    if recipe.loss.kind != "ce":
+        spec = resolve_teacher(recipe.teacher.model, recipe.model.path)
+        teacher = load_model(spec if spec is not None else str(_bundled()), dtype=DTYPES[recipe.teacher.dtype])[0]
+        teacher_device = accelerator.device if recipe.teacher.device == "auto" else torch.device(recipe.teacher.device)
+        teacher.to(teacher_device).eval().requires_grad_(False)
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+    )
+    steps = total_steps(recipe, accelerator.num_processes)
+    # The scheduler is not passed to prepare(): accelerate would step it once per process; here it steps once
+    # per optimiser step and is checkpointed as a registered object.
+    scheduler = _scheduler(recipe, optimizer, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainerState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    if recipe.log.tensorboard:
+        accelerator.init_trackers("gtakit-finetune", config=_flat(recipe.to_dict()))
+
+    if resume:
+        last = latest_checkpoint(ckpt_dir)
+        accelerator.load_state(str(last))
+        say(f"resumed from {last} at step {state.step} ({state.tokens:,} tokens)")
+    else:
+        state.before_perplexity = evaluate_perplexity(model, data.eval, recipe.eval.batch, accelerator)
+        state.evals.append({"step": 0, "tokens": 0, "perplexity": state.before_perplexity})
+        if teacher is not None and accelerator.is_main_process:
+            state.teacher_perplexity = teacher_perplexity(teacher, data.eval, recipe.eval.batch, teacher_device)
+        say(f"perplexity before uptraining: {state.before_perplexity:.3f}"
+            + (f" (teacher {state.teacher_perplexity:.3f})" if state.teacher_perplexity else ""))
+
+    sampler = RowSampler(len(data.train), t.seed)
+    tokens_per_step = t.seq_len * t.micro_batch * t.grad_accum * accelerator.num_processes
+    bar = tqdm(total=steps, initial=state.step, desc="uptraining", disable=not (progress and accelerator.is_main_process))
+    window_start, window_tokens = time.time(), 0
+    while state.step < steps:
+        step_start = time.time()
+        sums = torch.zeros(3, device=accelerator.device)  # loss, ce, kd
+        for micro in range(t.grad_accum):
+            rows = sampler.micro_batch_rows(state.step, micro, t.grad_accum, t.micro_batch,
+                                            accelerator.process_index, accelerator.num_processes)
+            ids = data.train[rows].long().to(accelerator.device)
+            with accelerator.accumulate(model):
+                loss, ce, kd = _loss(model, teacher, teacher_device, ids, recipe)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.grad_clip is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).float() / t.grad_accum
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+        sums = accelerator.reduce(sums, reduction="mean")
+        state.step += 1
+        state.tokens += tokens_per_step
+        state.train_seconds += time.time() - step_start
+        window_tokens += tokens_per_step
+        record = {"step": state.step, "tokens": state.tokens, "loss": float(sums[0]), "ce": float(sums[1]),
+                  "kd": float(sums[2]), "lr": scheduler.get_last_lr()[0]}
+        state.history.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        last_step = state.step == steps
+        if recipe.log.every and (state.step % recipe.log.every == 0 or last_step):
+            rate = window_tokens / max(time.time() - window_start, 1e-9)
+            record["tokens_per_s"] = rate
+            say(f"step {state.step}/{steps} tokens {state.tokens:,} loss {record['loss']:.4f} "
+                f"lr {record['lr']:.2e} {rate:,.0f} tok/s")
+            window_start, window_tokens = time.time(), 0
+        if recipe.eval.every and state.step % recipe.eval.every == 0 and not last_step:
+            ppl = evaluate_perplexity(model, data.eval, recipe.eval.batch, accelerator)
+            state.evals.append({"step": state.step, "tokens": state.tokens, "perplexity": ppl})
+            record["eval_perplexity"] = ppl
+            say(f"step {state.step}: eval perplexity {ppl:.3f}")
+        if recipe.log.tensorboard:
+            accelerator.log({k: v for k, v in record.items() if k not in ("step",)}, step=state.step)
+        if (recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0) or last_step:
+            _save_checkpoint(accelerator, ckpt_dir, state, recipe.checkpoint.keep)
+        if callback is not None:
+            callback(state.step, record)
+    bar.close()
+
+    after = evaluate_perplexity(model, data.eval, recipe.eval.batch, accelerator)
+    if not state.evals or state.evals[-1]["step"] != state.step:
+        state.evals.append({"step": state.step, "tokens": state.tokens, "perplexity": after})
+    say(f"perplexity: {state.before_perplexity:.3f} before -> {after:.3f} after {state.tokens:,} tokens")
+    if recipe.log.tensorboard:
+        accelerator.end_training()
+
+    from .export import export_model
+
+    report = export_model(accelerator, model, recipe, tokenizer, state, after, data, started, say)
+    del teacher
+    accelerator.free_memory()
+    # The per-step records stay out of conversion.json (long runs have many); callers get them here.
+    return dict(report, history=state.history) if report else {}
+
+
+def _check_resumed_recipe(recipe: Recipe, ckpt_dir: Path, resume: bool, say: Callable[[str], None]) -> None:
+    """Keep the run's recipe beside its checkpoints; a resumed run that changes what is trained says so."""
+    import yaml
+
+    saved = ckpt_dir / "recipe.yaml"
+    current = recipe.to_dict()
+    if resume and saved.exists():
+        before = yaml.safe_load(saved.read_text())
+        changed = [f"{section}.{key}" for section in ("model", "teacher", "data", "train", "loss", "lora")
+                   for key in current[section] if before.get(section, {}).get(key) != current[section][key]]
+        if changed:
+            say(f"warning: resuming with a recipe that differs from the checkpoint's in {', '.join(changed)}; "
+                "the continued run is not the one that was interrupted")
+    saved.write_text(recipe.to_yaml())
+
+
+def _bundled() -> Path:
+    from gtakit.convert.source import bundled_smollm2
+
+    return bundled_smollm2()
+
+
+def _loss(model, teacher, teacher_device, ids: torch.Tensor, recipe: Recipe):
+    logits = model(input_ids=ids, use_cache=False).logits
+    zero = logits.new_zeros((), dtype=torch.float32)
+    kind = recipe.loss.kind
+    ce = cross_entropy(logits, ids) if kind in ("ce", "mix") else zero
+    kd = zero
+    if kind in ("distill", "mix"):
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids.to(teacher_device), use_cache=False).logits
+        kd = distillation_kl(logits, teacher_logits.to(logits.device), recipe.loss.temperature)
+    if kind == "ce":
+        loss = ce
+    elif kind == "distill":
+        loss = kd
+    else:
+        w = recipe.loss.distill_weight
+        loss = (1.0 - w) * ce + w * kd
+    return loss, ce, kd
+
+
+def _save_checkpoint(accelerator, folder: Path, state: TrainerState, keep: int) -> None:
+    target = folder / f"step_{state.step:08d}"
+    accelerator.save_state(str(target))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        summary = {k: v for k, v in state.state_dict().items() if k != "history"}
+        (target / STATE_FILE).write_text(json.dumps(summary, indent=2))
+        done = sorted(p for p in folder.glob("step_*") if (p / STATE_FILE).exists())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
