@@ -4,6 +4,9 @@ of the KV cache (aware init), then `gtakit finetune` with cross-entropy, distill
     python benchmarks/uptrain_recovery.py                       # the benchmark: about 30 minutes on 2 idle CPU cores
     python benchmarks/uptrain_recovery.py --tokens 512 --seq-len 128 --eval-windows 1 --calib-tokens 4096 \
         --evals 1 --json /tmp/u.json --markdown /tmp/u.md --plot /tmp/u.png --work /tmp/u   # smoke test
+    python benchmarks/uptrain_recovery.py --form ghla --losses mix --work benchmarks/out/uptrain_ghla \
+        --json benchmarks/out/uptrain_ghla.json --markdown benchmarks/out/uptrain_ghla.md \
+        --plot benchmarks/uptrain_recovery_ghla.png          # GHLA at the same budget and tokens
 
 Data split (as benchmarks/convert_quality.py): calibration on the first 300,000 characters of
 ../shared/data/wikitext2-test.txt; evaluation on the first --eval-windows windows of --seq-len tokens from
@@ -36,7 +39,13 @@ from gtakit.finetune import finetune, load_recipe  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
 # GLA-3 at 25% of SmolLM2's 2 x 3 x 64 = 384 elements per token and layer: 3 x 21 + 32 = 95 (24.7%), the
 # setting benchmarks/convert_quality.py measures zero-shot.
-CONVERT = {"target": "gla", "latent_heads": 3, "kv_rank": 21, "rope_dim": 32, "init": "aware"}
+# GHLA at the same budget (issue 7): 3 maps sharing one fully rotary 48-wide key, a 48-wide latent value = 96.
+FORMS = {
+    "gla3": ({"target": "gla", "latent_heads": 3, "kv_rank": 21, "rope_dim": 32, "init": "aware"}, "GLA-3",
+             "--to gla --latent-heads 3 --kv-rank 21 --rope-dim 32"),
+    "ghla": ({"target": "ghla", "maps": 3, "key_heads": 1, "rope_dim": 48, "latent_dim": 48, "init": "aware"},
+             "GHLA-3map", "--to ghla --maps 3 --key-heads 1 --rope-dim 48 --latent-dim 48"),
+}
 LABELS = {"ce": "cross-entropy", "distill": "distillation", "mix": "mix"}
 
 
@@ -54,6 +63,7 @@ def split_text(text: str, tokenizer, calib_chars: int, eval_from: int, windows: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--form", default="gla3", choices=sorted(FORMS), help="target form at ~25%% of the KV cache")
     parser.add_argument("--text", default=str(DATA))
     parser.add_argument("--calib-chars", type=int, default=300_000)
     parser.add_argument("--eval-from-char", type=int, default=400_000)
@@ -97,9 +107,10 @@ def main() -> None:
     print(f"source perplexity {base['perplexity']:.3f} on {base['windows']} x {base['window']} tokens", flush=True)
 
     converted = work / "converted"
-    options = ConvertOptions(**CONVERT, calib=str(work / "calib.txt"), calib_tokens=args.calib_tokens,
+    convert_settings, form_label, convert_flags = FORMS[args.form]
+    options = ConvertOptions(**convert_settings, calib=str(work / "calib.txt"), calib_tokens=args.calib_tokens,
                              calib_seq_len=min(2048, args.calib_tokens))
-    convert_command = (f"gtakit convert --to gla --latent-heads 3 --kv-rank 21 --rope-dim 32 --init aware "
+    convert_command = (f"gtakit convert {convert_flags} --init aware "
                        f"--calib {work / 'calib.txt'} --calib-tokens {args.calib_tokens} -o {converted} --force")
     previous = converted / "conversion.json"
     if previous.exists() and json.loads(previous.read_text())["settings"] == options.to_dict():
@@ -160,7 +171,9 @@ def main() -> None:
     summary = markdown_table(summary_rows, [("loss", "loss"), ("final", "final perplexity"),
                                             ("ratio", "vs source"), ("recovered", "gap recovered"),
                                             ("seconds", "training s"), ("rate", "training tokens/s")])
-    header = (f"SmolLM2-135M -> GLA-3 at 24.7% KV (aware init, {args.calib_tokens} calibration tokens), "
+    kv = json.loads((converted / "conversion.json").read_text())["kv_cache"]
+    kv_share = kv["elements_per_token_after"] / kv["elements_per_token_before"]
+    header = (f"SmolLM2-135M -> {form_label} at {kv_share:.1%} KV (aware init, {args.calib_tokens} calibration tokens), "
               f"`{args.mode}` training, {steps} steps x {tokens_per_step} tokens, lr {args.lr}. Perplexity on "
               f"{base['windows']} windows of {base['window']} tokens from character {args.eval_from_char} on. "
               f"Source (GQA): {base['perplexity']:.3f}; zero-shot conversion: {zero_shot:.3f}.")
@@ -173,6 +186,7 @@ def main() -> None:
         "source_perplexity": base["perplexity"],
         "zero_shot_perplexity": zero_shot,
         "eval": {"windows": base["windows"], "window": base["window"], "from_char": args.eval_from_char},
+        "form": args.form,
         "convert_seconds": convert_seconds,
         "settings": {k: v for k, v in vars(args).items()},
         "runs": runs,
@@ -183,7 +197,7 @@ def main() -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(payload, indent=2))
     Path(args.markdown).write_text(markdown)
-    plot(runs, base["perplexity"], args.plot, header)
+    plot(runs, base["perplexity"], args.plot, f"SmolLM2-135M, {form_label} at {kv_share:.0%} KV: uptraining recovery")
     print(f"wrote {args.json}, {args.markdown}, {args.plot} in {payload['wall_seconds']:.0f}s")
 
 
@@ -204,7 +218,7 @@ def plot(runs: dict, source_ppl: float, path: str, title: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_title("SmolLM2-135M, GLA-3 at 25% KV: uptraining recovery", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
