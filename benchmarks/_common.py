@@ -7,6 +7,8 @@ import time
 
 import psutil
 
+from gtakit.reporting import markdown_table  # noqa: F401  (re-exported for the scripts)
+
 
 class PeakRSS:
     """Context manager sampling this process's resident memory; `.peak_mb` after exit."""
@@ -31,10 +33,3 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak_mb = max(self.peak_mb, psutil.Process().memory_info().rss / 2**20)
-
-
-def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    header = "| " + " | ".join(title for _, title in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(str(row.get(key, "")) for key, _ in columns) + " |" for row in rows]
-    return "\n".join([header, rule, *body])

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from gtakit.reporting import markdown_table
+
 L2_FLUSH_BYTES = 256 * 2**20  # rotate cache copies until this many bytes so small cases do not sit in L2
 MAX_COPIES = 64
 
@@ -211,12 +213,6 @@ def _time(fn, interpret: bool, rep: int) -> float:
     return do_bench(fn, rep=rep, return_mode="median")
 
 
-def markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    lines = ["| " + " | ".join(t for _, t in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(k, "")) for k, _ in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 COLUMNS = [("batch", "batch"), ("context", "context"), ("q_len", "q_len"), ("method", "method"),
            ("kv_bytes_per_token", "KV B/token"), ("ms", "ms"), ("gbps", "GB/s"), ("copy_frac", "of copy BW"),
            ("speedup", "vs GQA")]
@@ -250,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 nbytes = case_bytes(specs[name], batch, context, q_len, args.heads, args.head_dim, elsize)
                 rows.append(dict(batch=batch, context=context, q_len=q_len, method=name,
                                  kv_bytes_per_token=specs[name]["per_token"] * elsize, bytes=nbytes))
-        print(markdown(rows, COLUMNS[:5] + [("bytes", "bytes")]))
+        print(markdown_table(rows, COLUMNS[:5] + [("bytes", "bytes")]))
         return 0
     if not args.interpret and not torch.cuda.is_available():
         print("error: bench_decode needs a CUDA GPU (use --dry-run or --interpret on CPU)", file=sys.stderr)
@@ -296,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                        copy_frac=f"{gbps / copy_gbps:.0%}" if copy_gbps else "",
                        speedup=f"{base_ms / ms:.2f}x" if base_ms else "")
             rows.append(row)
-            print(markdown([row], COLUMNS).splitlines()[-1], flush=True)
+            print(markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
     print()
-    print(markdown(rows, COLUMNS))
+    print(markdown_table(rows, COLUMNS))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
     meta = dict(kernel_rel_errors=errors, device=device_name, torch=torch.__version__, copy_gbps=copy_gbps,
                 args={k: str(v) for k, v in vars(args).items()})

@@ -83,3 +83,29 @@ def random_text(words: int = 3000, seed: int = 0) -> str:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (words,), generator=generator)
     return " ".join(f"w{int(i)}" for i in ids)
+
+
+def token_ids(batch: int = 2, length: int = 24) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(7))
+
+
+def check_generates_with_cache(out: Path, per_layer: int, layers: int = 2) -> dict:
+    """Load a converted folder with remote code, generate 6 greedy tokens and check the compressed cache holds
+    exactly `per_layer` elements per token and layer (also in conversion.json, which is returned)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from gtakit.models import CompressedKVCache
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        gen = model.generate(token_ids(1, 5), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             return_dict_in_generate=True)
+    assert gen.sequences.shape[1] == 11
+    cache = gen.past_key_values
+    assert isinstance(cache, CompressedKVCache)
+    assert cache.elements_per_token() == per_layer * layers
+    report = json.loads((Path(out) / "conversion.json").read_text())
+    assert report["kv_cache"]["elements_per_token_after"] == per_layer * layers
+    return report

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from sources import SOURCES, VOCAB, random_text, write_source
+from sources import SOURCES, VOCAB, check_generates_with_cache, random_text, write_source
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from gtakit.cli.main import app
-from gtakit.models import CompressedKVCache
 
 runner = CliRunner()
 
@@ -70,16 +69,7 @@ def test_reduced_budget_loads_generates_and_has_requested_cache(source_dirs, tmp
     out = tmp_path / "out"
     result = run_cli("convert", root / "llama-gqa-llama3rope", *args, "-o", out, "--quiet")
     assert result.exit_code == 0, result.output
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    with torch.no_grad():
-        gen = model.generate(_ids(1, 5), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                             return_dict_in_generate=True)
-    assert gen.sequences.shape[1] == 11
-    cache = gen.past_key_values
-    assert isinstance(cache, CompressedKVCache)
-    assert cache.elements_per_token() == per_layer * 2
-    report = json.loads((out / "conversion.json").read_text())
-    assert report["kv_cache"]["elements_per_token_after"] == per_layer * 2
+    report = check_generates_with_cache(out, per_layer)
     assert report["kv_cache"]["elements_per_token_before"] == 2 * 2 * 16 * 2
 
 

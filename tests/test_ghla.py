@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from sources import COMMON, VOCAB, random_text, tiny_tokenizer, write_source
+from sources import COMMON, VOCAB, check_generates_with_cache, random_text, tiny_tokenizer, write_source
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from gtakit.cli.main import app
 from gtakit.convert.ghla import GATE_BIAS, partition_heads
-from gtakit.models import CompressedKVCache, GHLAForCausalLM
+from gtakit.models import GHLAForCausalLM
 
 runner = CliRunner()
 
@@ -129,17 +129,8 @@ def test_reduced_budget_loads_generates_and_has_requested_cache(sources, tmp_pat
     result = run_cli("convert", root / "llama-gqa-llama3rope", "--to", "ghla", *args, "-o", out, "--quiet",
                      "--calib", text, "--calib-tokens", "2048", "--calib-seq-len", "256")
     assert result.exit_code == 0, result.output
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    with torch.no_grad():
-        gen = model.generate(_ids(1, 5), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                             return_dict_in_generate=True)
-    assert gen.sequences.shape[1] == 11
-    cache = gen.past_key_values
-    assert isinstance(cache, CompressedKVCache)
-    assert cache.elements_per_token() == per_layer * 2
-    report = json.loads((out / "conversion.json").read_text())
+    report = check_generates_with_cache(out, per_layer)
     assert report["target"] == "ghla" and report["architecture"]["model_type"] == "gtakit_ghla"
-    assert report["kv_cache"]["elements_per_token_after"] == per_layer * 2
     for layer in report["layers"]:
         assert 0 <= layer["value_rel_error"] <= 1 and 0 < layer["map_agreement"] <= 1 + 1e-9
     assert "GHLA" in (out / "README.md").read_text()
