@@ -146,11 +146,17 @@ class SourceModel:
         return (self.folder / name for name in TOKENIZER_FILES if (self.folder / name).exists())
 
     def load_tokenizer(self):
+        """A fresh copy of the source tokenizer; parsed once (a GGUF vocabulary takes seconds to read)."""
+        import copy
+
         from transformers import AutoTokenizer
 
-        if self.gguf_file is not None:
-            return AutoTokenizer.from_pretrained(self.folder, gguf_file=self.gguf_file)
-        return AutoTokenizer.from_pretrained(self.folder)
+        if "tokenizer" not in self.extra:
+            if self.gguf_file is not None:
+                self.extra["tokenizer"] = AutoTokenizer.from_pretrained(self.folder, gguf_file=self.gguf_file)
+            else:
+                self.extra["tokenizer"] = AutoTokenizer.from_pretrained(self.folder)
+        return copy.deepcopy(self.extra["tokenizer"])
 
     def generation_config(self):
         from transformers import GenerationConfig
