@@ -111,6 +111,18 @@ def test_bin_checkpoint_is_read_with_weights_only(source_dirs, tmp_path):
         assert (converted(_ids()).logits - models["llama-mha"](_ids()).logits).abs().max() < 1e-4
 
 
+def test_source_tokenizer_is_parsed_once_and_copied(source_dirs):
+    from gtakit.convert.source import open_source
+
+    root, _ = source_dirs
+    source = open_source(root / "llama-mha")
+    first = source.load_tokenizer()
+    first.add_special_tokens({"additional_special_tokens": ["<extra>"]})  # a caller mutating its copy
+    second = source.load_tokenizer()
+    assert second is not first and "<extra>" not in second.get_vocab()
+    assert second("a b c").input_ids == source.load_tokenizer()("a b c").input_ids
+
+
 def _assert_clean_failure(result, tmp_path, *fragments):
     assert result.exit_code == 2, result.output
     message = result.output.strip().splitlines()
