@@ -24,12 +24,17 @@ def calib_setup(tmp_path_factory):
     return root, models, text
 
 
+@pytest.mark.parametrize("batch_tokens", [512, 8192], ids=["4-micro-batches", "1-micro-batch"])
 @torch.no_grad()
-def test_layer_statistics_match_a_direct_forward(calib_setup):
+def test_layer_statistics_match_a_direct_forward(calib_setup, batch_tokens, monkeypatch):
+    from gtakit.convert import calibration
+
     root, models, text = calib_setup
+    monkeypatch.setitem(calibration.MICRO_BATCH_TOKENS, "cpu", batch_tokens)
     source = open_source(str(root / "llama-gqa-llama3rope"))
     ids = calibration_ids(source, str(text), num_tokens=2048, seq_len=256)
     calibrator = LayerwiseCalibrator(source, ids)
+    assert calibrator.rows_per_batch == max(1, batch_tokens // 256)
     model = models["llama-gqa-llama3rope"]
     hidden = model(ids, output_hidden_states=True).hidden_states
     for index, layer in enumerate(model.model.layers):
