@@ -26,7 +26,7 @@ from _common import PeakRSS, markdown_table  # noqa: E402
 
 from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids  # noqa: E402
 from gtakit.convert.pipeline import convert_in_memory  # noqa: E402
-from gtakit.convert.plan import ConvertOptions  # noqa: E402
+from gtakit.convert.plan import ConvertOptions, default_rope_dim  # noqa: E402
 from gtakit.convert.source import open_source  # noqa: E402
 from gtakit.evaluate import perplexity, read_text  # noqa: E402
 
@@ -34,11 +34,11 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test
 
 
 def budget_settings(target: str, budget: int, latents: int, head_dim: int, rope_dim: int | None = None) -> dict:
-    """Largest integer (kv_rank, rope_dim) with latents * kv_rank + rope_dim <= budget.
+    """Largest integer kv_rank with latents * kv_rank + rope_dim <= budget.
 
-    The RoPE width is the converter's default (64, or d/2 when d < 128) unless `rope_dim` is given; it never
-    takes more than half the budget."""
-    default = rope_dim if rope_dim is not None else (64 if head_dim >= 128 else head_dim // 2)
+    The RoPE width is the converter's default for that budget (`default_rope_dim`: about a third of it, between
+    24 and 64) unless `rope_dim` is given; it never takes more than half the budget."""
+    default = rope_dim if rope_dim is not None else default_rope_dim(budget, head_dim)
     rope_dim = min(default, (budget // 2) // 2 * 2)
     kv_rank = (budget - rope_dim) // latents
     return {"target": target, "kv_rank": kv_rank, "rope_dim": rope_dim, "latent_heads": latents}

@@ -61,7 +61,8 @@ def test_full_budget_conversion_reproduces_source(source_dirs, tmp_path, name, t
         (["--to", "mla", "--kv-rank", "20", "--rope-dim", "6"], 20 + 6),
         (["--to", "gta"], 2 * 16 + 8),
         (["--to", "gta", "--groups", "1", "--rope-dim", "4"], 16 + 4),
-        (["--to", "gla", "--latent-heads", "4", "--kv-rank", "8"], 4 * 8 + 8),
+        # default RoPE width: about a third of the cache, here capped at the head dim 16
+        (["--to", "gla", "--latent-heads", "4", "--kv-rank", "8"], 4 * 8 + 16),
     ],
 )
 def test_reduced_budget_loads_generates_and_has_requested_cache(source_dirs, tmp_path, args, per_layer):
@@ -253,3 +254,15 @@ def test_push_refuses_non_model_folder(tmp_path):
 def test_hub_id_offline_gives_clear_error(tmp_path):
     result = run_cli("convert", "someone/not-cached-model", "-o", tmp_path / "out")
     _assert_clean_failure(result, tmp_path, "someone/not-cached-model")
+
+
+@pytest.mark.parametrize(
+    "budget, head_dim, expected",
+    [(192, 64, 64), (96, 64, 32), (48, 64, 24), (1024, 128, 64), (4096, 128, 64), (48, 16, 16), (30, 64, 14)],
+)
+def test_default_rope_width_is_about_a_third_of_the_cache(budget, head_dim, expected):
+    from gtakit.convert.plan import default_rope_dim
+
+    width = default_rope_dim(budget, head_dim)
+    assert width == expected
+    assert width % 2 == 0 and width <= min(64, head_dim) and width <= budget // 2

@@ -148,7 +148,9 @@ def plan_target(source: SourceModel, options: ConvertOptions) -> TargetPlan:
         )
     max_rope = G * d
     if rope_dim is None:
-        rope_dim = 64 if d >= 128 else d // 2
+        # About a third of the cache (the half-cache default budget, or what --kv-rank implies).
+        budget = source_elements // 2 if kv_rank in (None, "full") else latents * kv_rank * 3 // 2
+        rope_dim = min(default_rope_dim(budget, d), max_rope)
     elif rope_dim == "full":
         rope_dim = max_rope
     _check_rope_dim(rope_dim, max_rope)
@@ -175,6 +177,19 @@ def plan_target(source: SourceModel, options: ConvertOptions) -> TargetPlan:
         **common,
     )
     return TargetPlan(options.target, config, source_elements)
+
+
+def default_rope_dim(budget: int, head_dim: int) -> int:
+    """Shared RoPE key width for a GLA/MLA cache of `budget` elements per token and layer.
+
+    About a third of the budget, at least 24 (12 rotating pairs) and at most min(64, head_dim) (DeepSeek's 64)
+    and half the budget, rounded down to a multiple of 8 (of 2 below 24). Measured on SmolLM2 (benchmarks/rope_split.py, MLA): 64 of 192 beats 32,
+    48, 80 and 96; 32 of 96 beats 48; 24 of 48 beats 16 and 32.
+    """
+    upper = min(64, head_dim, max(2, budget // 2))
+    width = min(upper, max(24, budget // 3))
+    width = width // 8 * 8 if width >= 24 else width
+    return max(2, width - width % 2)
 
 
 def _check_rope_dim(rope_dim: int, maximum: int) -> None:
