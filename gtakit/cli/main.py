@@ -55,7 +55,8 @@ def convert(
         None, help="GLA/MLA: latent width per latent head, or 'full' (lossless). Default: the papers' budget."
     ),
     rope_dim: Optional[str] = typer.Option(
-        None, help="Width of the shared RoPE key, or 'full' (every RoPE component; GLA/MLA lossless)."
+        None, help="Width of the shared RoPE key, or 'full' (every RoPE component; GLA/MLA lossless). "
+        "Default: GTA d/2; GLA/MLA about a third of the cache, 24 to min(64, d)."
     ),
     maps: Optional[int] = typer.Option(
         None, help="GHLA: attention maps per layer (default: the source KV heads; H/4 for MHA)."
