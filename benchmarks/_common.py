@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
+from gtakit.evaluate import read_text
 from gtakit.reporting import markdown_table  # noqa: F401  (re-exported for the scripts)
+
+
+def calibration_and_eval_text(text: str, out_json: str, calib_chars: int, eval_from_char: int) -> tuple[Path, str]:
+    """Split a text file for the quality benchmarks: its first `calib_chars` characters are written beside the
+    JSON output (calibration reads a file) and the evaluation text starts at `eval_from_char`, so the two spans
+    never overlap. Returns (calibration file, evaluation text)."""
+    full_text = read_text(text)
+    calib_path = Path(out_json).parent / "calib.txt"
+    calib_path.parent.mkdir(parents=True, exist_ok=True)
+    calib_path.write_text(full_text[:calib_chars])
+    return calib_path, full_text[eval_from_char:]
 
 
 class PeakRSS:

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, markdown_table  # noqa: E402
+from _common import PeakRSS, calibration_and_eval_text, markdown_table  # noqa: E402
 
 from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids  # noqa: E402
 from gtakit.convert.pipeline import convert_in_memory  # noqa: E402
 from gtakit.convert.plan import ConvertOptions, default_rope_dim  # noqa: E402
 from gtakit.convert.source import open_source  # noqa: E402
-from gtakit.evaluate import perplexity, read_text  # noqa: E402
+from gtakit.evaluate import perplexity  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
 
@@ -77,11 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    full_text = read_text(args.text)
-    calib_path = Path(args.json).parent / "calib.txt"
-    calib_path.parent.mkdir(parents=True, exist_ok=True)
-    calib_path.write_text(full_text[: args.calib_chars])
-    eval_text = full_text[args.eval_from_char :]
+    calib_path, eval_text = calibration_and_eval_text(args.text, args.json, args.calib_chars, args.eval_from_char)
     eval_tokens = args.windows * args.window
 
     source = open_source(None)
