@@ -12,6 +12,20 @@ from gtakit.evaluate import read_text
 from gtakit.reporting import markdown_table  # noqa: F401  (re-exported for the scripts)
 
 
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
+
+
+def add_text_split_arguments(parser, windows: int) -> None:
+    """The quality benchmarks' data options: calibrate on the first 300,000 characters of WikiText-2, evaluate
+    on `--windows` windows of `--window` tokens from character 400,000 on."""
+    parser.add_argument("--text", default=str(DATA))
+    parser.add_argument("--calib-chars", type=int, default=300_000)
+    parser.add_argument("--eval-from-char", type=int, default=400_000)
+    parser.add_argument("--calib-tokens", type=int, default=262_144)
+    parser.add_argument("--windows", type=int, default=windows)
+    parser.add_argument("--window", type=int, default=1024)
+
+
 def calibration_and_eval_text(text: str, out_json: str, calib_chars: int, eval_from_char: int) -> tuple[Path, str]:
     """Split a text file for the quality benchmarks: its first `calib_chars` characters are written beside the
     JSON output (calibration reads a file) and the evaluation text starts at `eval_from_char`, so the two spans

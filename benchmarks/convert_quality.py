@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, calibration_and_eval_text, markdown_table  # noqa: E402
+from _common import PeakRSS, add_text_split_arguments, calibration_and_eval_text, markdown_table  # noqa: E402
 
 from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids  # noqa: E402
 from gtakit.convert.pipeline import convert_in_memory  # noqa: E402
@@ -30,7 +30,6 @@ from gtakit.convert.plan import ConvertOptions, default_rope_dim  # noqa: E402
 from gtakit.convert.source import open_source  # noqa: E402
 from gtakit.evaluate import perplexity  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
 
 
 def budget_settings(target: str, budget: int, latents: int, head_dim: int, rope_dim: int | None = None) -> dict:
@@ -59,13 +58,8 @@ def _label_suffix(setting: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", default=str(DATA))
-    parser.add_argument("--calib-chars", type=int, default=300_000)
-    parser.add_argument("--eval-from-char", type=int, default=400_000)
-    parser.add_argument("--calib-tokens", type=int, default=262_144)
+    add_text_split_arguments(parser, windows=64)
     parser.add_argument("--calib-seq-len", type=int, default=2048)
-    parser.add_argument("--windows", type=int, default=64)
-    parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--methods", default="svd,pca,aware")
     parser.add_argument("--budgets", default="0.5,0.25,0.125")
     parser.add_argument("--rope-dim", type=int, default=None, help="shared RoPE width for the GLA/MLA rows")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import calibration_and_eval_text, markdown_table  # noqa: E402
+from _common import add_text_split_arguments, calibration_and_eval_text, markdown_table  # noqa: E402
 
 from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids  # noqa: E402
 from gtakit.convert.pipeline import convert_in_memory  # noqa: E402
@@ -28,7 +28,6 @@ from gtakit.convert.plan import ConvertOptions  # noqa: E402
 from gtakit.convert.source import open_source  # noqa: E402
 from gtakit.evaluate import perplexity  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
 COLUMNS = [
     ("model", "model"),
     ("rope_dim", "RoPE width d_r"),
@@ -42,12 +41,7 @@ COLUMNS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", default=str(DATA))
-    parser.add_argument("--calib-chars", type=int, default=300_000)
-    parser.add_argument("--eval-from-char", type=int, default=400_000)
-    parser.add_argument("--calib-tokens", type=int, default=262_144)
-    parser.add_argument("--windows", type=int, default=16)
-    parser.add_argument("--window", type=int, default=1024)
+    add_text_split_arguments(parser, windows=16)
     parser.add_argument("--init", default="aware")
     parser.add_argument("--forms", default="mla,gla", help="mla and/or gla (GLA-3: one latent per source KV head)")
     parser.add_argument("--budgets", default="0.5,0.25,0.125")
