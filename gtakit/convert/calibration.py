@@ -133,14 +133,16 @@ class LayerwiseCalibrator:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         self.layers = skeleton.model.layers
-        self.rotary = type(skeleton.model.rotary_emb)(config=config).to(self.device)
+        rotary = type(skeleton.model.rotary_emb)(config=config).to(self.device)
         self.inv_freq = source_inv_freq(config)
         self.config = config
         embed = source.weights.get("model.embed_tokens.weight").float()
         self.hidden = torch.nn.functional.embedding(ids, embed)  # [rows, seq, D], float32
         del embed
         seq_len = ids.shape[1]
-        self.position_ids = torch.arange(seq_len, device=self.device).unsqueeze(0)
+        # The same positions in every layer and row: one [1, seq, d] table, broadcast over each micro-batch.
+        position_ids = torch.arange(seq_len, device=self.device).unsqueeze(0)
+        self.cos_sin = rotary(self.hidden.new_empty(0, device=self.device), position_ids)
         self.next_layer = 0
         batch_tokens = MICRO_BATCH_TOKENS.get(self.device.type, MICRO_BATCH_TOKENS["cpu"])
         self.rows_per_batch = max(1, batch_tokens // seq_len)
@@ -156,20 +158,18 @@ class LayerwiseCalibrator:
         return layer.eval()
 
     @torch.no_grad()
-    def _micro_batch(self, layer: torch.nn.Module, last: bool, cos_sin, start: int) -> torch.Tensor:
+    def _micro_batch(self, layer: torch.nn.Module, last: bool, start: int) -> torch.Tensor:
         """Run rows [start, start + rows_per_batch) through `layer` in place; returns their x^T x (fp32)."""
         chunk = self.hidden[start : start + self.rows_per_batch].to(self.device)
-        rows = chunk.shape[0]
         normed = layer.input_layernorm(chunk)
         # One fp32 GEMM per micro-batch (a sum of a few thousand non-negative-definite terms loses ~1e-6),
         # accumulated in float64 across micro-batches: the float64 GEMM cost a tenth of the whole pass.
         x = normed.reshape(-1, normed.shape[-1])
         moment = x.T @ x
         if not last:  # the last layer's output is never needed
-            out = layer(chunk, attention_mask=None, position_embeddings=(cos_sin[0][:rows], cos_sin[1][:rows]),
-                        use_cache=False)
+            out = layer(chunk, attention_mask=None, position_embeddings=self.cos_sin, use_cache=False)
             out = out[0] if isinstance(out, tuple) else out
-            self.hidden[start : start + rows] = out.to(self.hidden.device)
+            self.hidden[start : start + chunk.shape[0]] = out.to(self.hidden.device)
         return moment
 
     @torch.no_grad()
@@ -178,17 +178,13 @@ class LayerwiseCalibrator:
             raise RuntimeError(f"calibration is sequential: expected layer {self.next_layer}, got {index}")
         layer = self._load_layer(index)
         last = index == len(self.layers) - 1
-        first = self.hidden[: self.rows_per_batch].to(self.device)
-        cos_sin = self.rotary(first, self.position_ids.expand(first.shape[0], -1))
-        sample = layer.input_layernorm(first[:ROTATION_SAMPLE_ROWS])
+        sample = layer.input_layernorm(self.hidden[:ROTATION_SAMPLE_ROWS].to(self.device))
         attention_sample = sample[0, :ATTENTION_SAMPLE_TOKENS].float().cpu()
-        rotation = attention_rotation_moments(layer, sample, (cos_sin[0][: sample.shape[0]],
-                                              cos_sin[1][: sample.shape[0]]), self.config,
-                                              self.inv_freq.to(self.device))
+        rotation = attention_rotation_moments(layer, sample, self.cos_sin, self.config, self.inv_freq.to(self.device))
         dim = self.hidden.shape[-1]
         cov = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
         for start in range(0, self.hidden.shape[0], self.rows_per_batch):
-            cov += self._micro_batch(layer, last, cos_sin, start).double()
+            cov += self._micro_batch(layer, last, start).double()
         count = self.hidden.shape[0] * self.hidden.shape[1]
         layer.to("meta")  # release this layer's weights
         self.next_layer += 1

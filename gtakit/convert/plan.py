@@ -183,8 +183,9 @@ def default_rope_dim(budget: int, head_dim: int) -> int:
     """Shared RoPE key width for a GLA/MLA cache of `budget` elements per token and layer.
 
     About a third of the budget, at least 24 (12 rotating pairs) and at most min(64, head_dim) (DeepSeek's 64)
-    and half the budget, rounded down to a multiple of 8 (of 2 below 24). Measured on SmolLM2 (benchmarks/rope_split.py, MLA): 64 of 192 beats 32,
-    48, 80 and 96; 32 of 96 beats 48; 24 of 48 beats 16 and 32.
+    and half the budget, rounded down to a multiple of 8 (of 2 below 24). Measured on SmolLM2
+    (benchmarks/rope_split.py, MLA): 64 of 192 beats 32, 48, 80 and 96; 32 of 96 beats 48; 24 of 48 beats 16
+    and 32.
     """
     upper = min(64, head_dim, max(2, budget // 2))
     width = min(upper, max(24, budget // 3))
