@@ -4,7 +4,18 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import os
+import sys
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+try:
+    from .models import configuration_gtakit  # noqa: F401  (refuses an unsupported transformers first)
+except ImportError as err:
+    # The `gtakit` command answers in one line, like every other failure it reports; `import gtakit` raises.
+    if os.path.basename(sys.argv[0]) == "gtakit" and "transformers" in str(err):
+        raise SystemExit(f"gtakit: {err}") from None
+    raise
 
 from .models import (
     GHLAConfig,

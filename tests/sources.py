@@ -96,16 +96,17 @@ def check_generates_with_cache(out: Path, per_layer: int, layers: int = 2) -> di
 
     from transformers import AutoModelForCausalLM
 
-    from gtakit.models import CompressedKVCache
+    from gtakit.models import output_cache
 
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     with torch.no_grad():
         gen = model.generate(token_ids(1, 5), max_new_tokens=6, min_new_tokens=6, do_sample=False,
                              return_dict_in_generate=True)
     assert gen.sequences.shape[1] == 11
-    cache = gen.past_key_values
-    assert isinstance(cache, CompressedKVCache)
-    assert cache.elements_per_token() == per_layer * layers
+    cache = output_cache(gen)
+    assert cache.get_seq_length() == 5 + 6 - 1
+    held = sum(layer.keys[0, :, 0].numel() + layer.values[0, :, 0].numel() for layer in cache.layers)
+    assert held == per_layer * layers
     report = json.loads((Path(out) / "conversion.json").read_text())
     assert report["kv_cache"]["elements_per_token_after"] == per_layer * layers
     return report

@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton")
 
 from conftest import BASE, build_model, gla_config, gta_config  # noqa: E402
 
+from gtakit.models import output_cache  # noqa: E402
 from gtakit.kernels import (  # noqa: E402
     DecodeConfig,
     gla_decode,
@@ -161,9 +162,9 @@ def test_model_triton_backend_matches_torch(config_fn):
     # Speculative-decoding-sized step (q_len 3 against a cache) and a single-token step.
     logits = {}
     for name, model in (("torch", torch_model), ("triton", triton_model)):
-        cache = model(ids[:, :4]).past_key_values
-        step3 = model(ids[:, 4:], past_key_values=cache).logits
-        step1 = model(ids[:, -1:], past_key_values=cache).logits
+        cache = output_cache(model(ids[:, :4]))
+        step3 = model(ids[:, 4:], cache=cache).logits
+        step1 = model(ids[:, -1:], cache=cache).logits
         logits[name] = torch.cat([step3, step1], dim=1)
     assert _rel_err(logits["triton"], logits["torch"]) < 1e-4
     # generate: same tokens.
@@ -183,15 +184,15 @@ def test_model_kernel_path_is_taken_and_padding_falls_back(monkeypatch):
     original = kernels.gta_decode
     monkeypatch.setattr(kernels, "gta_decode", lambda *a, **k: calls.append(1) or original(*a, **k))
     ids = torch.randint(3, BASE["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    cache = model(ids[:, :5]).past_key_values
-    model(ids[:, 5:], past_key_values=cache)
+    cache = output_cache(model(ids[:, :5]))
+    model(ids[:, 5:], cache=cache)
     assert calls, "decode step did not use the Triton kernel"
     # A left-padded batch cannot be expressed as per-row lengths of this cache: the PyTorch path must run.
     calls.clear()
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    cache = model(ids[:, :5], attention_mask=mask[:, :5]).past_key_values
-    model(ids[:, 5:], attention_mask=mask, past_key_values=cache)
+    cache = output_cache(model(ids[:, :5], attention_mask=mask[:, :5]))
+    model(ids[:, 5:], attention_mask=mask, cache=cache)
     assert not calls
 
 
@@ -272,6 +273,6 @@ def test_model_auto_backend_bf16_on_gpu(config_fn):
     logits = {}
     for backend in ("torch", "auto"):
         model = _tiny(config_fn, backend).to(torch.bfloat16)
-        cache = model(ids[:, :36]).past_key_values
-        logits[backend] = model(ids[:, 36:], past_key_values=cache).logits.float()
+        cache = output_cache(model(ids[:, :36]))
+        logits[backend] = model(ids[:, 36:], cache=cache).logits.float()
     assert _rel_err(logits["auto"], logits["torch"]) < 2e-2

@@ -8,7 +8,8 @@ from conftest import BASE, build_model, ghla_config, gla_config, gta_config
 from sources import LLAMA3_ROPE
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gtakit.models import CompressedKVCache, GHLAConfig, GLAConfig, GTAConfig
+from gtakit.models import CompressedKVCache, GHLAConfig, GLAConfig, GTAConfig, output_cache
+from gtakit.models.cache_gtakit import CACHE_FIELD
 
 
 def _ids(batch=2, length=13, seed=1):
@@ -23,15 +24,15 @@ def test_incremental_decoding_matches_full_forward(tiny_config):
     full = model(ids, use_cache=False).logits
 
     out = model(ids[:, :5])
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, CompressedKVCache)
     pieces = [out.logits]
     for t in range(5, 11):  # one token at a time
-        out = model(ids[:, t : t + 1], past_key_values=cache)
+        out = model(ids[:, t : t + 1], cache=cache)
         pieces.append(out.logits)
     for start in (11, 14):  # then chunks (speculative-decoding sized, and longer)
         end = min(start + 3 if start == 11 else 20, 20)
-        out = model(ids[:, start:end], past_key_values=cache)
+        out = model(ids[:, start:end], cache=cache)
         pieces.append(out.logits)
     incremental = torch.cat(pieces, dim=1)
     assert incremental.shape == full.shape
@@ -51,11 +52,52 @@ def test_generate_equals_no_cache_greedy_loop(tiny_config):
     assert torch.equal(generated, seq)
 
 
+def assert_holds_compressed_state(cache, config, batch: int, tokens: int) -> None:
+    """Every layer of `cache` holds `tokens` positions of the compressed state only (no per-head keys/values)."""
+    assert cache.get_seq_length() == tokens
+    for layer in cache.layers:
+        state, second = layer.keys, layer.values
+        assert state.shape[0] == second.shape[0] == batch
+        assert state.shape[-2] == second.shape[-2] == tokens
+        assert state[0, :, 0].numel() + second[0, :, 0].numel() == config.kv_cache_elements_per_layer
+
+
 @torch.no_grad()
-def test_generate_uses_compressed_cache(tiny_config):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_cache_holds_every_token(tiny_config, batch):
+    """generate() writes into the compressed cache at every step: after N new tokens it holds prompt + N - 1
+    positions (the last token is never fed back), each of the compressed width."""
     model = build_model(tiny_config)
-    out = model.generate(_ids(batch=1, length=4), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, CompressedKVCache)
+    prompt, new = 4, 5
+    out = model.generate(_ids(batch=batch, length=prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         return_dict_in_generate=True)
+    assert out.sequences.shape == (batch, prompt + new)
+    assert_holds_compressed_state(output_cache(out), tiny_config, batch, prompt + new - 1)
+
+
+@torch.no_grad()
+def test_generate_continues_a_caller_cache(tiny_config):
+    """A cache filled by a forward pass and handed to generate() is extended in place, not replaced, and gives the
+    tokens a fresh generate() gives. forward() takes the cache as `cache` (transformers >= 5.24) or as
+    `past_key_values` (before), whatever the installed release passes."""
+    model = build_model(tiny_config)
+    ids = _ids(batch=1, length=7)
+    cache = output_cache(model(ids[:, :5]))
+    assert isinstance(cache, CompressedKVCache)
+    assert output_cache(model(ids[:, 5:6], past_key_values=cache)) is cache
+    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                         **{CACHE_FIELD: cache})
+    assert output_cache(out) is cache and cache.get_seq_length() == 7 + 4 - 1
+    fresh = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(out.sequences, fresh)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids[:, :2], cache=CompressedKVCache(config=tiny_config), past_key_values=cache)
+
+
+def test_static_cache_is_refused_in_one_line(tiny_config):
+    model = build_model(tiny_config)
+    with pytest.raises(ValueError, match="dynamic cache layers"):
+        model.generate(_ids(batch=1, length=3), max_new_tokens=2, do_sample=False, cache_implementation="static")
 
 
 @torch.no_grad()
@@ -66,8 +108,8 @@ def test_absorbed_path_equals_plain_path(tiny_config, q_len):
     results = {}
     for path in ("plain", "absorbed"):
         model.set_attention_path(path)
-        cache = model(ids[:, :12]).past_key_values
-        results[path] = model(ids[:, 12:], past_key_values=cache).logits
+        cache = output_cache(model(ids[:, :12]))
+        results[path] = model(ids[:, 12:], cache=cache).logits
     model.set_attention_path("auto")
     plain, absorbed = results["plain"], results["absorbed"]
     assert ((absorbed - plain).norm() / plain.norm()).item() < 1e-5
@@ -90,7 +132,7 @@ def test_absorbed_prefill_equals_plain_prefill(tiny_config):
 def test_cache_bytes_per_token_match_formula(tiny_config):
     model = build_model(tiny_config)
     batch, length = 3, 7
-    cache = model(_ids(batch=batch, length=length)).past_key_values
+    cache = output_cache(model(_ids(batch=batch, length=length)))
     per_layer = tiny_config.kv_cache_elements_per_layer
     if isinstance(tiny_config, GHLAConfig):
         # GHLA: the keys slot holds the rotated key heads, the values slot the latent value (no padding).
@@ -124,8 +166,8 @@ def test_gta_cache_is_smaller_than_gqa_by_expected_ratio(groups):
     llama_cfg = LlamaConfig(**BASE, num_key_value_heads=groups, head_dim=head_dim)
     llama = LlamaForCausalLM(llama_cfg).eval()
     ids = _ids(batch=2, length=9)
-    gta_cache = gta(ids).past_key_values
-    gqa_cache = llama(ids, use_cache=True).past_key_values
+    gta_cache = output_cache(gta(ids))
+    gqa_cache = output_cache(llama(ids, use_cache=True))
     gqa_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in gqa_cache.layers)
     ratio = gta_cache.nbytes() / gqa_bytes
     assert ratio == pytest.approx((groups * head_dim + rope_dim) / (2 * groups * head_dim))
@@ -138,9 +180,9 @@ def test_gla_cache_ratio_against_gqa():
     gla = build_model(cfg)
     llama = LlamaForCausalLM(LlamaConfig(**BASE, num_key_value_heads=2, head_dim=16)).eval()
     ids = _ids(batch=1, length=5)
-    gqa_cache = llama(ids, use_cache=True).past_key_values
+    gqa_cache = output_cache(llama(ids, use_cache=True))
     gqa_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in gqa_cache.layers)
-    assert gla(ids).past_key_values.nbytes() / gqa_bytes == pytest.approx((2 * 16 + 8) / (2 * 2 * 16))
+    assert output_cache(gla(ids)).nbytes() / gqa_bytes == pytest.approx((2 * 16 + 8) / (2 * 2 * 16))
 
 
 @torch.no_grad()

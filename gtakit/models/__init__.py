@@ -1,12 +1,14 @@
 """Target architectures (HF-compatible). The files here are flat so they can be copied next to weights."""
 
-from .cache_gtakit import CompressedKVCache, CompressedKVLayer
-from .configuration_gtakit import GHLAConfig, GLAConfig, GTAConfig
+# configuration first: it refuses an unsupported transformers before anything else can fail on one.
+from .configuration_gtakit import GHLAConfig, GLAConfig, GTAConfig  # noqa: I001
+from .cache_gtakit import CACHE_FIELD, CompressedKVCache, CompressedKVLayer, output_cache
 from .modeling_ghla import GHLAAttention, GHLAForCausalLM, GHLAModel
 from .modeling_gla import GLAAttention, GLAForCausalLM, GLAModel
 from .modeling_gta import GTAAttention, GTAForCausalLM, GTAModel
 
 __all__ = [
+    "CACHE_FIELD",
     "CompressedKVCache",
     "CompressedKVLayer",
     "GHLAAttention",
@@ -21,4 +23,5 @@ __all__ = [
     "GTAConfig",
     "GTAForCausalLM",
     "GTAModel",
+    "output_cache",
 ]

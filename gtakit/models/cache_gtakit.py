@@ -2,8 +2,9 @@
 
 Flat file (copied next to converted weights); imports nothing from gtakit.
 
-Per layer the cache holds two tensors, reusing transformers' `DynamicLayer` machinery (concatenation on the
-sequence axis, cropping, beam reordering, batch selection):
+Per layer the cache holds two tensors in the two slots of a transformers `DynamicLayer` (concatenation on the
+sequence axis, cropping, beam reordering, batch selection need nothing else), so the models write into any dynamic
+cache, including the `DynamicCache` that `generate()` builds, without overriding generate's private hooks:
 
 * `state`: GTA the tied states `[B, G, T, head_dim]`; GLA/MLA the latents `[B, h_c, T, kv_lora_rank]`;
 * `rope_key`: the shared, already rotated RoPE key `[B, 1, T, rope_dim]`, stored once for all heads.
@@ -12,7 +13,31 @@ sequence axis, cropping, beam reordering, batch selection):
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# transformers 5.24 renamed the cache argument of forward() and the output field from `past_key_values` to `cache`
+# (the old names warn, and are ignored when both are set). The models take either name and return the field under
+# the name the installed release declares.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(outputs) -> Cache | None:
+    """The cache a model output carries, whatever the installed transformers calls the field."""
+    return getattr(outputs, CACHE_FIELD)
+
+
+def pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The one cache passed under either name; two different ones are a caller error."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once, as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
+def is_compressed_cache_compatible(cache: Cache) -> bool:
+    """True when every layer of `cache` appends along the sequence axis (full-length dynamic layers), so it can
+    hold compressed tensors of any width."""
+    return all(type(layer) in (DynamicLayer, CompressedKVLayer) for layer in cache.layers)
 
 
 class CompressedKVLayer(DynamicLayer):
@@ -32,8 +57,9 @@ class CompressedKVLayer(DynamicLayer):
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
 
-class CompressedKVCache(Cache):
-    """Cache for gtakit models; `generate()` creates one by default.
+class CompressedKVCache(DynamicCache):
+    """The cache a gtakit model creates when called with `use_cache=True` and no cache; `generate()` passes its
+    own `DynamicCache`, which holds the same compressed tensors. Adds size measurements.
 
     `update(state, rope_key, layer_idx)` appends the new tokens' tied/latent state `[B, n, L, w]` and shared
     RoPE key `[B, 1, L, rope_dim]` and returns the whole cached sequence of both.
@@ -44,7 +70,8 @@ class CompressedKVCache(Cache):
             if config is None:
                 raise ValueError("CompressedKVCache needs `num_hidden_layers` or a `config`")
             num_hidden_layers = config.num_hidden_layers
-        super().__init__(layers=[CompressedKVLayer() for _ in range(num_hidden_layers)])
+        # Cache.__init__ directly: DynamicCache's own would derive layer types (sliding windows) from a config.
+        Cache.__init__(self, layers=[CompressedKVLayer() for _ in range(num_hidden_layers)])
 
     def nbytes(self) -> int:
         """Bytes held by the cached tensors (all layers)."""

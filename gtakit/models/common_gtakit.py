@@ -14,11 +14,11 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .cache_gtakit import CompressedKVCache
+from .cache_gtakit import CACHE_FIELD, CompressedKVCache, is_compressed_cache_compatible, output_cache, pick_cache
 
 # Query lengths up to this use the absorbed decode path against a non-empty cache (speculative decoding
 # verifies a few tokens at once); longer chunks are prefill and use the plain path.
@@ -303,13 +303,13 @@ class CompressedAttentionBase(nn.Module):
         hidden_states: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: AttentionMask,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         past_len: int = 0,
     ) -> torch.Tensor:
         cos, sin = rope_cos_sin(position_ids, self.rope_freqs, self.config, hidden_states.dtype)
         query, state, rope_key = self.project(hidden_states, cos, sin)
-        if past_key_values is not None:
-            state, rope_key = past_key_values.update(state, rope_key, self.layer_idx)
+        if cache is not None:
+            state, rope_key = cache.update(state, rope_key, self.layer_idx)
         q_len = hidden_states.shape[1]
         absorbed = self.use_absorbed(q_len, past_len)
         kernels = self.select_decode_kernels(query, attention_mask) if absorbed else None
@@ -349,13 +349,12 @@ class GtakitDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: AttentionMask,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         past_len: int = 0,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.self_attn(
-            self.input_layernorm(hidden_states), position_ids, attention_mask, past_key_values, past_len
-        )
+        normed = self.input_layernorm(hidden_states)
+        hidden_states = self.self_attn(normed, position_ids, attention_mask, cache, past_len)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -369,7 +368,7 @@ class GtakitPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["GtakitDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -386,19 +385,6 @@ class GtakitPreTrainedModel(PreTrainedModel):
             if isinstance(module, CompressedAttentionBase):
                 module.attention_path = path
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
-        # generate() would build a DynamicCache; give it the compressed cache instead.
-        if (
-            model_kwargs.get("past_key_values") is None
-            and generation_config.use_cache is not False
-            and generation_config.cache_implementation in (None, "dynamic")
-        ):
-            cache = CompressedKVCache(config=self.config)
-            if getattr(generation_config, "is_assistant", False) and hasattr(cache, "activate_past_recording"):
-                cache.activate_past_recording()
-            model_kwargs["past_key_values"] = cache
-            return None
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
 
 class GtakitModelBase(GtakitPreTrainedModel):
@@ -422,29 +408,32 @@ class GtakitModelBase(GtakitPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def _ensure_cache(self, past_key_values: Cache | None) -> Cache:
-        if past_key_values is None:
+    def _ensure_cache(self, cache: Cache | None) -> Cache:
+        """The cache to write into: the caller's (generate() passes a DynamicCache; its layers hold the compressed
+        tensors as well as ours do), or a new CompressedKVCache."""
+        if cache is None:
             return CompressedKVCache(config=self.config)
-        if isinstance(past_key_values, CompressedKVCache):
-            return past_key_values
-        if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
-            return CompressedKVCache(config=self.config)
-        raise ValueError(
-            f"gtakit models need a CompressedKVCache, got a non-empty {type(past_key_values).__name__}; "
-            "pass past_key_values=None and the model creates one"
-        )
+        if not is_compressed_cache_compatible(cache):
+            kinds = sorted({type(layer).__name__ for layer in cache.layers})
+            raise ValueError(
+                f"gtakit models store their compressed state in dynamic cache layers, got {type(cache).__name__} "
+                f"with {', '.join(kinds)}; use the default cache (no cache_implementation) or pass cache=None"
+            )
+        return cache
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        cache = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -452,8 +441,8 @@ class GtakitModelBase(GtakitPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        past_key_values = self._ensure_cache(past_key_values) if use_cache else None
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = self._ensure_cache(cache) if use_cache else None
+        past_len = cache.get_seq_length() if cache is not None else 0
         batch, q_len = inputs_embeds.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)
@@ -469,14 +458,14 @@ class GtakitModelBase(GtakitPreTrainedModel):
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-            hidden_states = layer(hidden_states, position_ids, mask, past_key_values, past_len)
+            hidden_states = layer(hidden_states, position_ids, mask, cache, past_len)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{CACHE_FIELD: cache},
         )
 
 
@@ -508,19 +497,20 @@ class GtakitForCausalLMBase(GtakitPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -532,5 +522,5 @@ class GtakitForCausalLMBase(GtakitPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: output_cache(outputs)}
         )

@@ -8,7 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import transformers
+from packaging.version import Version
 from transformers import PretrainedConfig
+
+# The transformers releases these models are tested with (CI runs the oldest and the newest on PyPI). Outside the
+# range generation can go silently wrong (5.24 renamed the cache argument), so loading is refused instead.
+SUPPORTED_TRANSFORMERS = ">=5.17,<6"
+_OLDEST, _FIRST_UNSUPPORTED = Version("5.17.0"), Version("6.0.0.dev0")  # 6.0 pre-releases are outside too
+
+
+def check_transformers_version(installed: str = transformers.__version__) -> None:
+    if not _OLDEST <= Version(installed) < _FIRST_UNSUPPORTED:
+        raise ImportError(
+            f"gtakit models need transformers {SUPPORTED_TRANSFORMERS} but {installed} is installed; "
+            f"run: pip install 'transformers{SUPPORTED_TRANSFORMERS}'"
+        )
+
+
+check_transformers_version()
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
@@ -24,7 +42,7 @@ def _default_rope_parameters(rope_parameters: dict | None, rope_theta: float | N
 class _LlamaStyleConfig(PretrainedConfig):
     """Fields shared by every gtakit form: a Llama-style decoder (RMSNorm, SwiGLU, RoPE)."""
 
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

@@ -114,13 +114,13 @@ class GHLAAttention(CompressedAttentionBase):
         hidden_states: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: AttentionMask,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         past_len: int = 0,
     ) -> torch.Tensor:
         cos, sin = self.key_head_cos_sin(position_ids, hidden_states.dtype)
         query, key, latent = self.project(hidden_states, cos, sin)
-        if past_key_values is not None:
-            key, latent = past_key_values.update(key, latent, self.layer_idx)
+        if cache is not None:
+            key, latent = cache.update(key, latent, self.layer_idx)
         q_len = hidden_states.shape[1]
         if self.use_absorbed(q_len, past_len):
             maps = self.absorbed_attention(query, key, latent, attention_mask.additive)
