@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from gtakit.evaluate import read_text
+from gtakit.io.text import read_text
 from gtakit.reporting import markdown_table  # noqa: F401  (re-exported for the scripts)
 
 

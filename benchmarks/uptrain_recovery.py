@@ -33,7 +33,8 @@ from _common import markdown_table  # noqa: E402
 
 from gtakit.convert import ConvertOptions, convert  # noqa: E402
 from gtakit.convert.source import open_source  # noqa: E402
-from gtakit.evaluate import perplexity, read_text  # noqa: E402
+from gtakit.evaluate import perplexity  # noqa: E402
+from gtakit.io.text import read_text  # noqa: E402
 from gtakit.finetune import finetune, load_recipe  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"

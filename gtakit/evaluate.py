@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -10,42 +9,30 @@ import torch
 from tqdm.auto import tqdm
 
 from gtakit.errors import GtakitError
-
-
-def read_text(path: str | Path) -> str:
-    """Plain text, or JSON lines with a `text` field (joined with blank lines)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise GtakitError(f"text file {path} does not exist")
-    raw = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix in (".jsonl", ".json"):
-        texts = []
-        for number, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise GtakitError(f"{path}:{number} is not a JSON object with a 'text' field") from None
-        return "\n\n".join(texts)
-    return raw
+from gtakit.models import output_cache
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from an HF folder (gtakit or source), a .gguf file or a Hub id."""
-    import gtakit  # noqa: F401 - registers the gtakit architectures
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gtakit.convert.source import open_source
+    import gtakit  # noqa: F401 - registers the gtakit architectures
+    from gtakit.convert.source import open_source, read_config
 
     path = Path(model).expanduser()
-    if path.is_dir() and (path / "config.json").exists():
-        config = json.loads((path / "config.json").read_text())
-        if str(config.get("model_type", "")).startswith("gtakit_"):
-            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-            return loaded, AutoTokenizer.from_pretrained(path)
-    source = open_source(model)
-    return source.load_model(dtype), source.load_tokenizer()
+    try:
+        # The tokenizer first: it is cheap, and a missing one should fail before minutes of loading weights.
+        if path.is_dir() and str(read_config(path).get("model_type", "")).startswith("gtakit_"):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tokenizer
+        source = open_source(model)
+        tokenizer = source.load_tokenizer()
+        return source.load_model(dtype), tokenizer
+    except GtakitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a broken folder (config, truncated weights, no tokenizer): one line
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise GtakitError(f"cannot load {model}: {first}") from None
 
 
 @torch.no_grad()
@@ -88,7 +75,7 @@ def kv_bytes_per_token(model, tokens: int = 8) -> dict:
     """Measured cache size per token (all layers) after a short forward pass."""
     device = next(model.parameters()).device
     ids = torch.full((1, tokens), 1, dtype=torch.long, device=device)
-    cache = model(ids, use_cache=True).past_key_values
+    cache = output_cache(model(ids, use_cache=True))
     total_bytes, total_elements = 0, 0
     for layer in cache.layers:
         for tensor in (layer.keys, layer.values):

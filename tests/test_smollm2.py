@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from gtakit.cli.main import app
-from gtakit.evaluate import perplexity, read_text
+from gtakit.evaluate import perplexity
+from gtakit.io.text import read_text
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
 

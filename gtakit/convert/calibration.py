@@ -9,7 +9,9 @@ conversion can consume layer i before layer i + 1 is computed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -72,15 +74,19 @@ def attention_rotation_moments(
     return hist @ angles.cos(), hist @ angles.sin()
 
 
+def is_local_text(spec: str) -> bool:
+    """A --calib value names a local file (rather than a datasets name)."""
+    path = Path(spec).expanduser()
+    return path.exists() or spec.startswith((".", "/", "~")) or path.suffix in (".txt", ".json", ".jsonl", ".md")
+
+
 def load_calibration_text(spec: str, max_chars: int) -> str:
     """Text of a local file (plain or JSON lines), or of a `datasets` dataset `NAME[:CONFIG[:SPLIT]]`."""
-    from pathlib import Path
-
-    from gtakit.evaluate import read_text
+    from gtakit.io.text import read_text
 
     path = Path(spec).expanduser()
-    if path.exists() or spec.startswith((".", "/", "~")) or path.suffix in (".txt", ".json", ".jsonl", ".md"):
-        return read_text(path)
+    if is_local_text(spec):
+        return read_text(path, option="--calib")
     try:
         import datasets
     except ImportError:
@@ -129,7 +135,6 @@ class LayerwiseCalibrator:
         # Hidden states stay on the CPU; one layer and one micro-batch at a time visit the device.
         self.device = torch.device(device)
         config = source.config
-        config._attn_implementation = "sdpa"
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         self.layers = skeleton.model.layers
@@ -201,11 +206,18 @@ class LayerwiseCalibrator:
         )
 
 
+def check_calib_device(device: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise GtakitError(f"--calib-device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GtakitError(f"--calib-device {device}: CUDA is not available here; use cpu or auto")
+
+
 def collect_layer_statistics(source: SourceModel, options, progress: bool = False) -> LayerwiseCalibrator:
     ids = calibration_ids(source, options.calib, options.calib_tokens, options.calib_seq_len)
     device = options.calib_device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise GtakitError(f"--calib-device {device}: CUDA is not available here; use cpu or auto")
+    else:
+        check_calib_device(device)
     return LayerwiseCalibrator(source, ids, progress=progress, device=device)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import resource
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -14,16 +13,19 @@ from tqdm.auto import tqdm
 
 import gtakit
 from gtakit.errors import GtakitError
+from gtakit.io.output import OutputFolder
+from gtakit.io.text import check_text_file, read_text
 from gtakit.models import GHLAForCausalLM, GLAForCausalLM, GTAForCausalLM
 
+from .calibration import check_calib_device, is_local_text
 from .card import build_card, dump_json
 from .decompose import convert_gla_layer, convert_gta_layer
 from .ghla import convert_ghla_layer
 from .methods import get_init_method, resolve_init
 from .plan import ConvertOptions, TargetPlan, plan_target
 from .rope import SourceAttention
-from .source import SourceModel, open_source, source_head_dim, source_inv_freq
-from .writer import StreamingShardWriter
+from .source import SourceModel, check_tokenizer, open_source, source_head_dim, source_inv_freq
+from .writer import StreamingShardWriter, check_shard_size
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 SHARED_MODEL_FILES = ("configuration_gtakit.py", "common_gtakit.py", "cache_gtakit.py")
@@ -32,13 +34,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def check_output(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise GtakitError(f"output {out} exists and is a file; choose a folder path")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise GtakitError(f"output folder {out} is not empty; pass --force to overwrite it")
 
 
 def read_attention(source: SourceModel, layer: int, inv_freq: torch.Tensor) -> SourceAttention:
@@ -202,11 +197,19 @@ def convert(
     options = options or ConvertOptions()
     log = log or (lambda message: None)
     out = Path(out).expanduser()
-    check_output(out, force)
+    output = OutputFolder(out, force, protect=_inputs(src, options), log=log)
+    output.check()
     method = _init_method(options, has_statistics=False)
     if options.dtype != "auto" and options.dtype not in DTYPES:
         raise GtakitError(f"--dtype must be auto, {', '.join(DTYPES)}; got {options.dtype!r}")
+    check_shard_size(options.max_shard_size)
+    check_calib_device(options.calib_device)
+    if options.calib is not None and is_local_text(options.calib):
+        check_text_file(options.calib, "--calib")
+    eval_text = _read_eval_text(options)  # before minutes of calibration, not after
     source = open_source(src)
+    if method.needs_calibration or eval_text is not None:
+        check_tokenizer(source)
     plan = plan_target(source, options)
     dtype = DTYPES[options.dtype] if options.dtype != "auto" else source.weights.get("model.embed_tokens.weight").dtype
     num_layers = source.config.num_hidden_layers
@@ -218,9 +221,7 @@ def convert(
 
     stats_for_layer = _calibrator(source, options, progress) if method.needs_calibration else None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with output.staging() as tmp:
         writer = StreamingShardWriter(tmp, meta_state_dict(plan, dtype), options.max_shard_size)
         layer_reports: list[dict] = []
         for name, tensor in iter_converted_tensors(source, plan, method, stats_for_layer, layer_reports, progress):
@@ -255,16 +256,12 @@ def convert(
             },
             "layers": layer_reports,
         }
-        if options.eval_text:
-            report["evaluation"] = _evaluate(source, tmp, options, progress)
+        if eval_text is not None:
+            report["evaluation"] = _evaluate(source, tmp, eval_text, options, progress)
         report["wall_time_s"] = round(time.time() - started, 2)
         report["peak_rss_mb"] = round(peak_rss_mb(), 1)
         (tmp / "conversion.json").write_text(dump_json(report))
         build_card(report).save(tmp / "README.md")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out} in {report['wall_time_s']:.1f}s (peak RSS {report['peak_rss_mb']:.0f} MB)")
     return report
 
@@ -293,10 +290,26 @@ def _architecture(plan: TargetPlan) -> dict:
     return {"model_type": cfg.model_type, **{name: getattr(cfg, name) for name in fields}}
 
 
-def _evaluate(source: SourceModel, folder: Path, options: ConvertOptions, progress: bool) -> dict:
-    from gtakit.evaluate import load_model, perplexity, read_text
+def _inputs(src: str | Path | None, options: ConvertOptions) -> list[tuple[Path, str]]:
+    """Local files the conversion reads: OUT must never hold one of them (--force would delete it)."""
+    named = [(src, "the source model"), (options.calib, "the --calib text"), (options.eval_text, "the --eval-text")]
+    return [(Path(p).expanduser(), what) for p, what in named if p is not None and Path(p).expanduser().exists()]
 
-    text = read_text(options.eval_text)
+
+def _read_eval_text(options: ConvertOptions) -> str | None:
+    if options.eval_text is None:
+        return None
+    if options.eval_window < 2:
+        raise GtakitError(f"--eval-window must be at least 2 tokens, got {options.eval_window}")
+    if options.eval_tokens < options.eval_window:
+        raise GtakitError(f"--eval-tokens {options.eval_tokens} is less than one --eval-window of "
+                          f"{options.eval_window}; raise --eval-tokens or lower --eval-window")
+    return read_text(options.eval_text, option="--eval-text")
+
+
+def _evaluate(source: SourceModel, folder: Path, text: str, options: ConvertOptions, progress: bool) -> dict:
+    from gtakit.evaluate import load_model, perplexity
+
     tokenizer = source.load_tokenizer()
     converted = load_model(str(folder))[0]
     window = options.eval_window
@@ -311,14 +324,3 @@ def _evaluate(source: SourceModel, folder: Path, options: ConvertOptions, progre
         "perplexity": result["perplexity"],
         "source_perplexity": source_result["perplexity"],
     }
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

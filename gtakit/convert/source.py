@@ -58,6 +58,9 @@ class WeightReader:
     def has(self, name: str) -> bool:
         return name in self._key_set
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.get(name).shape)
+
     @property
     def _key_set(self) -> set[str]:
         if not hasattr(self, "_keys_cache"):
@@ -89,6 +92,13 @@ class SafetensorsReader(WeightReader):
 
     def keys(self) -> list[str]:
         return list(self._map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the file header, without reading the tensor."""
+        try:
+            return tuple(self._handles[self._map[name]].get_slice(name).get_shape())
+        except KeyError:
+            raise GtakitError(f"tensor {name} is missing from the checkpoint") from None
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -174,7 +184,16 @@ class SourceModel:
         return AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype).eval()
 
 
-def _resolve_hub(repo_id: str) -> Path:
+def check_tokenizer(source: SourceModel) -> None:
+    """Calibration and evaluation tokenise text: refuse a source without a usable tokenizer before any work."""
+    try:
+        source.load_tokenizer()
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise GtakitError(f"{source.name} has no usable tokenizer ({str(err).splitlines()[0][:120]}); --calib and "
+                          "--eval-text need its tokenizer files (tokenizer.json or tokenizer.model)") from None
+
+
+def resolve_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -203,22 +222,20 @@ def open_source(src: str | Path | None) -> SourceModel:
     looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1
     if looks_local or not HUB_ID.match(text):
         raise GtakitError(f"source {text!r} does not exist; pass a model folder, a .gguf file or a Hub id")
-    folder = _resolve_hub(text)
+    folder = resolve_hub(text)
     return _open_folder(folder, name=text, kind="hub")
 
 
 def _open_folder(folder: Path, name: str, kind: str) -> SourceModel:
     from transformers import AutoConfig
 
-    if not (folder / "config.json").exists():
-        raise GtakitError(f"{folder} has no config.json; it is not a Hugging Face model folder")
+    raw = read_config(folder)
+    if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise GtakitError(unsupported_message(raw.get("model_type"), "architecture"))
     try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except json.JSONDecodeError as err:
-        raise GtakitError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise GtakitError(unsupported_message(model_type, "architecture"))
-    config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, TypeError, KeyError) as err:
+        raise GtakitError(f"{folder / 'config.json'} is not a valid config: {str(err).splitlines()[0]}") from None
     check_supported(config)
     if any(folder.glob("*.safetensors")):
         reader: WeightReader = SafetensorsReader(folder)
@@ -226,7 +243,60 @@ def _open_folder(folder: Path, name: str, kind: str) -> SourceModel:
         reader = TorchBinReader(folder)
     else:
         raise GtakitError(f"{folder} has no *.safetensors or pytorch_model.bin weights")
+    check_weight_shapes(config, reader, folder)
     return SourceModel(name=name, kind=kind, config=config, weights=reader, folder=folder)
+
+
+# Without these a config silently takes transformers' defaults (a 7B Llama's widths).
+REQUIRED_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                          "vocab_size")
+
+
+def read_config(folder: Path) -> dict:
+    """config.json as a dict with the fields a decoder needs, or a one-line refusal."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise GtakitError(f"{folder} has no config.json; it is not a Hugging Face model folder")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise GtakitError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise GtakitError(f"{path} is not a JSON object; it is not a model config")
+    if raw.get("model_type") in SUPPORTED_MODEL_TYPES:
+        missing = [name for name in REQUIRED_CONFIG_FIELDS if name not in raw]
+        if missing:
+            raise GtakitError(f"{path} lacks {', '.join(missing)}; a config must state the model's sizes")
+    return raw
+
+
+def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes the config implies for the embedding, every layer's projections, and the output head."""
+    d, h = config.hidden_size, config.num_attention_heads
+    g, hd, inner = getattr(config, "num_key_value_heads", None) or h, source_head_dim(config), config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, d)}
+    for i in range(config.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        shapes.update({
+            pre + "self_attn.q_proj.weight": (h * hd, d), pre + "self_attn.k_proj.weight": (g * hd, d),
+            pre + "self_attn.v_proj.weight": (g * hd, d), pre + "self_attn.o_proj.weight": (d, h * hd),
+            pre + "mlp.gate_proj.weight": (inner, d), pre + "mlp.up_proj.weight": (inner, d),
+            pre + "mlp.down_proj.weight": (d, inner),
+        })
+    return shapes
+
+
+def check_weight_shapes(config: Any, reader: WeightReader, folder: Path) -> None:
+    """Compare the weight files' headers with the config before any work; name the first disagreement."""
+    missing = [name for name in expected_shapes(config) if not reader.has(name)]
+    if missing:
+        raise GtakitError(f"{folder}: the weights lack {missing[0]} (and {len(missing) - 1} more) that config.json "
+                          "implies; the checkpoint is incomplete or for another config")
+    for name, shape in expected_shapes(config).items():
+        actual = reader.shape(name)
+        if actual != shape:
+            raise GtakitError(f"{folder}: {name} has shape {list(actual)} but config.json implies {list(shape)}; "
+                              "the weights and the config disagree")
 
 
 def _open_gguf(path: Path) -> SourceModel:

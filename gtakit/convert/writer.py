@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
+
+from gtakit.errors import GtakitError
+
+SHARD_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|TB)\s*$", re.IGNORECASE)
+
+
+def check_shard_size(value: str | int, option: str = "--max-shard-size") -> None:
+    """A positive size such as '5GB', '500MB' or a byte count; refused in one line before any work."""
+    text = str(value)
+    match = SHARD_SIZE.match(text)
+    positive = float(match.group(1)) > 0 if match else text.isdigit() and int(text) > 0
+    if not positive:
+        raise GtakitError(f"{option} {text!r} is not a size; use e.g. 5GB, 500MB or a number of bytes")
 
 
 class StreamingShardWriter:

@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from gtakit.errors import GtakitError
+from gtakit.io.text import JSON_LINES_SUFFIXES, iter_json_lines, read_text_file
 
 from .recipe import DataSection
 
@@ -97,15 +98,9 @@ def iter_documents(spec: str, text_field: str) -> Iterator[str]:
         for value in table.column(text_field).to_pylist():
             yield str(value or "")
         return
-    raw = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix in (".jsonl", ".json"):
-        for number, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                yield str(json.loads(line)[text_field])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise GtakitError(f"{path}:{number} is not a JSON object with a {text_field!r} field") from None
+    raw = read_text_file(path, "data file")
+    if path.suffix in JSON_LINES_SUFFIXES:
+        yield from iter_json_lines(raw, path, text_field)
         return
     yield raw
 

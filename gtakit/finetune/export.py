@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -13,7 +12,7 @@ import torch
 
 import gtakit
 from gtakit.convert.card import build_card, dump_json
-from gtakit.convert.pipeline import DTYPES, _replace_dir, write_config
+from gtakit.convert.pipeline import DTYPES, write_config
 from gtakit.convert.plan import TargetPlan
 
 from .recipe import Recipe
@@ -66,11 +65,11 @@ def export_model(accelerator, model, recipe: Recipe, tokenizer, state, after: fl
 
 
 def _write(recipe, tokenizer, state, after, data, started, say, state_dict) -> dict:
+    from .trainer import output_folder
+
     out = Path(recipe.output.dir).expanduser()
     model = merged_model(recipe, {k: v.detach().cpu() for k, v in state_dict.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with output_folder(recipe, say).staging() as tmp:
         if recipe.train.mode == "lora":
             if recipe.lora.save_adapter:
                 model.save_pretrained(tmp / "lora-adapter")
@@ -103,10 +102,6 @@ def _write(recipe, tokenizer, state, after, data, started, say, state_dict) -> d
             sections = "\n\n".join(f"## {title}\n\n{body}" for title, body in report["card_sections"])
             card = ModelCard(f"---\nlibrary_name: transformers\ntags: [gtakit]\n---\n\n# {out.name}\n\n{sections}\n")
         card.save(tmp / "README.md")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"wrote {out}")
     return report
 

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gtakit.errors import GtakitError
+from gtakit.io.output import OutputFolder, terminate_as_interrupt
 
 from .data import RowSampler, load_packed_data, resolve_files
 from .modes import apply_mode, count_parameters, cross_entropy, distillation_kl
@@ -66,8 +67,6 @@ def resolve_teacher(spec: str, model_path: str) -> str | None:
 
 def preflight(recipe: Recipe, resume: bool) -> None:
     """Everything that can fail without loading a model fails here, before any work."""
-    from gtakit.convert.pipeline import check_output
-
     resolve_files(recipe.data.train, "data.train")
     resolve_files(recipe.data.eval, "data.eval")
     model_path = Path(recipe.model.path).expanduser()
@@ -75,10 +74,13 @@ def preflight(recipe: Recipe, resume: bool) -> None:
         raise GtakitError(f"model.path {model_path} has no config.json; give a converted model folder")
     if not model_path.exists() and (recipe.model.path.startswith((".", "/", "~")) or recipe.model.path.count("/") > 1):
         raise GtakitError(f"model.path {model_path} does not exist; convert a model first (gtakit convert)")
+    if not model_path.exists():  # a Hub id: fetch (or find in the cache) now, not after the data are tokenised
+        from gtakit.convert.source import resolve_hub
+
+        resolve_hub(recipe.model.path)
     if recipe.loss.kind != "ce":
         resolve_teacher(recipe.teacher.model, recipe.model.path)
-    out = Path(recipe.output.dir).expanduser()
-    check_output(out, recipe.output.force)
+    output_folder(recipe).check()
     if recipe.log.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -90,6 +92,35 @@ def preflight(recipe: Recipe, resume: bool) -> None:
     if not resume and latest_checkpoint(ckpt) is not None and not recipe.output.force:
         raise GtakitError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it, or "
                           "output.force=true to start over")
+    if ckpt.exists() and not ckpt.is_dir():
+        raise GtakitError(f"checkpoint.dir {ckpt} is a file; give a folder")
+    foreign = _foreign_entries(ckpt)
+    if foreign:
+        raise GtakitError(f"checkpoint.dir {ckpt} holds files gtakit did not write ({foreign[0].name}, ...); "
+                          "give an empty or new folder")
+
+
+def output_folder(recipe: Recipe, log: Callable[[str], None] | None = None) -> OutputFolder:
+    """Where the uptrained model goes; it may not hold the input model, the checkpoints or the data."""
+    inputs = [(recipe.model.path, "the input model (model.path)"), (recipe.checkpoint_dir, "checkpoint.dir")]
+    inputs += [(spec, "a data file") for spec in [*recipe.data.train, *recipe.data.eval]]
+    protect = [(Path(p).expanduser(), what) for p, what in inputs if Path(p).expanduser().exists()]
+    return OutputFolder(recipe.output.dir, recipe.output.force, protect=protect,
+                        force_hint="set output.force=true to overwrite it", log=log)
+
+
+# What a run writes into its checkpoint folder; starting over (output.force=true) removes only these.
+RUN_ENTRIES = ("step_*", "recipe.yaml", "runs", "data-*.pt", "data-*.tmp")
+
+
+def _run_entries(ckpt: Path) -> set[Path]:
+    return {entry for pattern in RUN_ENTRIES for entry in ckpt.glob(pattern)} if ckpt.is_dir() else set()
+
+
+def _foreign_entries(ckpt: Path) -> list[Path]:
+    if not ckpt.is_dir():
+        return []
+    return sorted(set(ckpt.iterdir()) - _run_entries(ckpt))
 
 
 def _scheduler(recipe: Recipe, optimizer, total_steps: int):
@@ -160,16 +191,29 @@ def finetune(
     plus `history` (one record per optimiser step) on the main process, {} on the others.
 
     `callback(step, record)` runs after every optimiser step (and its checkpoint); raising from it stops the run
-    there, which is how tests simulate an interruption."""
-    import gtakit  # noqa: F401 - registers the gtakit architectures
+    there, which is how tests simulate an interruption. A run that fails or is stopped (Ctrl-C, SIGTERM) before
+    its first checkpoint removes the checkpoint folder it created; later ones stay for --resume."""
+    started = time.time()
+    preflight(recipe, resume)
+    ckpt = recipe.checkpoint_dir
+    created = not ckpt.exists()
+    try:
+        with terminate_as_interrupt():
+            return _finetune(recipe, resume, progress, log, callback, started)
+    except BaseException:
+        if created and latest_checkpoint(ckpt) is None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise
+
+
+def _finetune(recipe: Recipe, resume: bool, progress: bool, log, callback, started: float) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import gtakit  # noqa: F401 - registers the gtakit architectures
     from gtakit.evaluate import load_model
 
-    started = time.time()
-    preflight(recipe, resume)
     t = recipe.train
     ckpt_dir = recipe.checkpoint_dir
     log_dir = Path(recipe.log.dir).expanduser() if recipe.log.dir else ckpt_dir / "runs"
@@ -187,8 +231,9 @@ def finetune(
                           "a CPU-only machine launch with ACCELERATE_USE_CPU=true")
     say = (log or (lambda message: None)) if accelerator.is_main_process else (lambda message: None)
     if accelerator.is_main_process:
-        if not resume and ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)  # output.force was given (preflight): start over
+        if not resume:  # start over: only what an earlier run wrote (preflight refused anything else)
+            for entry in _run_entries(ckpt_dir):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _check_resumed_recipe(recipe, ckpt_dir, resume, say)
     accelerator.wait_for_everyone()
@@ -203,7 +248,7 @@ def finetune(
     if not str(getattr(model.config, "model_type", "")).startswith("gtakit_"):
         raise GtakitError(f"{recipe.model.path} is not a gtakit model ({model.config.model_type}); convert it first")
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.config.use_cache = False
     model = apply_mode(model, t.mode, recipe.lora)
     model.train()
@@ -222,17 +267,19 @@ def finetune(
     )
     steps = total_steps(recipe, accelerator.num_processes)
     # The scheduler is not passed to prepare(): accelerate would step it once per process; here it steps once
-    # per optimiser step and is checkpointed as a registered object.
+    # per optimiser step. It and the trainer state are checkpointed as JSON, not as accelerate custom objects:
+    # accelerate unpickles those (weights_only=False), so a tampered checkpoint could run code on --resume.
     scheduler = _scheduler(recipe, optimizer, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainerState()
-    accelerator.register_for_checkpointing(scheduler, state)
     if recipe.log.tensorboard:
         accelerator.init_trackers("gtakit-finetune", config=_flat(recipe.to_dict()))
 
     if resume:
         last = latest_checkpoint(ckpt_dir)
-        accelerator.load_state(str(last))
+        _refuse_pickled_objects(last)
+        accelerator.load_state(str(last))  # model, optimiser, RNG: tensors only (weights_only=True)
+        _load_progress(last, state, scheduler)
         say(f"resumed from {last} at step {state.step} ({state.tokens:,} tokens)")
     else:
         state.before_perplexity = evaluate_perplexity(model, data.eval, recipe.eval.batch, accelerator)
@@ -288,7 +335,7 @@ def finetune(
         if recipe.log.tensorboard:
             accelerator.log({k: v for k, v in record.items() if k not in ("step",)}, step=state.step)
         if (recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0) or last_step:
-            _save_checkpoint(accelerator, ckpt_dir, state, recipe.checkpoint.keep)
+            _save_checkpoint(accelerator, ckpt_dir, state, scheduler, recipe.checkpoint.keep)
         if callback is not None:
             callback(state.step, record)
     bar.close()
@@ -307,6 +354,16 @@ def finetune(
     accelerator.free_memory()
     # The per-step records stay out of conversion.json (long runs have many); callers get them here.
     return dict(report, history=state.history) if report else {}
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing under the name the installed transformers uses: 5.24 renamed
+    `gradient_checkpointing_enable` to `activation_checkpointing_enable` and warns on the old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _check_resumed_recipe(recipe: Recipe, ckpt_dir: Path, resume: bool, say: Callable[[str], None]) -> None:
@@ -351,13 +408,30 @@ def _loss(model, teacher, teacher_device, ids: torch.Tensor, recipe: Recipe):
     return loss, ce, kd
 
 
-def _save_checkpoint(accelerator, folder: Path, state: TrainerState, keep: int) -> None:
+def _refuse_pickled_objects(checkpoint: Path) -> None:
+    """accelerate unpickles `custom_checkpoint_*.pkl` with weights_only=False; gtakit never writes them."""
+    custom = sorted(checkpoint.glob("custom_checkpoint_*"))
+    if custom:
+        raise GtakitError(f"{custom[0]} is not a file gtakit writes and would be unpickled (code could run); "
+                          "remove it if you trust it, or start over with output.force=true")
+
+
+def _load_progress(checkpoint: Path, state: TrainerState, scheduler) -> None:
+    saved = json.loads((checkpoint / STATE_FILE).read_text())
+    if "trainer" not in saved or "scheduler" not in saved:
+        raise GtakitError(f"{checkpoint} was written by an older gtakit and cannot be resumed safely; start over "
+                          "with output.force=true")
+    state.load_state_dict(saved["trainer"])
+    scheduler.load_state_dict(saved["scheduler"])
+
+
+def _save_checkpoint(accelerator, folder: Path, state: TrainerState, scheduler, keep: int) -> None:
     target = folder / f"step_{state.step:08d}"
     accelerator.save_state(str(target))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        summary = {k: v for k, v in state.state_dict().items() if k != "history"}
-        (target / STATE_FILE).write_text(json.dumps(summary, indent=2))
+        progress = {"trainer": state.state_dict(), "scheduler": scheduler.state_dict()}
+        (target / STATE_FILE).write_text(json.dumps(progress))
         done = sorted(p for p in folder.glob("step_*") if (p / STATE_FILE).exists())
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

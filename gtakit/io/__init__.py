@@ -1,0 +1,1 @@
+"""Shared input/output below convert, evaluate and finetune: text files, output folders."""
