@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from sources import random_text, write_source
 from typer.testing import CliRunner

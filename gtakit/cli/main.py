@@ -148,32 +148,124 @@ def convert(
         typer.echo(f"perplexity: source {ev['source_perplexity']:.3f} -> converted {ev['perplexity']:.3f}")
 
 
+def _numbers(value: str, kind: type, option: str) -> tuple:
+    try:
+        return tuple(kind(item) for item in value.split(",") if item.strip())
+    except ValueError:
+        raise GtakitError(f"{option} must be comma-separated numbers, got {value!r}") from None
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="HF folder (source or converted), .gguf file or Hub id."),
-    text: str = typer.Option(..., "--text", help="Text file (plain or JSON lines with 'text')."),
+    text: Optional[str] = typer.Option(None, "--text", help="Text file (plain or JSON lines with 'text'): perplexity."),
     max_tokens: Optional[int] = typer.Option(None, help="Use at most this many tokens of the text."),
     window: int = typer.Option(1024, help="Tokens per non-overlapping window."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    against: Optional[str] = typer.Option(
+        None, "--against", help="Compare with SRC on --text in one pass: mean KL(SRC || MODEL) per token, top-1 "
+        "agreement and both perplexities. 'source' = what MODEL's conversion.json names."),
+    tasks: Optional[str] = typer.Option(
+        None, "--tasks", help="Comma-separated lm-evaluation-harness tasks (needs pip install 'gtakit\\[eval]'; "
+        "registry tasks download their data from the Hub)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="lm-eval: at most N examples per task."),
+    include_path: Optional[str] = typer.Option(None, "--include-path", help="lm-eval: folder of your own task YAMLs."),
+    passkey: bool = typer.Option(False, "--passkey", help="Long-context retrieval: a passkey hidden in filler text."),
+    lengths: str = typer.Option("1024,2048,4096,8192", "--lengths", help="Passkey prompt lengths in tokens."),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", help="Passkey depths (0 = start, 1 = end)."),
+    trials: int = typer.Option(1, "--trials", help="Passkey keys per length and depth."),
+    seed: int = typer.Option(0, "--seed", help="Passkey seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Also write all results as JSON to this file."),
 ) -> None:
-    """Perplexity and KV-cache bytes per token of a model."""
-    from gtakit.evaluate import kv_bytes_per_token, load_model, perplexity
+    """Perplexity and KV-cache bytes per token, agreement with the source (--against), long-context retrieval
+    (--passkey) and lm-evaluation-harness tasks (--tasks) of a model.
+
+    \b
+    gtakit eval OUT --text wiki.txt --against source
+    gtakit eval OUT --passkey --lengths 1024,4096 --depths 0,0.5,1
+    gtakit eval OUT --tasks hellaswag,arc_easy --limit 200
+    gtakit eval OUT --tasks my_task --include-path my_tasks/"""
+    from gtakit.evaluate import kv_bytes_per_token, load_model
     from gtakit.io.text import read_text
 
     with _one_line_errors():
-        body = read_text(text)
+        if against is not None and text is None:
+            raise GtakitError("--against compares on a text: give --text FILE too")
+        if text is None and not tasks and not passkey:
+            raise GtakitError("nothing to measure: give --text FILE, --passkey or --tasks T1,T2")
+        plan = _eval_plan(lengths, depths, tasks)
+        body = read_text(text) if text is not None else None  # a bad text fails before the model loads
         loaded, tokenizer = load_model(model)
-        result = perplexity(loaded, tokenizer, body, max_tokens=max_tokens, window=window, progress=not as_json)
-    result.update(kv_bytes_per_token(loaded))
-    result["model"] = model
+        result = _run_evals(model, loaded, tokenizer, body, max_tokens, window, against, plan, limit, include_path,
+                            passkey, trials, seed, progress=not as_json)
+        result.update(kv_bytes_per_token(loaded))
+        result["model"] = model
+        if output is not None:  # whole or not at all
+            partial = output.with_name(f".{output.name}.tmp")
+            partial.write_text(_results_json(result))
+            partial.replace(output)
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(_results_json(result))
     else:
-        typer.echo(
-            f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens ({result['windows']} x "
-            f"{result['window']}); KV cache {result['bytes_per_token']:.0f} bytes/token "
-            f"({result['elements_per_token']:.0f} elements)"
-        )
+        _print_evals(result)
+
+
+def _eval_plan(lengths: str, depths: str, tasks: Optional[str]) -> dict:
+    return {"lengths": _numbers(lengths, int, "--lengths"), "depths": _numbers(depths, float, "--depths"),
+            "tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []}
+
+
+def _run_evals(model, loaded, tokenizer, body, max_tokens, window, against, plan, limit, include_path, passkey,
+               trials, seed, progress) -> dict:
+    from gtakit.evaluate import agreement, conversion_source, load_model, perplexity
+
+    result: dict = {}
+    if body is not None:
+        if against is None:
+            result.update(perplexity(loaded, tokenizer, body, max_tokens=max_tokens, window=window, progress=progress))
+        else:
+            source_name = conversion_source(model) if against == "source" else against
+            source = load_model(source_name)[0]
+            scores = agreement(loaded, source, tokenizer, body, max_tokens=max_tokens, window=window, progress=progress)
+            result.update(scores, against=source_name or "bundled SmolLM2-135M")
+            del source
+    if passkey:
+        from gtakit.evaluate.passkey import passkey as run_passkey
+
+        result["passkey"] = run_passkey(loaded, tokenizer, plan["lengths"], plan["depths"], trials, seed, progress)
+    if plan["tasks"]:
+        from gtakit.evaluate.harness import run_tasks
+
+        result["lm_eval"] = run_tasks(loaded, tokenizer, plan["tasks"], limit=limit, include_path=include_path)
+    return result
+
+
+def _results_json(result: dict) -> str:
+    if "lm_eval" in result:
+        from gtakit.evaluate.harness import results_json
+
+        return results_json(result)
+    return json.dumps(result, indent=2)
+
+
+def _print_evals(result: dict) -> None:
+    from gtakit.reporting import markdown_table
+
+    if "perplexity" in result:
+        typer.echo(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens ({result['windows']} x "
+                   f"{result['window']})")
+    if "kl" in result:
+        typer.echo(f"against {result['against']}: KL {result['kl']:.4f} nats/token, top-1 agreement "
+                   f"{result['top1_agreement']:.1%}, source perplexity {result['source_perplexity']:.3f}")
+    typer.echo(f"KV cache {result['bytes_per_token']:.0f} bytes/token ({result['elements_per_token']:.0f} elements)")
+    if "passkey" in result:
+        rows = [dict(case, accuracy=f"{case['accuracy']:.0%}") for case in result["passkey"]["cases"]]
+        columns = [("length", "length"), ("tokens", "prompt tokens"), ("depth", "depth"), ("accuracy", "accuracy")]
+        typer.echo(markdown_table(rows, columns))
+    if "lm_eval" in result:
+        from gtakit.evaluate.harness import results_table
+
+        typer.echo(results_table(result["lm_eval"]))
 
 
 @app.command()

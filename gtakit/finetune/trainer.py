@@ -53,16 +53,12 @@ def resolve_teacher(spec: str, model_path: str) -> str | None:
     """'source' -> what the converted folder was made from (None = the bundled SmolLM2 GGUF)."""
     if spec != "source":
         return spec
-    report_path = Path(model_path).expanduser() / "conversion.json"
-    if not report_path.exists():
-        raise GtakitError(f"teacher.model 'source' needs {report_path} (written by gtakit convert); give a path")
-    source = json.loads(report_path.read_text())["source"]
-    from gtakit.convert.source import SMOLLM2_GGUF
+    from gtakit.evaluate import conversion_source
 
-    name = source["name"]
-    if source["kind"] == "gguf" and not Path(name).exists() and name == SMOLLM2_GGUF:
-        return None
-    return name
+    try:
+        return conversion_source(model_path)
+    except GtakitError as err:
+        raise GtakitError(f"teacher.model 'source': {err}") from None
 
 
 def preflight(recipe: Recipe, resume: bool) -> None:
