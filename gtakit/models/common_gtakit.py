@@ -325,7 +325,15 @@ class CompressedAttentionBase(nn.Module):
     def sdpa(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, q_len: int
     ) -> torch.Tensor:
-        return F.scaled_dot_product_attention(
+        # SDPA's fused (flash / memory-efficient) kernels need one head width for q, k and v; otherwise it falls
+        # back to the math path, which materialises the T x T scores (15x slower and ~6x the memory at 8K tokens
+        # on a CPU). Zero columns change neither the scores (the scale is explicit) nor the kept output columns.
+        qk_dim, v_dim = query.shape[-1], value.shape[-1]
+        if v_dim < qk_dim:
+            value = F.pad(value, (0, qk_dim - v_dim))
+        elif qk_dim < v_dim:
+            query, key = F.pad(query, (0, v_dim - qk_dim)), F.pad(key, (0, v_dim - qk_dim))
+        out = F.scaled_dot_product_attention(
             query,
             key,
             value,
@@ -334,6 +342,7 @@ class CompressedAttentionBase(nn.Module):
             is_causal=mask is None and q_len > 1,
             scale=self.scale,
         )
+        return out[..., :v_dim]
 
 
 class GtakitDecoderLayer(GradientCheckpointingLayer):
