@@ -94,6 +94,20 @@ def test_generate_continues_a_caller_cache(tiny_config):
         model(ids[:, :2], cache=CompressedKVCache(config=tiny_config), past_key_values=cache)
 
 
+@torch.no_grad()
+def test_no_deprecation_warnings_from_the_models(tiny_config):
+    """transformers 5.24 deprecates names (past_key_values, gradient_checkpointing_enable) with FutureWarnings;
+    generation and cached forwards of the models must not trigger any on the installed release."""
+    import warnings
+
+    model = build_model(tiny_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        out = model.generate(_ids(batch=2, length=5), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        model(_ids(batch=2, length=1), **{CACHE_FIELD: output_cache(out)})
+
+
 def test_static_cache_is_refused_in_one_line(tiny_config):
     model = build_model(tiny_config)
     with pytest.raises(ValueError, match="dynamic cache layers"):
