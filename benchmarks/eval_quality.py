@@ -65,16 +65,20 @@ def write_next_sentence_task(text: str, folder: Path, items: int, seed: int = 0)
 def score(name: str, model, source_model, tokenizer, eval_text: str, task_dir: Path, args) -> dict:
     started = time.time()
     row: dict = {"model": name}
-    agree = agreement(model, source_model, tokenizer, eval_text, args.windows * args.window, window=args.window)
-    row.update(kl=round(agree["kl"], 4), top1=f"{agree['top1_agreement']:.1%}", ppl=round(agree["perplexity"], 3))
-    lengths = tuple(int(n) for n in args.lengths.split(","))
-    keys = passkey(model, tokenizer, lengths, tuple(float(d) for d in args.depths.split(",")), args.trials)
-    row["passkey"] = keys
-    for length in lengths:
-        row[f"pk{length}"] = f"{keys['by_length'][length]:.0%}"
-    results = run_tasks(model, tokenizer, [TASK], include_path=str(task_dir))["results"][TASK]
-    row["mc_acc"] = f"{results['acc,none']:.1%}"
-    row["mc_acc_norm"] = f"{results['acc_norm,none']:.1%}"
+    measures = args.measures.split(",")
+    if "agreement" in measures:
+        agree = agreement(model, source_model, tokenizer, eval_text, args.windows * args.window, window=args.window)
+        row.update(kl=round(agree["kl"], 4), top1=f"{agree['top1_agreement']:.1%}", ppl=round(agree["perplexity"], 3))
+    if "passkey" in measures:
+        lengths = tuple(int(n) for n in args.lengths.split(","))
+        keys = passkey(model, tokenizer, lengths, tuple(float(d) for d in args.depths.split(",")), args.trials)
+        row["passkey"] = keys
+        for length in lengths:
+            row[f"pk{length}"] = f"{keys['by_length'][length]:.0%}"
+    if "tasks" in measures:
+        results = run_tasks(model, tokenizer, [TASK], include_path=str(task_dir))["results"][TASK]
+        row["mc_acc"] = f"{results['acc,none']:.1%}"
+        row["mc_acc_norm"] = f"{results['acc_norm,none']:.1%}"
     row["seconds"] = round(time.time() - started)
     return row
 
@@ -88,6 +92,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1)
     parser.add_argument("--mc-items", type=int, default=100)
     parser.add_argument("--forms", default="gta,gla,mla")
+    parser.add_argument("--measures", default="agreement,passkey,tasks", help="which columns to measure")
     parser.add_argument("--json", default="benchmarks/out/eval_quality.json")
     args = parser.parse_args()
     torch.manual_seed(0)
