@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 import os
 import sys
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 try:
     from .models import configuration_gtakit  # noqa: F401  (refuses an unsupported transformers first)
@@ -17,45 +17,17 @@ except ImportError as err:
         raise SystemExit(f"gtakit: {err}") from None
     raise
 
-from .models import (
-    GHLAConfig,
-    GHLAForCausalLM,
-    GHLAModel,
-    GLAConfig,
-    GLAForCausalLM,
-    GLAModel,
-    GTAConfig,
-    GTAForCausalLM,
-    GTAModel,
-)
+from .models import GtakitConfig, GtakitForCausalLM
 
 
 def _register() -> None:
-    for config_cls, base_cls, lm_cls in (
-        (GTAConfig, GTAModel, GTAForCausalLM),
-        (GLAConfig, GLAModel, GLAForCausalLM),
-        (GHLAConfig, GHLAModel, GHLAForCausalLM),
-    ):
-        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModel.register(config_cls, base_cls, exist_ok=True)
-        AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
-        # save_pretrained then writes auto_map and copies the flat modeling files next to the weights.
-        config_cls.register_for_auto_class()
-        base_cls.register_for_auto_class("AutoModel")
-        lm_cls.register_for_auto_class("AutoModelForCausalLM")
+    AutoConfig.register(GtakitConfig.model_type, GtakitConfig, exist_ok=True)
+    AutoModelForCausalLM.register(GtakitConfig, GtakitForCausalLM, exist_ok=True)
+    # save_pretrained then writes auto_map and copies the flat modeling files next to the weights.
+    GtakitConfig.register_for_auto_class()
+    GtakitForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 _register()
 
-__all__ = [
-    "GHLAConfig",
-    "GHLAForCausalLM",
-    "GHLAModel",
-    "GLAConfig",
-    "GLAForCausalLM",
-    "GLAModel",
-    "GTAConfig",
-    "GTAForCausalLM",
-    "GTAModel",
-    "__version__",
-]
+__all__ = ["GtakitConfig", "GtakitForCausalLM", "__version__"]

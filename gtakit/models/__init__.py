@@ -1,27 +1,27 @@
-"""Target architectures (HF-compatible). The files here are flat so they can be copied next to weights."""
+"""Target models (HF-compatible). The files here are flat so they can be copied next to weights."""
 
 # configuration first: it refuses an unsupported transformers before anything else can fail on one.
-from .configuration_gtakit import GHLAConfig, GLAConfig, GTAConfig  # noqa: I001
+from .configuration_gtakit import SOURCE_FORM, GtakitConfig  # noqa: I001
 from .cache_gtakit import CACHE_FIELD, CompressedKVCache, CompressedKVLayer, output_cache
-from .modeling_ghla import GHLAAttention, GHLAForCausalLM, GHLAModel
-from .modeling_gla import GLAAttention, GLAForCausalLM, GLAModel
-from .modeling_gta import GTAAttention, GTAForCausalLM, GTAModel
+from .attention_gtakit import GtakitAttention
+from .form_ghla import GHLAAttention
+from .form_gla import GLAAttention
+from .form_gta import GTAAttention
+from .modeling_gtakit import FORMS, GtakitForCausalLM, attention_class, layer_cache_elements
 
 __all__ = [
     "CACHE_FIELD",
+    "FORMS",
+    "SOURCE_FORM",
     "CompressedKVCache",
     "CompressedKVLayer",
     "GHLAAttention",
-    "GHLAConfig",
-    "GHLAForCausalLM",
-    "GHLAModel",
     "GLAAttention",
-    "GLAConfig",
-    "GLAForCausalLM",
-    "GLAModel",
     "GTAAttention",
-    "GTAConfig",
-    "GTAForCausalLM",
-    "GTAModel",
+    "GtakitAttention",
+    "GtakitConfig",
+    "GtakitForCausalLM",
+    "attention_class",
+    "layer_cache_elements",
     "output_cache",
 ]

@@ -1,4 +1,4 @@
-"""A KV cache that stores only the compressed attention state of GTA / GLA / MLA layers.
+"""Cache helpers of the gtakit models: the compressed attention state lives in transformers' dynamic cache layers.
 
 Flat file (copied next to converted weights); imports nothing from gtakit.
 
@@ -34,10 +34,9 @@ def pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     return cache if cache is not None else past_key_values
 
 
-def is_compressed_cache_compatible(cache: Cache) -> bool:
-    """True when every layer of `cache` appends along the sequence axis (full-length dynamic layers), so it can
-    hold compressed tensors of any width."""
-    return all(type(layer) in (DynamicLayer, CompressedKVLayer) for layer in cache.layers)
+def is_compressed_cache_layer(layer) -> bool:
+    """Full-length dynamic layers append along the sequence axis, so they hold compressed tensors of any width."""
+    return type(layer) in (DynamicLayer, CompressedKVLayer)
 
 
 class CompressedKVLayer(DynamicLayer):
@@ -58,8 +57,8 @@ class CompressedKVLayer(DynamicLayer):
 
 
 class CompressedKVCache(DynamicCache):
-    """The cache a gtakit model creates when called with `use_cache=True` and no cache; `generate()` passes its
-    own `DynamicCache`, which holds the same compressed tensors. Adds size measurements.
+    """A `DynamicCache` with size measurements. The models write into any dynamic cache (the family model and
+    `generate()` create a plain `DynamicCache`); pass this one to measure what the cache holds.
 
     `update(state, rope_key, layer_idx)` appends the new tokens' tied/latent state `[B, n, L, w]` and shared
     RoPE key `[B, 1, L, rope_dim]` and returns the whole cached sequence of both.

@@ -1,36 +1,64 @@
-"""GLA (grouped latent attention) model; MLA is GLA with one latent head.
+"""GLA (grouped latent attention); MLA is GLA with one latent head.
 
 Flat file (copied next to converted weights for `trust_remote_code`); imports nothing from gtakit.
 
-Shapes: B batch, L new tokens, T cached tokens, H query heads, J = h_c latent heads, c = kv_lora_rank,
-n = qk_nope_head_dim, r = qk_rope_head_dim, v = v_head_dim, Hb = H / J heads per latent.
-Head h reads latent j = h // Hb: key [W_uk,h c_j ; RoPE(k_r)], value W_uv,h c_j.
+Spec: `num_latent_heads` J, `kv_lora_rank` c, `qk_nope_head_dim` n (may be 0), `qk_rope_head_dim` r (one RoPE key
+shared by all heads, may exceed the source head dim), `v_head_dim` v, `attention_bias`, `o_proj_bias`,
+`softmax_scale`, `rope_index`. Query heads are split in contiguous blocks of Hb = H / J; head h reads latent
+j = h // Hb: key [W_uk,h c_j ; RoPE(k_r)], value W_uv,h c_j. Cache per token: J * c + r elements.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
-from .common_gtakit import CompressedAttentionBase, GtakitForCausalLMBase, GtakitModelBase, apply_rope
-from .configuration_gtakit import GLAConfig
+from .attention_gtakit import GtakitAttention, apply_rope, check_positive, check_rope_index, source_head_dim
 
 
-class GLAAttention(CompressedAttentionBase):
-    def __init__(self, config: GLAConfig, layer_idx: int) -> None:
-        super().__init__(config, layer_idx, config.qk_rope_head_dim)
+class GLAAttention(GtakitAttention):
+    form = "gla"
+    supports_decode_kernels = True
+
+    @classmethod
+    def normalise_spec(cls, spec: dict, config: Any) -> dict:
+        heads, head_dim = config.num_attention_heads, source_head_dim(config)
+        spec = {"num_latent_heads": 1, "kv_lora_rank": 4 * head_dim, "qk_nope_head_dim": head_dim,
+                "qk_rope_head_dim": head_dim // 2, "v_head_dim": head_dim, "attention_bias": False,
+                "o_proj_bias": False, "softmax_scale": None, **spec}
+        check_positive(spec, "num_latent_heads", "kv_lora_rank", "v_head_dim")
+        check_positive(spec, "qk_nope_head_dim", minimum=0)
+        if heads % spec["num_latent_heads"]:
+            valid = [n for n in range(1, heads + 1) if heads % n == 0]
+            raise ValueError(f"`num_latent_heads` ({spec['num_latent_heads']}) must divide the {heads} heads; "
+                             f"valid values: {valid}")
+        rope = spec["qk_rope_head_dim"]
+        if not isinstance(rope, int) or rope < 2 or rope % 2:
+            raise ValueError(f"`qk_rope_head_dim` must be an even number >= 2, got {rope!r}")
+        spec.setdefault("rope_index", cls.default_rope_index(rope // 2, config))
+        check_rope_index(spec, rope // 2, config)
+        return spec
+
+    @classmethod
+    def cache_elements(cls, spec: dict) -> int:
+        return spec["num_latent_heads"] * spec["kv_lora_rank"] + spec["qk_rope_head_dim"]
+
+    def __init__(self, config: Any, spec: dict, layer_idx: int, decode_backend: str = "auto") -> None:
+        super().__init__(config, spec, layer_idx, decode_backend)
+        spec = self.spec
         self.num_heads = config.num_attention_heads
-        self.num_latents = config.num_latent_heads
+        self.num_latents = spec["num_latent_heads"]
         self.heads_per_latent = self.num_heads // self.num_latents
-        self.latent_dim = config.kv_lora_rank
-        self.nope_dim = config.qk_nope_head_dim
-        self.rope_dim = config.qk_rope_head_dim
-        self.v_dim = config.v_head_dim
+        self.latent_dim = spec["kv_lora_rank"]
+        self.nope_dim = spec["qk_nope_head_dim"]
+        self.rope_dim = spec["qk_rope_head_dim"]
+        self.v_dim = spec["v_head_dim"]
         qk_dim = self.nope_dim + self.rope_dim
-        self.scale = config.softmax_scale if config.softmax_scale is not None else qk_dim**-0.5
-        hidden, bias = config.hidden_size, config.attention_bias
+        self.scale = spec["softmax_scale"] if spec["softmax_scale"] is not None else qk_dim**-0.5
+        hidden, bias = config.hidden_size, spec["attention_bias"]
         self.q_proj = nn.Linear(hidden, self.num_heads * qk_dim, bias=bias)
         self.kv_down_proj = nn.Linear(hidden, self.num_latents * self.latent_dim, bias=bias)
         self.k_rope_proj = nn.Linear(hidden, self.rope_dim, bias=bias)
@@ -39,7 +67,7 @@ class GLAAttention(CompressedAttentionBase):
             warnings.simplefilter("ignore", UserWarning)
             self.k_up_proj = nn.Linear(self.latent_dim, self.num_heads * self.nope_dim, bias=False)
         self.v_up_proj = nn.Linear(self.latent_dim, self.num_heads * self.v_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=config.o_proj_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=spec["o_proj_bias"])
 
     def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.num_latents, self.heads_per_latent)
@@ -71,8 +99,6 @@ class GLAAttention(CompressedAttentionBase):
         q_nope = query[..., : self.nope_dim].reshape(batch, self.num_latents, self.heads_per_latent, q_len, -1)
         return torch.einsum("bjhln,jhnc->bjhlc", q_nope, self._up_weights()[0])
 
-    supports_decode_kernels = True
-
     def kernel_attention(self, kernels, query, latent, rope_key):
         """Triton decode over the whole (contiguous, causal) cache; same result as `absorbed_attention`."""
         batch, _, q_len, _ = query.shape
@@ -86,7 +112,6 @@ class GLAAttention(CompressedAttentionBase):
         """Weight absorption: W_uk folds into the query, W_uv is applied after attending over the latents."""
         batch, _, q_len, _ = query.shape
         total = latent.shape[2]
-        w_uk, w_uv = self._up_weights()
         q_latent = self._absorbed_query(query)
         q_latent = q_latent.reshape(batch, self.num_latents, self.heads_per_latent * q_len, self.latent_dim)
         scores = (q_latent @ latent.transpose(-1, -2)).view(batch, self.num_heads, q_len, total)
@@ -97,18 +122,8 @@ class GLAAttention(CompressedAttentionBase):
         probs = torch.softmax(scores, dim=-1).to(latent.dtype)
         probs = probs.view(batch, self.num_latents, self.heads_per_latent * q_len, total)
         attended = (probs @ latent).view(batch, self.num_latents, self.heads_per_latent, q_len, self.latent_dim)
-        out = torch.einsum("bjhlc,jhvc->bjhlv", attended, w_uv)
+        out = torch.einsum("bjhlc,jhvc->bjhlv", attended, self._up_weights()[1])
         return out.reshape(batch, self.num_heads, q_len, self.v_dim)
 
 
-class GLAModel(GtakitModelBase):
-    config_class = GLAConfig
-    attention_cls = GLAAttention
-
-
-class GLAForCausalLM(GtakitForCausalLMBase):
-    config_class = GLAConfig
-    model_cls = GLAModel
-
-
-__all__ = ["GLAAttention", "GLAModel", "GLAForCausalLM"]
+__all__ = ["GLAAttention"]

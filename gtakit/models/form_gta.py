@@ -1,41 +1,61 @@
-"""GTA (grouped-tied attention) model: Llama-style decoder whose KV cache is one tied state per group.
+"""GTA (grouped-tied attention, Zadouri, Strauss & Dao 2025): one tied state per group is value and no-RoPE key.
 
 Flat file (copied next to converted weights for `trust_remote_code`); imports nothing from gtakit.
 
-Shapes: B batch, L new tokens, T cached tokens, H query heads, G groups, d head_dim, r rope_dim.
-Head h in group g = h // (H/G) scores against key [s_g[:d-r] ; RoPE(k_r)] and reads value s_g.
+Spec: `num_key_value_heads` groups G, `head_dim` d, `rope_dim` r (width of the one RoPE key shared by all heads),
+`attention_bias`, `o_proj_bias`, `softmax_scale`, `rope_index`. Head h in group g = h // (H/G) scores against key
+[s_g[:d-r] ; RoPE(k_r)] and reads value s_g. Cache per token: G * d + r elements.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from .common_gtakit import (
-    CompressedAttentionBase,
-    GtakitForCausalLMBase,
-    GtakitModelBase,
-    apply_rope,
-)
-from .configuration_gtakit import GTAConfig
+from .attention_gtakit import GtakitAttention, apply_rope, check_positive, check_rope_index, source_head_dim
 
 
-class GTAAttention(CompressedAttentionBase):
-    def __init__(self, config: GTAConfig, layer_idx: int) -> None:
-        super().__init__(config, layer_idx, config.rope_dim)
+class GTAAttention(GtakitAttention):
+    form = "gta"
+    supports_decode_kernels = True
+
+    @classmethod
+    def normalise_spec(cls, spec: dict, config: Any) -> dict:
+        heads = config.num_attention_heads
+        spec = {"num_key_value_heads": heads, "head_dim": source_head_dim(config), "attention_bias": False,
+                "o_proj_bias": False, "softmax_scale": None, **spec}
+        spec.setdefault("rope_dim", spec["head_dim"] // 2)
+        check_positive(spec, "num_key_value_heads", "head_dim")
+        if heads % spec["num_key_value_heads"]:
+            raise ValueError(f"`num_key_value_heads` ({spec['num_key_value_heads']}) must divide the {heads} heads")
+        if spec["rope_dim"] % 2 or not 2 <= spec["rope_dim"] <= spec["head_dim"]:
+            raise ValueError(f"`rope_dim` ({spec['rope_dim']}) must be even and between 2 and `head_dim`")
+        spec.setdefault("rope_index", cls.default_rope_index(spec["rope_dim"] // 2, config))
+        check_rope_index(spec, spec["rope_dim"] // 2, config)
+        return spec
+
+    @classmethod
+    def cache_elements(cls, spec: dict) -> int:
+        return spec["num_key_value_heads"] * spec["head_dim"] + spec["rope_dim"]
+
+    def __init__(self, config: Any, spec: dict, layer_idx: int, decode_backend: str = "auto") -> None:
+        super().__init__(config, spec, layer_idx, decode_backend)
+        spec = self.spec
         self.num_heads = config.num_attention_heads
-        self.num_groups = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.nope_dim = config.head_dim - config.rope_dim
-        self.scale = config.softmax_scale if config.softmax_scale is not None else self.head_dim**-0.5
-        hidden, bias = config.hidden_size, config.attention_bias
+        self.num_groups = spec["num_key_value_heads"]
+        self.head_dim = spec["head_dim"]
+        self.nope_dim = spec["head_dim"] - spec["rope_dim"]
+        self.scale = spec["softmax_scale"] if spec["softmax_scale"] is not None else self.head_dim**-0.5
+        hidden, bias = config.hidden_size, spec["attention_bias"]
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.kv_proj = nn.Linear(hidden, self.num_groups * self.head_dim, bias=bias)
-        self.k_rope_proj = nn.Linear(hidden, config.rope_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_proj_bias)
+        self.k_rope_proj = nn.Linear(hidden, spec["rope_dim"], bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=spec["o_proj_bias"])
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Query `[B, H, L, d]` (RoPE applied to its last r dims), tied state `[B, G, L, d]`, RoPE key `[B, 1, L, r]`."""
+        """Query `[B, H, L, d]` (RoPE on its last r dims), tied state `[B, G, L, d]`, RoPE key `[B, 1, L, r]`."""
         batch, q_len, _ = x.shape
         query = self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
         query = torch.cat((query[..., : self.nope_dim], apply_rope(query[..., self.nope_dim :], cos, sin)), dim=-1)
@@ -51,8 +71,6 @@ class GTAAttention(CompressedAttentionBase):
         key = key.repeat_interleave(rep, dim=1)
         value = state.repeat_interleave(rep, dim=1)
         return self.sdpa(query, key, value, mask, q_len)
-
-    supports_decode_kernels = True
 
     def kernel_attention(self, kernels, query, state, rope_key):
         """Triton decode over the whole (contiguous, causal) cache; same result as `absorbed_attention`."""
@@ -75,14 +93,4 @@ class GTAAttention(CompressedAttentionBase):
         return (probs @ state).view(batch, self.num_heads, q_len, self.head_dim)
 
 
-class GTAModel(GtakitModelBase):
-    config_class = GTAConfig
-    attention_cls = GTAAttention
-
-
-class GTAForCausalLM(GtakitForCausalLMBase):
-    config_class = GTAConfig
-    model_cls = GTAModel
-
-
-__all__ = ["GTAAttention", "GTAModel", "GTAForCausalLM"]
+__all__ = ["GTAAttention"]

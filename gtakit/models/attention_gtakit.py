@@ -1,0 +1,262 @@
+"""What every gtakit attention form shares: the module that replaces a family decoder layer's `self_attn`.
+
+Flat file (copied next to converted weights for `trust_remote_code`); imports nothing from gtakit.
+
+A form subclasses `GtakitAttention` and fills in the hooks: `project` (new tokens -> query and the two tensors
+the cache stores), `plain_attention` (prefill: up-project and run SDPA), `absorbed_attention` (decode: read the
+compressed cache directly), optionally `kernel_attention` (Triton decode), `rope_cos_sin` and `output`.
+The layer is called the way the family's decoder layer calls its attention: hidden states, the family's
+`position_embeddings` (cos, sin over its RoPE frequencies; a form picks the ones it kept by `rope_index`), the
+mask transformers built (None = plain causal, else a 4-D boolean or additive mask) and the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+
+from .cache_gtakit import is_compressed_cache_layer, pick_cache
+
+# Query lengths up to this use the absorbed decode path against a non-empty cache (speculative decoding
+# verifies a few tokens at once); longer chunks are prefill and use the plain path.
+MAX_ABSORBED_QUERY_LEN = 16
+ATTENTION_PATHS = ("auto", "plain", "absorbed")
+
+_KERNELS: Any = None
+_KERNEL_IMPORT_ERROR: str | None = None
+
+
+def decode_kernels() -> Any | None:
+    """`gtakit.kernels` (Triton decode kernels) or None when it does not import.
+
+    Imported lazily and guarded: this file is copied next to converted weights and must load without gtakit or
+    triton (the PyTorch path is then used). Lazy also lets TRITON_INTERPRET=1 be set before triton builds them.
+    """
+    global _KERNELS, _KERNEL_IMPORT_ERROR
+    if _KERNELS is None and _KERNEL_IMPORT_ERROR is None:
+        try:
+            import gtakit.kernels as kernels
+        except ImportError as exc:
+            _KERNEL_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+        else:
+            _KERNELS = kernels
+    return _KERNELS
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def causal_additive_mask(q_len: int, total: int, device: torch.device) -> torch.Tensor | None:
+    """Additive float mask `[1, 1, q_len, total]` of queries at the last `q_len` of `total` positions."""
+    if q_len == 1:
+        return None
+    q_pos = torch.arange(total - q_len, total, device=device)
+    allowed = torch.arange(total, device=device)[None, :] <= q_pos[:, None]
+    return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+
+
+def additive(mask: torch.Tensor | None, q_len: int, total: int, device: torch.device) -> torch.Tensor | None:
+    """The mask transformers built, as an additive float32 mask for the explicit (absorbed) path."""
+    if mask is None:
+        return causal_additive_mask(q_len, total, device)
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask.float()
+
+
+class GtakitAttention(nn.Module):
+    """Base of the form modules. `spec` is this layer's entry of `config.gtakit_layers`."""
+
+    form: str = ""
+    supports_decode_kernels = False  # forms with `kernel_attention(kernels, query, state, rope_key)` set it
+
+    def __init__(self, config: Any, spec: dict, layer_idx: int, decode_backend: str = "auto") -> None:
+        super().__init__()
+        self.config = config  # the family's config
+        self.spec = self.normalise_spec(spec, config)
+        self.layer_idx = layer_idx
+        self.decode_backend = decode_backend
+        self.attention_path = "auto"
+        self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+        self._rope_index: dict[torch.device, torch.Tensor] = {}  # spec["rope_index"] per device, made once
+
+    def rope_index(self, device: torch.device) -> torch.Tensor:
+        """Which of the family's RoPE frequencies each rotating pair uses (from the config, not a weight)."""
+        if device not in self._rope_index:
+            self._rope_index[device] = torch.tensor(self.spec["rope_index"], dtype=torch.long, device=device)
+        return self._rope_index[device]
+
+    # ----------------------------------------------------------------------------------------- the spec
+    @classmethod
+    def normalise_spec(cls, spec: dict, config: Any) -> dict:
+        """The spec with defaults filled in; a ValueError naming the field when it is invalid."""
+        raise NotImplementedError
+
+    @classmethod
+    def cache_elements(cls, spec: dict) -> int:
+        """Elements the cache holds per token for one layer of this spec."""
+        raise NotImplementedError
+
+    @staticmethod
+    def default_rope_index(pairs: int, config: Any) -> list[int]:
+        """Standard RoPE over the first `pairs` frequencies of the family (cycling when wider than one head)."""
+        available = max(1, rotary_pairs(config))
+        return [i % available for i in range(pairs)]
+
+    # ----------------------------------------------------------------------------------------- RoPE
+    def rope_cos_sin(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin `[B, 1, L, 2P]` (rotate-half layout) of the kept frequencies, from the family's `[B, L, d]`."""
+        cos, sin = position_embeddings
+        half = cos.shape[-1] // 2
+        index = self.rope_index(cos.device)
+        cos, sin = cos[..., :half].index_select(-1, index), sin[..., :half].index_select(-1, index)
+        return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((sin, sin), dim=-1).unsqueeze(1)
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        if position_embeddings is None:
+            raise ValueError("gtakit attention needs the family's position_embeddings (cos, sin)")
+        cache = pick_cache(cache, past_key_values)
+        cos, sin = self.rope_cos_sin(position_embeddings)
+        query, state, rope_key = self.project(hidden_states, cos.to(hidden_states.dtype), sin.to(hidden_states.dtype))
+        if cache is not None:
+            self._check_cache(cache)
+            state, rope_key = cache.update(state, rope_key, self.layer_idx)
+        q_len, total = hidden_states.shape[1], state.shape[2]
+        if self.use_absorbed(q_len, total - q_len):
+            kernels = self.select_decode_kernels(query, attention_mask)
+            if kernels is not None:
+                attended = self.kernel_attention(kernels, query, state, rope_key)
+            else:
+                mask = additive(attention_mask, q_len, total, query.device)
+                attended = self.absorbed_attention(query, state, rope_key, mask)
+        else:
+            attended = self.plain_attention(query, state, rope_key, attention_mask, q_len)
+        return self.output(hidden_states, attended), None
+
+    def _check_cache(self, cache: Cache) -> None:
+        layers = getattr(cache, "layers", None)
+        if layers is not None and len(layers) > self.layer_idx and not is_compressed_cache_layer(layers[self.layer_idx]):
+            raise ValueError(
+                f"gtakit attention stores its compressed state in dynamic cache layers, got "
+                f"{type(layers[self.layer_idx]).__name__}; use the default cache (no cache_implementation)"
+            )
+
+    def output(self, hidden_states: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """`[B, heads, L, v]` attended values -> the layer output `[B, L, D]`."""
+        batch, _, q_len, _ = attended.shape
+        return self.o_proj(attended.transpose(1, 2).reshape(batch, q_len, -1))
+
+    def use_absorbed(self, q_len: int, past_len: int) -> bool:
+        if self.attention_path == "absorbed":
+            return True
+        if self.attention_path == "plain":
+            return False
+        return past_len > 0 and q_len <= MAX_ABSORBED_QUERY_LEN
+
+    def select_decode_kernels(self, query: torch.Tensor, mask: torch.Tensor | None) -> Any | None:
+        """The `gtakit.kernels` module when this absorbed step should run the Triton kernels, else None.
+
+        `decode_backend`: 'torch' never uses them; 'auto' uses them for CUDA tensors when they import; 'triton'
+        always (CPU only under TRITON_INTERPRET=1, otherwise a clear error). Cases the kernels do not cover fall
+        back to PyTorch whatever the backend: gradients (no backward), an explicit mask (padding; the kernels know
+        only causal order over the whole cache), query blocks over the kernels' limit and unsupported dtypes.
+        """
+        backend = self.decode_backend
+        if backend == "torch" or not self.supports_decode_kernels or (backend == "auto" and not query.is_cuda):
+            return None
+        kernels = decode_kernels()
+        if kernels is None:
+            if backend == "triton":
+                raise ImportError(f"decode_backend='triton' needs gtakit.kernels and triton: {_KERNEL_IMPORT_ERROR}")
+            return None
+        if not query.is_cuda and not kernels.kernels_interpreted():
+            raise RuntimeError(
+                "decode_backend='triton' on CPU needs TRITON_INTERPRET=1 set before gtakit.kernels is imported "
+                "(slow, for tests); use decode_backend='auto' or 'torch' on CPU"
+            )
+        if query.shape[2] > kernels.MAX_QUERY_LEN or query.dtype not in kernels.SUPPORTED_DTYPES:
+            return None
+        if torch.is_grad_enabled() and query.requires_grad:
+            return None
+        return kernels if mask is None else None
+
+    def sdpa(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, q_len: int
+    ) -> torch.Tensor:
+        # SDPA's fused (flash / memory-efficient) kernels need one head width for q, k and v; otherwise it falls
+        # back to the math path, which materialises the T x T scores (15x slower and ~6x the memory at 8K tokens
+        # on a CPU). Zero columns change neither the scores (the scale is explicit) nor the kept output columns.
+        qk_dim, v_dim = query.shape[-1], value.shape[-1]
+        if v_dim < qk_dim:
+            value = F.pad(value, (0, qk_dim - v_dim))
+        elif qk_dim < v_dim:
+            query, key = F.pad(query, (0, v_dim - qk_dim)), F.pad(key, (0, v_dim - qk_dim))
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(query.dtype)
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=mask is None and q_len > 1,
+            scale=self.scale,
+        )
+        return out[..., :v_dim]
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        raise NotImplementedError
+
+    def plain_attention(self, query, state, rope_key, mask, q_len):
+        raise NotImplementedError
+
+    def absorbed_attention(self, query, state, rope_key, mask):
+        raise NotImplementedError
+
+
+def source_head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rotary_pairs(config: Any) -> int:
+    """Rotating pairs of the family's RoPE per head (partial rotary counted)."""
+    head_dim = source_head_dim(config)
+    rope = getattr(config, "rope_parameters", None) or {}
+    fraction = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    return int(head_dim * fraction) // 2
+
+
+def check_positive(spec: dict, *names: str, minimum: int = 1) -> None:
+    for name in names:
+        value = spec.get(name)
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+
+
+def check_rope_index(spec: dict, pairs: int, config: Any) -> None:
+    index = spec["rope_index"]
+    available = rotary_pairs(config)
+    if len(index) != pairs:
+        raise ValueError(f"`rope_index` has {len(index)} entries for {pairs} rotating pairs")
+    if any(not 0 <= int(i) < available for i in index):
+        raise ValueError(f"`rope_index` entries must lie in [0, {available}) (the family's RoPE frequencies)")

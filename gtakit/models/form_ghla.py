@@ -1,0 +1,131 @@
+"""GHLA (grouped-head latent attention, Sun, Deng et al. 2025, whose paper calls it GTA).
+
+Flat file (copied next to converted weights for `trust_remote_code`); imports nothing from gtakit.
+
+Spec: `num_maps` M, `num_key_heads` K, `head_dim` d (query/key width, RoPE on all of it), `latent_dim` c,
+`v_head_dim` v, `attention_bias`, `o_proj_bias`, `softmax_scale`, `rope_index` (d/2 frequencies per key head,
+key head after key head). Map m scores q_m against key head m // (M / K) and attends over the single latent
+value: a_m = softmax(.) c. Output head h reads map m(h) = h // (H / M): u_h = W_dec,h a_m + a_m[:v] (zero-padded
+when c < v), then o = W_o (sigmoid(W_g x + b_g) * concat_h u_h). The cache holds the rotated keys `[B, K, T, d]`
+and the latent `[B, 1, T, c]`: K * d + c elements per token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention_gtakit import GtakitAttention, apply_rope, check_positive, check_rope_index, source_head_dim
+
+
+class GHLAAttention(GtakitAttention):
+    form = "ghla"
+
+    @classmethod
+    def normalise_spec(cls, spec: dict, config: Any) -> dict:
+        heads, head_dim = config.num_attention_heads, source_head_dim(config)
+        spec = {"num_maps": 1, "num_key_heads": 1, "head_dim": head_dim, "latent_dim": 2 * head_dim,
+                "attention_bias": False, "o_proj_bias": False, "softmax_scale": None, **spec}
+        spec.setdefault("v_head_dim", head_dim)
+        check_positive(spec, "num_maps", "num_key_heads", "latent_dim", "v_head_dim")
+        if not isinstance(spec["head_dim"], int) or spec["head_dim"] < 2 or spec["head_dim"] % 2:
+            raise ValueError(f"`head_dim` must be an even number >= 2 (full RoPE rotates pairs), got {spec['head_dim']}")
+        if heads % spec["num_maps"]:
+            valid = [n for n in range(1, heads + 1) if heads % n == 0]
+            raise ValueError(f"`num_maps` ({spec['num_maps']}) must divide the {heads} heads; valid: {valid}")
+        if spec["num_maps"] % spec["num_key_heads"]:
+            raise ValueError(f"`num_key_heads` ({spec['num_key_heads']}) must divide `num_maps` ({spec['num_maps']})")
+        pairs = spec["head_dim"] // 2
+        spec.setdefault("rope_index", cls.default_rope_index(pairs, config) * spec["num_key_heads"])
+        check_rope_index(spec, pairs * spec["num_key_heads"], config)
+        return spec
+
+    @classmethod
+    def cache_elements(cls, spec: dict) -> int:
+        return spec["num_key_heads"] * spec["head_dim"] + spec["latent_dim"]
+
+    def __init__(self, config: Any, spec: dict, layer_idx: int, decode_backend: str = "auto") -> None:
+        super().__init__(config, spec, layer_idx, decode_backend)
+        spec = self.spec
+        self.num_heads = config.num_attention_heads
+        self.num_maps = spec["num_maps"]
+        self.num_key_heads = spec["num_key_heads"]
+        self.heads_per_map = self.num_heads // self.num_maps
+        self.maps_per_key = self.num_maps // self.num_key_heads
+        self.head_dim = spec["head_dim"]
+        self.latent_dim = spec["latent_dim"]
+        self.v_dim = spec["v_head_dim"]
+        self.scale = spec["softmax_scale"] if spec["softmax_scale"] is not None else self.head_dim**-0.5
+        hidden, bias = config.hidden_size, spec["attention_bias"]
+        self.q_proj = nn.Linear(hidden, self.num_maps * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_key_heads * self.head_dim, bias=bias)
+        self.latent_proj = nn.Linear(hidden, self.latent_dim, bias=bias)
+        # Rows h*v:(h+1)*v map the attended latent of head h's map to head h's value.
+        self.value_decoder = nn.Linear(self.latent_dim, self.num_heads * self.v_dim, bias=False)
+        self.gate_proj = nn.Linear(hidden, self.num_heads * self.v_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=spec["o_proj_bias"])
+
+    def rope_cos_sin(self, position_embeddings):
+        """cos/sin `[B, K, L, d]`: every key head rotates with its own frequencies."""
+        cos, sin = position_embeddings
+        half = cos.shape[-1] // 2
+        pairs = self.head_dim // 2
+
+        def per_key_head(table: torch.Tensor) -> torch.Tensor:
+            picked = table[..., :half].index_select(-1, self.rope_index(table.device))  # [B, L, K * d/2]
+            picked = picked.view(*picked.shape[:-1], self.num_key_heads, pairs).transpose(1, 2)
+            return torch.cat((picked, picked), dim=-1)
+
+        return per_key_head(cos), per_key_head(sin)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Rotated queries `[B, M, L, d]`, rotated keys `[B, K, L, d]`, latent `[B, 1, L, c]`."""
+        batch, q_len, _ = x.shape
+        query = self.q_proj(x).view(batch, q_len, self.num_maps, self.head_dim).transpose(1, 2)
+        query = apply_rope(
+            query, cos.repeat_interleave(self.maps_per_key, dim=1), sin.repeat_interleave(self.maps_per_key, dim=1)
+        )
+        key = apply_rope(self.k_proj(x).view(batch, q_len, self.num_key_heads, self.head_dim).transpose(1, 2), cos, sin)
+        latent = self.latent_proj(x).view(batch, q_len, 1, self.latent_dim).transpose(1, 2)
+        return query, key, latent
+
+    def plain_attention(self, query, key, latent, mask, q_len):
+        """SDPA with keys repeated per map and the latent as every map's value: `[B, M, L, c]`."""
+        batch, _, total, _ = key.shape
+        key = key.repeat_interleave(self.maps_per_key, dim=1)
+        value = latent.expand(batch, self.num_maps, total, self.latent_dim)
+        return self.sdpa(query, key, value, mask, q_len)
+
+    def absorbed_attention(self, query, key, latent, mask):
+        """Scores straight from the cache, maps of one key head batched together: `[B, M, L, c]`."""
+        batch, _, q_len, _ = query.shape
+        total = key.shape[2]
+        grouped = query.reshape(batch, self.num_key_heads, self.maps_per_key * q_len, self.head_dim)
+        scores = (grouped @ key.transpose(-1, -2)).view(batch, self.num_maps, q_len, total)
+        scores = scores.float() * self.scale
+        if mask is not None:
+            scores = scores + mask
+        probs = torch.softmax(scores, dim=-1).to(latent.dtype)
+        return probs @ latent
+
+    def decode(self, maps: torch.Tensor) -> torch.Tensor:
+        """Per-head values `[B, L, H * v]` from the attended latents `[B, M, L, c]`."""
+        batch, _, q_len, _ = maps.shape
+        weight = self.value_decoder.weight.view(self.num_maps, self.heads_per_map, self.v_dim, self.latent_dim)
+        decoded = torch.einsum("bmlc,mhvc->blmhv", maps, weight)
+        # The residual lets a trained decoder start from "each head reads the latent itself".
+        residual = maps[..., : self.v_dim].transpose(1, 2)
+        if residual.shape[-1] < self.v_dim:
+            residual = F.pad(residual, (0, self.v_dim - residual.shape[-1]))
+        decoded = decoded + residual.unsqueeze(3)
+        return decoded.reshape(batch, q_len, self.num_heads * self.v_dim)
+
+    def output(self, hidden_states: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.gate_proj(hidden_states))
+        return self.o_proj(gate * self.decode(attended))
+
+
+__all__ = ["GHLAAttention"]
