@@ -11,28 +11,59 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import gtakit  # noqa: E402,F401  (registers the Auto classes)
-from gtakit.models import GHLAConfig, GLAConfig, GTAConfig  # noqa: E402
+from gtakit.models import FORMS, GtakitConfig  # noqa: E402
 
 from sources import COMMON as BASE  # noqa: E402
 from sources import LLAMA3_ROPE  # noqa: E402
 
-
-def gta_config(**overrides) -> GTAConfig:
-    kwargs = dict(BASE, num_key_value_heads=2, head_dim=16, rope_dim=8)
-    kwargs.update(overrides)
-    return GTAConfig(**kwargs)
-
-
-def gla_config(**overrides) -> GLAConfig:
-    kwargs = dict(BASE, num_latent_heads=2, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16)
-    kwargs.update(overrides)
-    return GLAConfig(**kwargs)
+# Fields of each form's layer spec; everything else configures the source (Llama) model around the attention.
+SPEC_FIELDS = {
+    "gta": ("num_key_value_heads", "head_dim", "rope_dim"),
+    "gla": ("num_latent_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
+    "ghla": ("num_maps", "num_key_heads", "head_dim", "latent_dim", "v_head_dim"),
+}
+COMMON_SPEC = ("attention_bias", "o_proj_bias", "softmax_scale", "rope_index")
 
 
-def ghla_config(**overrides) -> GHLAConfig:
-    kwargs = dict(BASE, num_maps=2, num_key_heads=1, head_dim=16, latent_dim=24, v_head_dim=16)
-    kwargs.update(overrides)
-    return GHLAConfig(**kwargs)
+def form_config(form: str, spec: dict, **overrides) -> GtakitConfig:
+    """A Llama-family gtakit config whose every layer is `form` with `spec` (overrides go to the spec when they
+    are spec fields, else to the source config)."""
+    from transformers import LlamaConfig
+
+    source = dict(BASE, num_key_value_heads=2, head_dim=16)
+    spec = {"form": form, **spec}
+    for key, value in overrides.items():
+        if key in SPEC_FIELDS[form] or key in COMMON_SPEC:
+            spec[key] = value
+        else:
+            source[key] = value
+    config = LlamaConfig(**source)
+    return GtakitConfig.from_source(config, [dict(spec) for _ in range(config.num_hidden_layers)])
+
+
+def gta_config(**overrides) -> GtakitConfig:
+    return form_config("gta", dict(num_key_value_heads=2, head_dim=16, rope_dim=8), **overrides)
+
+
+def gla_config(**overrides) -> GtakitConfig:
+    return form_config("gla", dict(num_latent_heads=2, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                   v_head_dim=16), **overrides)
+
+
+def ghla_config(**overrides) -> GtakitConfig:
+    return form_config("ghla", dict(num_maps=2, num_key_heads=1, head_dim=16, latent_dim=24, v_head_dim=16),
+                       **overrides)
+
+
+def layer_spec(config: GtakitConfig, index: int = 0) -> dict:
+    """The normalised spec of a layer (defaults filled in)."""
+    spec = config.gtakit_layers[index]
+    return FORMS[spec["form"]].normalise_spec(spec, config.source_config())
+
+
+def elements_per_layer(config: GtakitConfig, index: int = 0) -> int:
+    spec = layer_spec(config, index)
+    return FORMS[spec["form"]].cache_elements(spec)
 
 
 TINY_CONFIGS = {

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BASE, build_model, ghla_config, gla_config, gta_config
-from sources import LLAMA3_ROPE
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import BASE, build_model, elements_per_layer, ghla_config, gla_config, gta_config, layer_spec
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from gtakit.models import CompressedKVCache, GHLAConfig, GLAConfig, GTAConfig, output_cache
+from gtakit.models import CompressedKVCache, GtakitForCausalLM, output_cache
 from gtakit.models.cache_gtakit import CACHE_FIELD
 
 
@@ -25,7 +24,7 @@ def test_incremental_decoding_matches_full_forward(tiny_config):
 
     out = model(ids[:, :5])
     cache = output_cache(out)
-    assert isinstance(cache, CompressedKVCache)
+    assert isinstance(cache, DynamicCache)  # the family model's own cache holds the compressed tensors
     pieces = [out.logits]
     for t in range(5, 11):  # one token at a time
         out = model(ids[:, t : t + 1], cache=cache)
@@ -59,7 +58,7 @@ def assert_holds_compressed_state(cache, config, batch: int, tokens: int) -> Non
         state, second = layer.keys, layer.values
         assert state.shape[0] == second.shape[0] == batch
         assert state.shape[-2] == second.shape[-2] == tokens
-        assert state[0, :, 0].numel() + second[0, :, 0].numel() == config.kv_cache_elements_per_layer
+        assert state[0, :, 0].numel() + second[0, :, 0].numel() == elements_per_layer(config)
 
 
 @torch.no_grad()
@@ -83,7 +82,7 @@ def test_generate_continues_a_caller_cache(tiny_config):
     model = build_model(tiny_config)
     ids = _ids(batch=1, length=7)
     cache = output_cache(model(ids[:, :5]))
-    assert isinstance(cache, CompressedKVCache)
+    assert isinstance(cache, DynamicCache)
     assert output_cache(model(ids[:, 5:6], past_key_values=cache)) is cache
     out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                          **{CACHE_FIELD: cache})
@@ -92,6 +91,9 @@ def test_generate_continues_a_caller_cache(tiny_config):
     assert torch.equal(out.sequences, fresh)
     with pytest.raises(ValueError, match="not both"):
         model(ids[:, :2], cache=CompressedKVCache(config=tiny_config), past_key_values=cache)
+    measured = CompressedKVCache(config=tiny_config)  # the measuring cache works as the caller's cache too
+    model(ids[:, :5], **{CACHE_FIELD: measured})
+    assert measured.elements_per_token() == model.kv_cache_elements_per_token()
 
 
 @torch.no_grad()
@@ -146,27 +148,26 @@ def test_absorbed_prefill_equals_plain_prefill(tiny_config):
 def test_cache_bytes_per_token_match_formula(tiny_config):
     model = build_model(tiny_config)
     batch, length = 3, 7
-    cache = output_cache(model(_ids(batch=batch, length=length)))
-    per_layer = tiny_config.kv_cache_elements_per_layer
-    if isinstance(tiny_config, GHLAConfig):
+    cache = CompressedKVCache(config=tiny_config)
+    model(_ids(batch=batch, length=length), **{CACHE_FIELD: cache})
+    spec = layer_spec(tiny_config)
+    per_layer = elements_per_layer(tiny_config)
+    keys, values = cache.layers[0].keys, cache.layers[0].values
+    if spec["form"] == "ghla":
         # GHLA: the keys slot holds the rotated key heads, the values slot the latent value (no padding).
-        cfg = tiny_config
-        assert per_layer == cfg.num_key_heads * cfg.head_dim + cfg.latent_dim
-        assert tuple(cache.layers[0].keys.shape) == (batch, cfg.num_key_heads, length, cfg.head_dim)
-        assert tuple(cache.layers[0].values.shape) == (batch, 1, length, cfg.latent_dim)
-    elif isinstance(tiny_config, GTAConfig):
-        assert per_layer == tiny_config.num_key_value_heads * tiny_config.head_dim + tiny_config.rope_dim
-        assert tuple(cache.layers[0].state.shape) == (batch, tiny_config.num_key_value_heads, length, 16)
+        assert per_layer == spec["num_key_heads"] * spec["head_dim"] + spec["latent_dim"]
+        assert tuple(keys.shape) == (batch, spec["num_key_heads"], length, spec["head_dim"])
+        assert tuple(values.shape) == (batch, 1, length, spec["latent_dim"])
+    elif spec["form"] == "gta":
+        assert per_layer == spec["num_key_value_heads"] * spec["head_dim"] + spec["rope_dim"]
+        assert tuple(keys.shape) == (batch, spec["num_key_value_heads"], length, 16)
+        assert tuple(values.shape)[1] == 1  # the RoPE key is stored once, not per head
     else:
-        assert per_layer == tiny_config.num_latent_heads * tiny_config.kv_lora_rank + tiny_config.qk_rope_head_dim
-        assert tuple(cache.layers[0].state.shape) == (
-            batch,
-            tiny_config.num_latent_heads,
-            length,
-            tiny_config.kv_lora_rank,
-        )
-    assert tuple(cache.layers[0].rope_key.shape)[1] == 1  # stored once, not per head
+        assert per_layer == spec["num_latent_heads"] * spec["kv_lora_rank"] + spec["qk_rope_head_dim"]
+        assert tuple(keys.shape) == (batch, spec["num_latent_heads"], length, spec["kv_lora_rank"])
+        assert tuple(values.shape)[1] == 1
     expected_elements = per_layer * tiny_config.num_hidden_layers
+    assert model.kv_cache_elements_per_token() == expected_elements
     assert cache.elements_per_token() == expected_elements
     assert cache.bytes_per_token() == expected_elements * 4  # fp32
     assert cache.nbytes() == expected_elements * 4 * batch * length
@@ -180,7 +181,8 @@ def test_gta_cache_is_smaller_than_gqa_by_expected_ratio(groups):
     llama_cfg = LlamaConfig(**BASE, num_key_value_heads=groups, head_dim=head_dim)
     llama = LlamaForCausalLM(llama_cfg).eval()
     ids = _ids(batch=2, length=9)
-    gta_cache = output_cache(gta(ids))
+    gta_cache = CompressedKVCache(config=gta.config)
+    gta(ids, **{CACHE_FIELD: gta_cache})
     gqa_cache = output_cache(llama(ids, use_cache=True))
     gqa_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in gqa_cache.layers)
     ratio = gta_cache.nbytes() / gqa_bytes
@@ -196,7 +198,9 @@ def test_gla_cache_ratio_against_gqa():
     ids = _ids(batch=1, length=5)
     gqa_cache = output_cache(llama(ids, use_cache=True))
     gqa_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in gqa_cache.layers)
-    assert output_cache(gla(ids)).nbytes() / gqa_bytes == pytest.approx((2 * 16 + 8) / (2 * 2 * 16))
+    gla_cache = CompressedKVCache(config=cfg)
+    gla(ids, **{CACHE_FIELD: gla_cache})
+    assert gla_cache.nbytes() / gqa_bytes == pytest.approx((2 * 16 + 8) / (2 * 2 * 16))
 
 
 @torch.no_grad()
@@ -220,34 +224,37 @@ def test_left_padding_matches_rows_run_alone(tiny_config):
     assert torch.equal(out[1, 4:], alone[0])
 
 
-def test_rope_freqs_are_per_layer_buffers_saved_with_weights(tmp_path):
+def test_rope_index_is_per_layer_and_saved_in_the_config(tmp_path):
+    """Each layer picks its own subset of the family's RoPE frequencies; the choice lives in config.json."""
     from transformers import AutoModelForCausalLM
 
-    model = build_model(gla_config())
-    with torch.no_grad():
-        model.model.layers[1].self_attn.rope_freqs.copy_(torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+    config = gla_config()
+    config.gtakit_layers[1]["rope_index"] = [7, 5, 3, 1]
+    model = build_model(config)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert torch.equal(loaded.model.layers[1].self_attn.rope_freqs, torch.tensor([0.5, 0.25, 0.125, 0.0625]))
-    assert not torch.equal(loaded.model.layers[0].self_attn.rope_freqs, loaded.model.layers[1].self_attn.rope_freqs)
+    assert loaded.config.gtakit_layers[1]["rope_index"] == [7, 5, 3, 1]
+    assert loaded.model.layers[0].self_attn.spec["rope_index"] == [0, 1, 2, 3]
+    ids = _ids(batch=1, length=6)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-6)
 
 
-def test_fresh_model_uses_standard_rope_frequencies():
-    from transformers import LlamaConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+@torch.no_grad()
+def test_attention_uses_the_familys_rotary_table():
+    """cos/sin come from the family's own rotary embedding (scaling included), gathered at `rope_index`."""
+    from sources import LLAMA3_ROPE
 
-    rope = LLAMA3_ROPE
-    model = build_model(gta_config(rope_dim=16, rope_parameters=rope))
-    reference, _ = ROPE_INIT_FUNCTIONS["llama3"](
-        LlamaConfig(**BASE, head_dim=16, rope_parameters=rope), "cpu"
-    )
-    assert torch.allclose(model.model.layers[0].self_attn.rope_freqs, reference.float(), rtol=1e-6)
-
-    linear = build_model(gta_config(rope_dim=16, rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=4.0)))
-    plain = build_model(gta_config(rope_dim=16))
-    assert torch.allclose(
-        linear.model.layers[0].self_attn.rope_freqs, plain.model.layers[0].self_attn.rope_freqs / 4.0
-    )
+    model = build_model(gta_config(rope_parameters=LLAMA3_ROPE, rope_index=[6, 0, 3, 1]))
+    attn = model.model.layers[0].self_attn
+    x = torch.zeros(1, 40, BASE["hidden_size"])
+    positions = torch.arange(40)[None]
+    cos, sin = model.model.rotary_emb(x, positions)
+    picked_cos, picked_sin = attn.rope_cos_sin((cos, sin))
+    inv_freq = model.model.rotary_emb.inv_freq[[6, 0, 3, 1]]
+    angles = positions[0, :, None].float() * inv_freq
+    assert torch.allclose(picked_cos[0, 0], torch.cat([angles.cos()] * 2, dim=-1), atol=1e-6)
+    assert torch.allclose(picked_sin[0, 0], torch.cat([angles.sin()] * 2, dim=-1), atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -256,13 +263,13 @@ def test_fresh_model_uses_standard_rope_frequencies():
         (lambda: gta_config(rope_dim=7), "rope_dim"),
         (lambda: gta_config(rope_dim=32), "rope_dim"),
         (lambda: gta_config(num_key_value_heads=3), "num_key_value_heads"),
+        (lambda: gta_config(rope_index=[0, 1, 2, 8]), "rope_index"),
+        (lambda: gta_config(rope_index=[0, 1]), "rope_index"),
         (lambda: gla_config(num_latent_heads=3), "num_latent_heads"),
         (lambda: gla_config(qk_rope_head_dim=9), "qk_rope_head_dim"),
         (lambda: gla_config(kv_lora_rank=0), "kv_lora_rank"),
         (lambda: gla_config(qk_nope_head_dim=-1), "qk_nope_head_dim"),
         (lambda: gla_config(v_head_dim=0), "v_head_dim"),
-        (lambda: gta_config(rope_parameters=dict(rope_type="yarn", rope_theta=1e4)), "rope_type"),
-        (lambda: gta_config(hidden_size=0), "hidden_size"),
         (lambda: ghla_config(num_maps=3), "num_maps"),
         (lambda: ghla_config(num_maps=2, num_key_heads=4), "num_key_heads"),
         (lambda: ghla_config(head_dim=7), "head_dim"),
@@ -270,38 +277,27 @@ def test_fresh_model_uses_standard_rope_frequencies():
         (lambda: ghla_config(v_head_dim=0), "v_head_dim"),
     ],
 )
-def test_bad_configs_name_the_field(factory, field):
+def test_bad_specs_name_the_field(factory, field):
     with pytest.raises(ValueError, match=field):
-        factory()
+        GtakitForCausalLM(factory())
+
+
+def test_config_refuses_a_layer_list_of_the_wrong_length():
+    config = gta_config()
+    with pytest.raises(ValueError, match="gtakit_layers"):
+        type(config)(**{**config.to_dict(), "gtakit_layers": config.gtakit_layers[:1]})
 
 
 def test_gla_allows_wide_rope_and_empty_nope():
-    cfg = gla_config(qk_nope_head_dim=0, qk_rope_head_dim=64)
-    assert cfg.qk_head_dim == 64
-    assert isinstance(cfg, GLAConfig)
+    spec = layer_spec(gla_config(qk_nope_head_dim=0, qk_rope_head_dim=64))
+    assert spec["qk_nope_head_dim"] + spec["qk_rope_head_dim"] == 64
+    assert len(spec["rope_index"]) == 32  # cycles over the source's 8 frequencies
 
 
-@torch.no_grad()
-def test_dynamic_rope_changes_frequencies_past_trained_length():
-    model = build_model(
-        gta_config(max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0))
-    )
-    short = model(_ids(batch=1, length=8)).logits
-    assert torch.isfinite(short).all()
-    from gtakit.models.common_gtakit import dynamic_rope_freqs
-
-    base = model.model.layers[0].self_attn.rope_freqs
-    scaled = dynamic_rope_freqs(base, model.config.rope_parameters, seq_len=64, max_positions=16)
-    assert torch.all(scaled[1:] < base[1:]) and scaled[0] == base[0]
-
-
-def test_casting_the_model_keeps_rope_frequencies_in_float32():
+def test_casting_the_model_keeps_it_working():
     model = build_model(gla_config())
-    freqs = model.model.layers[0].self_attn.rope_freqs.clone()
     for dtype in (torch.bfloat16, torch.float16):
         model.to(dtype)
-        buffer = model.model.layers[0].self_attn.rope_freqs
-        assert buffer.dtype == torch.float32 and torch.equal(buffer, freqs)
         assert model.model.layers[0].self_attn.q_proj.weight.dtype == dtype
     with torch.no_grad():
         assert torch.isfinite(model.to(torch.bfloat16)(_ids(batch=1, length=5)).logits.float()).all()
@@ -348,8 +344,10 @@ def test_long_forward_memory_is_linear_in_the_sequence(name, tmp_path):
 
     config = gla_config(num_latent_heads=1, kv_lora_rank=32, qk_nope_head_dim=16) if name == "mla-narrow-value" \
         else TINY_CONFIGS[name]()
-    value_width = getattr(config, "latent_dim", None) or getattr(config, "v_head_dim", None) or config.head_dim
-    assert (config.qk_head_dim == value_width) == (name == "gta-g2")  # the others need the padded fused path
+    spec = layer_spec(config)
+    value_width = spec.get("latent_dim") or spec.get("v_head_dim") or spec["head_dim"]
+    qk_width = spec["head_dim"] if "head_dim" in spec else spec["qk_nope_head_dim"] + spec["qk_rope_head_dim"]
+    assert (qk_width == value_width) == (name == "gta-g2")  # the others need the padded fused path
     fields = dict(config.to_dict(), model_type=config.model_type)
     result = subprocess.run([sys.executable, "-c", LONG_FORWARD, json.dumps(fields), "8192"], capture_output=True,
                             text=True, timeout=600)

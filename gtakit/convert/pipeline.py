@@ -1,4 +1,5 @@
-"""`gtakit convert`: stream a source checkpoint layer by layer into a GTA / GLA / MLA folder."""
+"""`gtakit convert`: plan, then stream a source checkpoint layer by layer through the form converters into a sink
+(the gtakit folder, or memory)."""
 
 from __future__ import annotations
 
@@ -13,140 +14,80 @@ from tqdm.auto import tqdm
 
 import gtakit
 from gtakit.errors import GtakitError
+from gtakit.families import FamilyAdapter, FamilyChecks, family_of
+from gtakit.formats import FolderSink, MemorySink, Sink, check_shard_size
 from gtakit.io.output import OutputFolder
+from gtakit.io.source import SourceModel, check_tokenizer, open_source
 from gtakit.io.text import check_text_file, read_text
-from gtakit.models import GHLAForCausalLM, GLAForCausalLM, GTAForCausalLM
 
 from .calibration import check_calib_device, is_local_text
-from .card import build_card, dump_json
-from .decompose import convert_gla_layer, convert_gta_layer
-from .ghla import convert_ghla_layer
 from .methods import get_init_method, resolve_init
-from .plan import ConvertOptions, TargetPlan, plan_target
-from .rope import SourceAttention
-from .source import SourceModel, check_tokenizer, open_source, source_head_dim, source_inv_freq
-from .writer import StreamingShardWriter, check_shard_size
+from .options import ConvertOptions
+from .plan import ConversionPlan, plan_conversion
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-SHARED_MODEL_FILES = ("configuration_gtakit.py", "common_gtakit.py", "cache_gtakit.py")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from gtakit.io import DTYPES
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def read_attention(source: SourceModel, layer: int, inv_freq: torch.Tensor) -> SourceAttention:
-    cfg = source.config
-    prefix = f"model.layers.{layer}.self_attn."
-
-    def get(name: str, optional: bool = False) -> torch.Tensor | None:
-        if optional and not source.weights.has(prefix + name):
-            return None
-        return source.weights.get(prefix + name).to(torch.float64)
-
-    return SourceAttention(
-        wq=get("q_proj.weight"),
-        wk=get("k_proj.weight"),
-        wv=get("v_proj.weight"),
-        wo=get("o_proj.weight"),
-        bq=get("q_proj.bias", True),
-        bk=get("k_proj.bias", True),
-        bv=get("v_proj.bias", True),
-        bo=get("o_proj.bias", True),
-        num_heads=cfg.num_attention_heads,
-        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        head_dim=source_head_dim(cfg),
-        inv_freq=inv_freq,
-    )
-
-
-MODEL_FILES = {"gta": ("modeling_gta", "GTA"), "gla": ("modeling_gla", "GLA"), "mla": ("modeling_gla", "GLA"),
-               "ghla": ("modeling_ghla", "GHLA")}
-
-
-def model_class(plan: TargetPlan) -> type:
-    return {"gta": GTAForCausalLM, "ghla": GHLAForCausalLM}.get(plan.target, GLAForCausalLM)
-
-
-def meta_state_dict(plan: TargetPlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        model = model_class(plan)(plan.config)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and plan.config.tie_word_embeddings:
-            continue
-        state[name] = tensor if name.endswith("rope_freqs") else tensor.to(dtype)
-    return state
-
-
-def write_config(plan: TargetPlan, folder: Path, dtype: torch.dtype) -> None:
-    config = plan.config
-    modeling, prefix = MODEL_FILES[plan.target]
-    config.architectures = [f"{prefix}ForCausalLM"]
-    config.auto_map = {
-        "AutoConfig": f"configuration_gtakit.{prefix}Config",
-        "AutoModel": f"{modeling}.{prefix}Model",
-        "AutoModelForCausalLM": f"{modeling}.{prefix}ForCausalLM",
-    }
-    config.dtype = str(dtype).removeprefix("torch.")
-    config.save_pretrained(folder)
-    for name in (*SHARED_MODEL_FILES, f"{modeling}.py"):
-        shutil.copyfile(MODELS_DIR / name, folder / name)
-
-
-def copy_tokenizer(source: SourceModel, folder: Path, log: Callable[[str], None]) -> None:
-    if source.gguf_file is not None:
-        source.load_tokenizer().save_pretrained(folder)
-    else:
-        files = list(source.tokenizer_files())
-        for path in files:
-            shutil.copyfile(path, folder / path.name)
-        if not files:
-            log(f"warning: {source.name} has no tokenizer files; the output folder has none either")
-    source.generation_config().save_pretrained(folder)
+def open_convertible(src: str | Path | None) -> SourceModel:
+    """Open SRC and refuse, in one line, what no family adapter converts faithfully."""
+    return open_source(src, FamilyChecks())
 
 
 def iter_converted_tensors(
     source: SourceModel,
-    plan: TargetPlan,
+    plan: ConversionPlan,
     method,
     stats_for_layer: Callable[[int], object] | None,
     layer_reports: list[dict],
     progress: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the target checkpoint tensor by tensor, one source layer in memory at a time."""
-    inv_freq = source_inv_freq(source.config)
-    names = source.weights.keys()
-    for name in names:
-        if ".layers." in name or "rotary_emb" in name or not name.startswith(("model.", "lm_head")):
-            continue
-        if name == "lm_head.weight" and plan.config.tie_word_embeddings:
-            continue
-        yield name, source.weights.get(name)
-    for layer in tqdm(range(plan.config.num_hidden_layers), desc="converting layers", disable=not progress):
-        attn = read_attention(source, layer, inv_freq)
-        stats = stats_for_layer(layer) if stats_for_layer is not None else None
-        metric = method.build_metric(attn, stats)
-        metric.gta_state = plan.gta_state
-        if plan.target == "ghla":
-            cfg = plan.config
-            sample = getattr(stats, "attention_sample", None)
-            converted = convert_ghla_layer(attn, cfg.num_maps, cfg.num_key_heads, cfg.head_dim, cfg.latent_dim, metric,
-                                           sample, plan.ghla_query, cfg.softmax_scale)
-        elif plan.target == "gta":
-            converted = convert_gta_layer(attn, plan.config.num_key_value_heads, plan.config.rope_dim, metric)
+    """Yield the target checkpoint tensor by tensor, one source layer in memory at a time. The RoPE frequencies a
+    layer keeps are written into its spec in `plan` as it is converted."""
+    family, weights = plan.family, source.weights
+    by_layer: dict[int | None, list[str]] = {}
+    for name, layer in family.passthrough(weights, source.config):
+        by_layer.setdefault(layer, []).append(name)
+    for name in by_layer.get(None, []):
+        yield name, weights.get(name)
+    for index, layer in enumerate(tqdm(plan.layers, desc="converting layers", disable=not progress)):
+        stats = stats_for_layer(index) if stats_for_layer is not None else None  # sequential: every layer
+        if layer.form is None:
+            prefix = family.attention_prefix(index)
+            for name in weights.keys():
+                if name.startswith(prefix):
+                    yield name, weights.get(name)
+            layer_reports.append({"layer": index, "form": "source"})
         else:
-            cfg = plan.config
-            rope_pairs = cfg.qk_rope_head_dim // 2
-            converted = convert_gla_layer(attn, cfg.num_latent_heads, cfg.kv_lora_rank, rope_pairs, metric)
-        for name, tensor in converted.tensors.items():
-            yield f"model.layers.{layer}.self_attn.{name}", tensor
-        prefix = f"model.layers.{layer}."
-        for name in names:
-            if name.startswith(prefix) and ".self_attn." not in name:
-                yield name, source.weights.get(name)
-        layer_reports.append({"layer": layer, **{k: round(v, 6) for k, v in converted.metrics.items()}})
+            yield from _convert_layer(family, source, index, layer, method, stats, layer_reports)
+        for name in by_layer.get(index, []):
+            yield name, weights.get(name)
+
+
+def _convert_layer(family: FamilyAdapter, source: SourceModel, index: int, layer, method, stats,
+                   layer_reports: list[dict]) -> Iterator[tuple[str, torch.Tensor]]:
+    attn = family.read_attention(source.weights, source.config, index)
+    metric = method.build_metric(attn, stats)
+    converted = layer.form.convert_layer(attn, layer.spec, metric, stats, layer.options)
+    layer.spec.update(converted.spec_updates)
+    prefix = family.attention_prefix(index)
+    for name, tensor in converted.tensors.items():
+        yield prefix + name, tensor
+    layer_reports.append({"layer": index, "form": layer.name,
+                          **{k: round(v, 6) for k, v in converted.metrics.items()}})
+
+
+def stream(source: SourceModel, plan: ConversionPlan, sink: Sink, dtype: torch.dtype, method, stats_for_layer,
+           progress: bool) -> list[dict]:
+    """Convert every layer into `sink`; returns the per-layer report."""
+    sink.start(plan.config(), dtype)
+    layer_reports: list[dict] = []
+    for name, tensor in iter_converted_tensors(source, plan, method, stats_for_layer, layer_reports, progress):
+        sink.add(name, tensor)
+    return layer_reports
 
 
 def _init_method(options: ConvertOptions, has_statistics: bool):
@@ -158,30 +99,25 @@ def _init_method(options: ConvertOptions, has_statistics: bool):
     return method
 
 
-def _calibrator(source: SourceModel, options: ConvertOptions, progress: bool):
+def _calibrator(source: SourceModel, family: FamilyAdapter, options: ConvertOptions, progress: bool):
     from .calibration import collect_layer_statistics  # noqa: PLC0415 - only when calibrating
 
-    return collect_layer_statistics(source, options, progress=progress)
+    return collect_layer_statistics(source, options, progress=progress, family=family)
 
 
 def convert_in_memory(
     source: SourceModel, options: ConvertOptions, progress: bool = False, stats_for_layer=None
 ) -> tuple[torch.nn.Module, dict]:
     """Convert without writing anything (benchmarks, experiments): returns (model in float32, per-layer report)."""
-    plan = plan_target(source, options)
+    family = family_of(source.config)
+    family.check_config(source.config)
+    plan = plan_conversion(source, family, options)
     method = _init_method(options, has_statistics=stats_for_layer is not None)
     if method.needs_calibration and stats_for_layer is None:
-        stats_for_layer = _calibrator(source, options, progress)
-    model = model_class(plan)(plan.config).eval()
-    layer_reports: list[dict] = []
-    state = dict(iter_converted_tensors(source, plan, method, stats_for_layer, layer_reports, progress))
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and plan.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"converted state does not match the model: missing {missing}, unexpected {unexpected}")
-    if plan.config.tie_word_embeddings:
-        model.tie_weights()
-    return model, {"layers": layer_reports, "plan": plan}
+        stats_for_layer = _calibrator(source, family, options, progress)
+    sink = MemorySink()
+    layer_reports = stream(source, plan, sink, torch.float32, method, stats_for_layer, progress)
+    return sink.finish(plan.config(), {}), {"layers": layer_reports, "plan": plan}
 
 
 def convert(
@@ -207,87 +143,102 @@ def convert(
     if options.calib is not None and is_local_text(options.calib):
         check_text_file(options.calib, "--calib")
     eval_text = _read_eval_text(options)  # before minutes of calibration, not after
-    source = open_source(src)
+    source = open_convertible(src)
+    family = family_of(source.config)
     if method.needs_calibration or eval_text is not None:
         check_tokenizer(source)
-    plan = plan_target(source, options)
-    dtype = DTYPES[options.dtype] if options.dtype != "auto" else source.weights.get("model.embed_tokens.weight").dtype
-    num_layers = source.config.num_hidden_layers
-    before = plan.source_elements_per_layer * num_layers
-    after = plan.target_elements_per_layer * num_layers
+    plan = plan_conversion(source, family, options)
+    dtype = DTYPES[options.dtype] if options.dtype != "auto" else source.weights.get(family.embedding_name).dtype
+    before, after = plan.source_elements_per_token, plan.target_elements_per_token
     if options.init == "svd":
         log("no --calib text: weight-only SVD initialisation; pass --calib FILE for far better quality")
-    log(f"KV cache per token: {before} -> {after} elements ({after / before:.1%}), {plan.target} {_summary(plan)}")
+    log(f"KV cache per token: {before} -> {after} elements ({after / before:.1%}), {_summary(plan)}")
 
-    stats_for_layer = _calibrator(source, options, progress) if method.needs_calibration else None
+    stats_for_layer = _calibrator(source, family, options, progress) if method.needs_calibration else None
 
     with output.staging() as tmp:
-        writer = StreamingShardWriter(tmp, meta_state_dict(plan, dtype), options.max_shard_size)
-        layer_reports: list[dict] = []
-        for name, tensor in iter_converted_tensors(source, plan, method, stats_for_layer, layer_reports, progress):
-            writer.add(name, tensor)
-        writer.finish()
-        write_config(plan, tmp, dtype)
-        copy_tokenizer(source, tmp, log)
-
-        element_size = torch.empty(0, dtype=dtype).element_size()
-        report = {
-            "gtakit_version": gtakit.__version__,
-            "source": {
-                "name": source.name,
-                "kind": source.kind,
-                "model_type": source.config.model_type,
-                "num_attention_heads": source.config.num_attention_heads,
-                "num_key_value_heads": getattr(source.config, "num_key_value_heads", None),
-                "head_dim": source_head_dim(source.config),
-            },
-            "target": plan.target,
-            "settings": options.to_dict(),
-            "architecture": _architecture(plan),
-            "kv_cache": {
-                "dtype": str(dtype).removeprefix("torch."),
-                "elements_per_token_before": before,
-                "elements_per_token_after": after,
-                "bytes_per_token_before": before * element_size,
-                "bytes_per_token_after": after * element_size,
-                "elements_per_token_per_layer_before": plan.source_elements_per_layer,
-                "elements_per_token_per_layer_after": plan.target_elements_per_layer,
-                "ratio": after / before,
-            },
-            "layers": layer_reports,
-        }
+        sink = FolderSink(tmp, options.max_shard_size)
+        layer_reports = stream(source, plan, sink, dtype, method, stats_for_layer, progress)
+        tokenizer = source.load_tokenizer() if source.gguf_file is not None else None
+        sink.finish(plan.config(), None, tokenizer=tokenizer, generation_config=source.generation_config())
+        if tokenizer is None:
+            _copy_tokenizer_files(source, tmp, log)
+        report = _report(source, plan, options, dtype, layer_reports)
         if eval_text is not None:
             report["evaluation"] = _evaluate(source, tmp, eval_text, options, progress)
         report["wall_time_s"] = round(time.time() - started, 2)
         report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        (tmp / "conversion.json").write_text(dump_json(report))
-        build_card(report).save(tmp / "README.md")
+        sink.write_report(report)
     log(f"wrote {out} in {report['wall_time_s']:.1f}s (peak RSS {report['peak_rss_mb']:.0f} MB)")
     return report
 
 
-def _summary(plan: TargetPlan) -> str:
-    cfg = plan.config
-    if plan.target == "gta":
-        return f"(groups={cfg.num_key_value_heads}, head_dim={cfg.head_dim}, rope_dim={cfg.rope_dim})"
-    if plan.target == "ghla":
-        return (
-            f"(maps={cfg.num_maps}, key_heads={cfg.num_key_heads}, key_dim={cfg.head_dim}, "
-            f"latent_dim={cfg.latent_dim})"
-        )
-    return (
-        f"(latent_heads={cfg.num_latent_heads}, kv_rank={cfg.kv_lora_rank}, rope_dim={cfg.qk_rope_head_dim}, "
-        f"nope_dim={cfg.qk_nope_head_dim})"
-    )
+def _copy_tokenizer_files(source: SourceModel, folder: Path, log: Callable[[str], None]) -> None:
+    files = list(source.tokenizer_files())
+    for path in files:
+        shutil.copyfile(path, folder / path.name)
+    if not files:
+        log(f"warning: {source.name} has no tokenizer files; the output folder has none either")
 
 
-def _architecture(plan: TargetPlan) -> dict:
-    cfg = plan.config
-    fields = {
-        "gta": ("num_key_value_heads", "head_dim", "rope_dim"),
-        "ghla": ("num_maps", "num_key_heads", "head_dim", "latent_dim", "v_head_dim"),
-    }.get(plan.target, ("num_latent_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
-    return {"model_type": cfg.model_type, **{name: getattr(cfg, name) for name in fields}}
+def _report(source: SourceModel, plan: ConversionPlan, options: ConvertOptions, dtype: torch.dtype,
+            layer_reports: list[dict]) -> dict:
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    before, after = plan.source_elements_per_token, plan.target_elements_per_token
+    shape = plan.shape
+    return {
+        "gtakit_version": gtakit.__version__,
+        "source": {
+            "name": source.name,
+            "kind": source.kind,
+            "model_type": source.config.model_type,
+            "num_attention_heads": shape.num_heads,
+            "num_key_value_heads": shape.num_kv_heads,
+            "head_dim": shape.head_dim,
+        },
+        "target": options.target,
+        "target_title": plan.layers_title(),
+        "settings": options.to_dict(),
+        "architecture": _architecture(plan),
+        "kv_cache": {
+            "dtype": str(dtype).removeprefix("torch."),
+            "elements_per_token_before": before,
+            "elements_per_token_after": after,
+            "bytes_per_token_before": before * element_size,
+            "bytes_per_token_after": after * element_size,
+            "elements_per_token_per_layer_before": shape.cache_elements,
+            "elements_per_token_per_layer": plan.layer_elements,
+            "ratio": after / before,
+        },
+        "layers": layer_reports,
+    }
+
+
+def _summary(plan: ConversionPlan) -> str:
+    """One log line: the form and widths, per run of equal layers."""
+    runs: list[tuple[str, int, int]] = []
+    for index, layer in enumerate(plan.layers):
+        text = layer.name if layer.form is None else f"{layer.name} ({layer.form.summary(layer.spec)})"
+        if runs and runs[-1][0] == text:
+            runs[-1] = (text, runs[-1][1], index)
+        else:
+            runs.append((text, index, index))
+    if len(runs) == 1:
+        return runs[0][0]
+    return "; ".join(f"layers {a}-{b}: {text}" if a != b else f"layer {a}: {text}" for text, a, b in runs)
+
+
+def _architecture(plan: ConversionPlan) -> dict:
+    """Report fields: the widths of the converted layers (one value when all agree, else one per layer)."""
+    arch: dict = {"model_type": "gtakit", "source_model_type": plan.source_config.model_type,
+                  "forms": [layer.name for layer in plan.layers] if len(plan.targets) > 1 else plan.targets[0]}
+    converted = [layer for layer in plan.layers if layer.form is not None]
+    names = dict.fromkeys(name for layer in converted for name in layer.form.report_fields)
+    for name in names:
+        values = [layer.spec.get(name) for layer in plan.layers]
+        present = [v for layer, v in zip(plan.layers, values) if layer.form is not None and name in layer.spec]
+        arch[name] = present[0] if len(set(map(str, present))) == 1 and len(present) == len(plan.layers) else values
+    return arch
 
 
 def _inputs(src: str | Path | None, options: ConvertOptions) -> list[tuple[Path, str]]:

@@ -17,12 +17,12 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import gtakit  # noqa: F401 - registers the gtakit architectures
-    from gtakit.convert.source import open_source, read_config
+    from gtakit.io.source import open_source, read_config
 
     path = Path(model).expanduser() if model is not None else None
     try:
         # The tokenizer first: it is cheap, and a missing one should fail before minutes of loading weights.
-        if path is not None and path.is_dir() and str(read_config(path).get("model_type", "")).startswith("gtakit_"):
+        if path is not None and path.is_dir() and read_config(path).get("model_type") == "gtakit":
             tokenizer = AutoTokenizer.from_pretrained(path)
             return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tokenizer
         source = open_source(model)
@@ -53,7 +53,7 @@ def kv_bytes_per_token(model, tokens: int = 8) -> dict:
 def conversion_source(folder: str | Path) -> str | None:
     """What a converted folder was made from (its conversion.json), as `load_model` takes it: a path or Hub id,
     or None for the bundled SmolLM2 GGUF."""
-    from gtakit.convert.source import SMOLLM2_GGUF
+    from gtakit.io.source import SMOLLM2_GGUF
 
     report_path = Path(folder).expanduser() / "conversion.json"
     if not report_path.is_file():

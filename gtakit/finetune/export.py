@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -11,16 +10,11 @@ from typing import Callable
 import torch
 
 import gtakit
-from gtakit.convert.card import build_card, dump_json
-from gtakit.convert.pipeline import DTYPES, write_config
-from gtakit.convert.plan import TargetPlan
+from gtakit.formats import write_model
 
 from .recipe import Recipe
 
-
-def _target_of(config) -> str:
-    """gtakit_gta -> gta etc.: the converter's key for the modeling file and class prefix."""
-    return config.model_type.removeprefix("gtakit_")
+from gtakit.io import DTYPES
 
 
 def merged_model(recipe: Recipe, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -74,34 +68,21 @@ def _write(recipe, tokenizer, state, after, data, started, say, state_dict) -> d
             if recipe.lora.save_adapter:
                 model.save_pretrained(tmp / "lora-adapter")
             model = model.merge_and_unload()
-        config = model.config
         dtype = DTYPES.get(recipe.output.dtype) or _input_dtype(recipe)
-        # rope_freqs stay float32 whatever the weights' dtype (see CompressedAttentionBase._apply).
-        model.to(dtype)
-        model.save_pretrained(tmp, max_shard_size=recipe.output.max_shard_size)
-        write_config(TargetPlan(target=_target_of(config), config=config, source_elements_per_layer=0), tmp, dtype)
-        tokenizer.save_pretrained(tmp)
-        generation = Path(recipe.model.path).expanduser() / "generation_config.json"
-        if generation.exists():
-            shutil.copyfile(generation, tmp / "generation_config.json")
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-
         report = _report(recipe, state, after, data, started)
+        report.setdefault("name", out.name)
         kv = report.get("kv_cache")
         if kv and kv.get("dtype") != str(dtype).removeprefix("torch."):  # saved in another dtype than converted
             size = torch.empty(0, dtype=dtype).element_size()
             kv["dtype"] = str(dtype).removeprefix("torch.")
             kv["bytes_per_token_before"] = kv["elements_per_token_before"] * size
             kv["bytes_per_token_after"] = kv["elements_per_token_after"] * size
-        (tmp / "conversion.json").write_text(dump_json(report))
-        if "source" in report:
-            card = build_card(report)
-        else:
-            from huggingface_hub import ModelCard
-
-            sections = "\n\n".join(f"## {title}\n\n{body}" for title, body in report["card_sections"])
-            card = ModelCard(f"---\nlibrary_name: transformers\ntags: [gtakit]\n---\n\n# {out.name}\n\n{sections}\n")
-        card.save(tmp / "README.md")
+        generation = Path(recipe.model.path).expanduser() / "generation_config.json"
+        files = {"recipe.yaml": recipe.to_yaml()}
+        if generation.exists():
+            files["generation_config.json"] = generation.read_text()
+        write_model(model.to(dtype), tmp, dtype, report, recipe.output.max_shard_size, tokenizer=tokenizer,
+                    files=files)
     say(f"wrote {out}")
     return report
 

@@ -21,7 +21,7 @@ from .data import RowSampler, load_packed_data, resolve_files
 from .modes import apply_mode, count_parameters, cross_entropy, distillation_kl
 from .recipe import Recipe
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from gtakit.io import DTYPES
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
 
 
@@ -71,7 +71,7 @@ def preflight(recipe: Recipe, resume: bool) -> None:
     if not model_path.exists() and (recipe.model.path.startswith((".", "/", "~")) or recipe.model.path.count("/") > 1):
         raise GtakitError(f"model.path {model_path} does not exist; convert a model first (gtakit convert)")
     if not model_path.exists():  # a Hub id: fetch (or find in the cache) now, not after the data are tokenised
-        from gtakit.convert.source import resolve_hub
+        from gtakit.io.source import resolve_hub
 
         resolve_hub(recipe.model.path)
     if recipe.loss.kind != "ce":
@@ -241,7 +241,7 @@ def _finetune(recipe: Recipe, resume: bool, progress: bool, log, callback, start
     say(f"data: {len(data.train)} training and {len(data.eval)} evaluation sequences of {t.seq_len} tokens")
 
     model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=DTYPES[recipe.model.dtype])
-    if not str(getattr(model.config, "model_type", "")).startswith("gtakit_"):
+    if getattr(model.config, "model_type", "") != "gtakit":
         raise GtakitError(f"{recipe.model.path} is not a gtakit model ({model.config.model_type}); convert it first")
     if t.gradient_checkpointing:
         enable_checkpointing(model)
@@ -379,7 +379,7 @@ def _check_resumed_recipe(recipe: Recipe, ckpt_dir: Path, resume: bool, say: Cal
 
 
 def _bundled() -> Path:
-    from gtakit.convert.source import bundled_smollm2
+    from gtakit.io.source import bundled_smollm2
 
     return bundled_smollm2()
 

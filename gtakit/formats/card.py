@@ -6,15 +6,11 @@ import json
 
 from huggingface_hub import ModelCard, ModelCardData
 
-FORM_NAMES = {
-    "gta": "GTA (grouped-tied attention)",
-    "gla": "GLA (grouped latent attention)",
-    "mla": "MLA (multi-head latent attention, GLA with one latent head)",
-    "ghla": "GHLA (grouped-head latent attention: shared attention maps, one latent value)",
-}
-
-
 def build_card(report: dict) -> ModelCard:
+    """The card of a converted (and maybe uptrained) folder from its conversion.json report."""
+    if "source" not in report:  # uptrained from a folder without a conversion report
+        sections = "\n\n".join(f"## {title}\n\n{body}" for title, body in report.get("card_sections", []))
+        return ModelCard(f"---\nlibrary_name: transformers\ntags: [gtakit]\n---\n\n# {report['name']}\n\n{sections}\n")
     source = report["source"]
     kv = report["kv_cache"]
     target = report["target"]
@@ -29,7 +25,7 @@ def build_card(report: dict) -> ModelCard:
     )
     arch = "\n".join(f"| `{key}` | `{value}` |" for key, value in report["architecture"].items())
     lines = [
-        f"# {source['name']} converted to {FORM_NAMES[target]}",
+        f"# {source['name']} converted to {report['target_title']}",
         "",
         f"Converted with [gtakit](https://pypi.org/project/gtakit/) {report['gtakit_version']} from "
         f"`{source['name']}` ({source['model_type']}, {source['kind']}). The attention now caches only "

@@ -11,15 +11,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from gtakit.errors import GtakitError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_SOURCE_ROPE = ("default", "linear", "llama3", "dynamic")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -209,51 +207,58 @@ def resolve_hub(repo_id: str) -> Path:
         raise GtakitError(f"cannot download {repo_id!r} from the Hub: {str(err).splitlines()[0]}") from None
 
 
-def open_source(src: str | Path | None) -> SourceModel:
+class SourceChecks(Protocol):
+    """What a caller refuses before any work (the converter: the family adapters); each raises GtakitError."""
+
+    def check_raw(self, raw: dict, path: Path) -> None: ...
+
+    def check_config(self, config: Any) -> None: ...
+
+    def check_weights(self, config: Any, reader: WeightReader, folder: Path) -> None: ...
+
+
+def open_source(src: str | Path | None, checks: SourceChecks | None = None) -> SourceModel:
     """Open SRC: a local HF folder, a `.gguf` file, a Hub id, or None for the bundled SmolLM2-135M."""
     path = bundled_smollm2() if src is None else Path(src).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise GtakitError(f"{path} is a file but not a .gguf; pass a model folder, a .gguf file or a Hub id")
-        return _open_gguf(path)
+        return _open_gguf(path, checks)
     if path.is_dir():
-        return _open_folder(path, name=str(src), kind="folder")
+        return _open_folder(path, name=str(src), kind="folder", checks=checks)
     text = str(src)
     looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1
     if looks_local or not HUB_ID.match(text):
         raise GtakitError(f"source {text!r} does not exist; pass a model folder, a .gguf file or a Hub id")
     folder = resolve_hub(text)
-    return _open_folder(folder, name=text, kind="hub")
+    return _open_folder(folder, name=text, kind="hub", checks=checks)
 
 
-def _open_folder(folder: Path, name: str, kind: str) -> SourceModel:
+def _open_folder(folder: Path, name: str, kind: str, checks: SourceChecks | None) -> SourceModel:
     from transformers import AutoConfig
 
     raw = read_config(folder)
-    if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise GtakitError(unsupported_message(raw.get("model_type"), "architecture"))
+    if checks is not None:
+        checks.check_raw(raw, folder / "config.json")
     try:
         config = AutoConfig.from_pretrained(folder)
     except (ValueError, TypeError, KeyError) as err:
         raise GtakitError(f"{folder / 'config.json'} is not a valid config: {str(err).splitlines()[0]}") from None
-    check_supported(config)
+    if checks is not None:
+        checks.check_config(config)
     if any(folder.glob("*.safetensors")):
         reader: WeightReader = SafetensorsReader(folder)
     elif (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
         reader = TorchBinReader(folder)
     else:
         raise GtakitError(f"{folder} has no *.safetensors or pytorch_model.bin weights")
-    check_weight_shapes(config, reader, folder)
+    if checks is not None:
+        checks.check_weights(config, reader, folder)
     return SourceModel(name=name, kind=kind, config=config, weights=reader, folder=folder)
 
 
-# Without these a config silently takes transformers' defaults (a 7B Llama's widths).
-REQUIRED_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                          "vocab_size")
-
-
 def read_config(folder: Path) -> dict:
-    """config.json as a dict with the fields a decoder needs, or a one-line refusal."""
+    """config.json as a dict, or a one-line refusal."""
     path = folder / "config.json"
     if not path.is_file():
         raise GtakitError(f"{folder} has no config.json; it is not a Hugging Face model folder")
@@ -263,43 +268,10 @@ def read_config(folder: Path) -> dict:
         raise GtakitError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise GtakitError(f"{path} is not a JSON object; it is not a model config")
-    if raw.get("model_type") in SUPPORTED_MODEL_TYPES:
-        missing = [name for name in REQUIRED_CONFIG_FIELDS if name not in raw]
-        if missing:
-            raise GtakitError(f"{path} lacks {', '.join(missing)}; a config must state the model's sizes")
     return raw
 
 
-def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """Shapes the config implies for the embedding, every layer's projections, and the output head."""
-    d, h = config.hidden_size, config.num_attention_heads
-    g, hd, inner = getattr(config, "num_key_value_heads", None) or h, source_head_dim(config), config.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, d)}
-    for i in range(config.num_hidden_layers):
-        pre = f"model.layers.{i}."
-        shapes.update({
-            pre + "self_attn.q_proj.weight": (h * hd, d), pre + "self_attn.k_proj.weight": (g * hd, d),
-            pre + "self_attn.v_proj.weight": (g * hd, d), pre + "self_attn.o_proj.weight": (d, h * hd),
-            pre + "mlp.gate_proj.weight": (inner, d), pre + "mlp.up_proj.weight": (inner, d),
-            pre + "mlp.down_proj.weight": (d, inner),
-        })
-    return shapes
-
-
-def check_weight_shapes(config: Any, reader: WeightReader, folder: Path) -> None:
-    """Compare the weight files' headers with the config before any work; name the first disagreement."""
-    missing = [name for name in expected_shapes(config) if not reader.has(name)]
-    if missing:
-        raise GtakitError(f"{folder}: the weights lack {missing[0]} (and {len(missing) - 1} more) that config.json "
-                          "implies; the checkpoint is incomplete or for another config")
-    for name, shape in expected_shapes(config).items():
-        actual = reader.shape(name)
-        if actual != shape:
-            raise GtakitError(f"{folder}: {name} has shape {list(actual)} but config.json implies {list(shape)}; "
-                              "the weights and the config disagree")
-
-
-def _open_gguf(path: Path) -> SourceModel:
+def _open_gguf(path: Path, checks: SourceChecks | None) -> SourceModel:
     from transformers import AutoModelForCausalLM
 
     try:
@@ -308,7 +280,8 @@ def _open_gguf(path: Path) -> SourceModel:
         raise GtakitError(f"reading GGUF needs the gguf package: pip install 'gtakit[gguf]' ({err})") from None
     except (ValueError, OSError, KeyError) as err:
         raise GtakitError(f"cannot load {path} with transformers' GGUF reader: {str(err).splitlines()[0]}") from None
-    check_supported(model.config)
+    if checks is not None:
+        checks.check_config(model.config)
     state = dict(model.state_dict())
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -321,57 +294,3 @@ def _open_gguf(path: Path) -> SourceModel:
         gguf_file=path.name,
         extra={"model": model},
     )
-
-
-def unsupported_message(model_type: str | None, what: str) -> str:
-    return (
-        f"model_type {model_type!r}: unsupported {what}; gtakit converts Llama-family decoders "
-        f"({', '.join(SUPPORTED_MODEL_TYPES)}) with RoPE, separate q/k/v projections and full attention"
-    )
-
-
-def check_supported(config: Any) -> None:
-    """Refuse, with one line, anything the converter cannot convert faithfully."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise GtakitError(unsupported_message(model_type, "architecture"))
-    if getattr(config, "use_qk_norm", False) or getattr(config, "qk_norm", False):
-        raise GtakitError(unsupported_message(model_type, "QK-norm"))
-    window = getattr(config, "sliding_window", None)
-    uses_window = getattr(config, "use_sliding_window", window is not None)
-    if window is not None and uses_window and window < getattr(config, "max_position_embeddings", 0):
-        raise GtakitError(unsupported_message(model_type, f"sliding-window attention (window {window})"))
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(kind != "full_attention" for kind in layer_types):
-        raise GtakitError(unsupported_message(model_type, "sliding-window layers"))
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in SUPPORTED_SOURCE_ROPE:
-        raise GtakitError(unsupported_message(model_type, f"RoPE scaling {rope_type!r}"))
-    if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
-        raise GtakitError(unsupported_message(model_type, "partial rotary embeddings"))
-    if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
-        raise GtakitError(unsupported_message(model_type, f"activation {config.hidden_act!r}"))
-    if source_head_dim(config) % 2:
-        raise GtakitError(unsupported_message(model_type, "odd head_dim"))
-
-
-def source_head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def source_rope_parameters(config: Any) -> dict:
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    rope.setdefault("rope_type", rope.pop("type", "default"))
-    if "rope_theta" not in rope:
-        rope["rope_theta"] = float(getattr(config, "rope_theta", 10000.0))
-    return rope
-
-
-def source_inv_freq(config: Any) -> torch.Tensor:
-    """The source's RoPE inverse frequencies [d/2] (static scaling applied), float64."""
-    from gtakit.models.common_gtakit import apply_static_rope_scaling, standard_rope_freqs
-
-    rope = source_rope_parameters(config)
-    freqs = standard_rope_freqs(source_head_dim(config), float(rope["rope_theta"]))
-    return apply_static_rope_scaling(freqs, rope).double()

@@ -22,8 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from .decompose import ConvertedLayer, LayerMetric, _fold_value_bias, _moment, _sqrt_psd, _top_basis
-from .rope import SourceAttention, select_shared_rope
+from typing import Any
+
+from gtakit.errors import GtakitError
+from gtakit.families.base import SourceAttention, SourceShape
+
+from .base import ConvertedLayer, FormConverter, as_width, check_rope_dim, divisors
+from .linalg import LayerMetric, _fold_value_bias, _moment, _sqrt_psd, _top_basis
+from .rope import select_shared_rope
 
 GATE_BIAS = 6.0  # sigmoid(6) = 0.9975: the gate passes (nearly) everything and still has gradient to train
 QUERY_CHOICES = ("auto", "mean", "central", "fit")
@@ -232,7 +238,7 @@ def convert_ghla_layer(
     x = sample.double() if sample is not None else None
     source_probs = _source_probs(src, x, scale) if x is not None else None
 
-    q_rows, q_bias, k_rows, k_bias, freqs = [], [], [], [], []
+    q_rows, q_bias, k_rows, k_bias, freqs, rope_index = [], [], [], [], [], []
     order: list[int] = []  # output slot -> source query head
     agreements, member_agreements, key_kept = [], [], []
     candidate_agreements: dict[str, list[float]] = {"mean": [], "central": [], "fit": []}
@@ -313,6 +319,7 @@ def convert_ghla_layer(
         k_rows.append(key)
         k_bias.append(key_b)
         freqs.append(rope.freqs)
+        rope_index += rope.index
 
     # Latent value: PCA of all KV heads' values (output-weighted when the method gives weights).
     values = src.wv  # [G d, D]
@@ -339,7 +346,6 @@ def convert_ghla_layer(
         "gate_proj.weight": src.wq.new_zeros(H * d, src.wq.shape[1]),
         "gate_proj.bias": src.wq.new_full((H * d,), GATE_BIAS),
         "o_proj.weight": torch.cat(o_cols, dim=1),
-        "rope_freqs": torch.cat(freqs),
     }
     if src.bq is not None or src.bk is not None:
         zeros = src.wq.new_zeros(key_dim)
@@ -361,4 +367,46 @@ def convert_ghla_layer(
         for name, values in candidate_agreements.items():
             if values:
                 metrics[f"map_agreement_{name}_query"] = sum(values) / len(values)
-    return ConvertedLayer(tensors, metrics)
+    return ConvertedLayer(tensors, metrics, {"rope_index": rope_index})
+
+
+class GHLAConverter(FormConverter):
+    name = model_form = "ghla"
+    title = "GHLA (grouped-head latent attention: shared attention maps, one latent value)"
+    options = ("maps", "key_heads", "latent_dim", "ghla_query")
+    report_fields = ("num_maps", "num_key_heads", "head_dim", "latent_dim", "v_head_dim")
+
+    def plan(self, shape: SourceShape, options: Any) -> dict:
+        """`--maps` maps sharing `--key-heads` fully rotary keys of width `--rope-dim`, one latent value."""
+        H, G, d, D = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size
+        maps = options.maps if options.maps is not None else (G if G < H else (H // 4 if H % 4 == 0 else H))
+        if maps < 1 or H % maps:
+            raise GtakitError(f"--maps {maps} must divide the {H} query heads; valid: {divisors(H)}")
+        key_heads = options.key_heads if options.key_heads is not None else 1
+        valid_keys = [k for k in divisors(G) if maps % k == 0]
+        if key_heads not in valid_keys:
+            raise GtakitError(f"--key-heads {key_heads} must divide both the {G} source KV heads and --maps {maps}; "
+                              f"valid: {valid_keys}")
+        max_key = (G // key_heads) * d
+        rope_dim = as_width(options.rope_dim, "rope-dim")
+        rope_dim = d if rope_dim is None else max_key if rope_dim == "full" else rope_dim
+        check_rope_dim(rope_dim, max_key)
+        full_latent = min(G * d, D)
+        latent = as_width(options.latent_dim, "latent-dim")
+        if latent is None:
+            # Half the source cache in total (their 1B model: 64 key + 128 latent), at least one head dim.
+            latent = min(full_latent, max(d, shape.cache_elements // 2 - key_heads * rope_dim))
+        elif latent == "full":
+            latent = full_latent
+        if not 1 <= latent <= full_latent:
+            raise GtakitError(f"--latent-dim {latent} is out of range: it must be between 1 and {full_latent}")
+        if options.ghla_query not in QUERY_CHOICES:
+            raise GtakitError(f"--ghla-query must be auto, mean, central or fit; got {options.ghla_query!r}")
+        return {**self.common_spec(shape), "num_maps": maps, "num_key_heads": key_heads, "head_dim": rope_dim,
+                "latent_dim": latent, "v_head_dim": d}
+
+    def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
+                      options: Any) -> ConvertedLayer:
+        sample = getattr(stats, "attention_sample", None)
+        return convert_ghla_layer(attn, spec["num_maps"], spec["num_key_heads"], spec["head_dim"],
+                                  spec["latent_dim"], metric, sample, options.ghla_query, spec["softmax_scale"])

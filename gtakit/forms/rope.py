@@ -14,34 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class SourceAttention:
-    """One source attention layer in float64. Rows follow HF layout (head-major, rotate-half inside a head)."""
-
-    wq: torch.Tensor  # [H*d, D]
-    wk: torch.Tensor  # [G*d, D]
-    wv: torch.Tensor  # [G*d, D]
-    wo: torch.Tensor  # [D, H*d]
-    bq: torch.Tensor | None
-    bk: torch.Tensor | None
-    bv: torch.Tensor | None
-    bo: torch.Tensor | None
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    inv_freq: torch.Tensor  # [d/2], RoPE scaling already applied
-
-    @property
-    def group_of_head(self) -> list[int]:
-        per = self.num_heads // self.num_kv_heads
-        return [h // per for h in range(self.num_heads)]
-
-    def q_rows(self, head: int) -> slice:
-        return slice(head * self.head_dim, (head + 1) * self.head_dim)
-
-    def kv_rows(self, group: int) -> slice:
-        return slice(group * self.head_dim, (group + 1) * self.head_dim)
+from gtakit.families.base import SourceAttention
 
 
 @dataclass
@@ -55,6 +28,11 @@ class RopeSelection:
     query_bias: list[torch.Tensor] | None
     residual_key: list[torch.Tensor]  # per KV head [d, D]: key minus its kept components (rotation dropped)
     score_energy_kept: float  # share of the ranking score held by the kept components
+
+    @property
+    def index(self) -> list[int]:
+        """The source frequency index of every kept pair (what the model's `rope_index` stores)."""
+        return [i for i, _ in self.kept]
 
 
 def _energy(rows: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""The settings of one conversion: one dataclass whose help texts also make the `gtakit convert` options."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from gtakit.errors import GtakitError
+
+
+def option(default: Any, help: str, cli_type: type | None = None, flag: str | None = None) -> Any:  # noqa: A002
+    """A dataclass field with its `gtakit convert` help (and the CLI type and flag when they differ)."""
+    metadata = {"help": help, "cli_type": cli_type, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ConvertOptions:
+    """Settings of one conversion; `gtakit convert --help` is generated from these fields."""
+
+    target: str = option("gla", "Target form: gta, gla, mla or ghla.", flag="--to")
+    groups: int | None = option(None, "GTA: number of tied-state groups (default: source KV heads).")
+    latent_heads: int | None = option(
+        None, "GLA: latent heads (default 2 if it divides the query and KV heads, else the KV heads).")
+    kv_rank: int | str | None = option(
+        None, "GLA/MLA: latent width per latent head, or 'full' (lossless). Default: the papers' budget.", str)
+    rope_dim: int | str | None = option(
+        None, "Width of the shared RoPE key, or 'full' (every RoPE component; GLA/MLA lossless). Default: GTA d/2; "
+        "GLA/MLA about a third of the cache, 24 to min(64, d).", str)
+    maps: int | None = option(None, "GHLA: attention maps per layer (default: the source KV heads; H/4 for MHA).")
+    key_heads: int | None = option(None, "GHLA: fully rotary key heads (default 1).")
+    latent_dim: int | str | None = option(
+        None, "GHLA: latent value width, or 'full' (lossless). Default: half the source cache minus keys.", str)
+    ghla_query: str = option(
+        "auto", "GHLA map query: auto (better of mean and central, measured on --calib), mean (least squares), "
+        "central head, or fit (members' queries combined to fit their attention maps; needs --calib; slow).")
+    gta_state: str = option("joint", "GTA tied state: joint (key/value subspace) or value (exact values).")
+    layers: list[str] = option(
+        [], "Per-layer settings, repeatable: RANGE:source keeps those layers' own attention; RANGE:key=value,... "
+        "overrides options there (to, kv_rank, rope_dim, latent_heads, groups, ...). RANGE: 3, 0-5 or 12-.",
+        flag="--layer")
+    init: str = option("auto", "Initialisation: auto (aware with --calib, else svd), svd, pca or aware.")
+    calib: str | None = option(None, "Calibration text (plain text or JSON lines with 'text').")
+    calib_tokens: int = option(262144, "Calibration tokens.")
+    calib_seq_len: int = option(2048, "Calibration sequence length.")
+    calib_device: str = option("auto", "Device for calibration: auto (cuda if available), cpu, cuda.")
+    dtype: str = option("auto", "Output dtype: auto (the source's), float32, bfloat16 or float16.")
+    max_shard_size: str = option("5GB", "Largest safetensors shard.")
+    eval_text: str | None = option(None, "Measure source and converted perplexity on this text.")
+    eval_tokens: int = option(65536, "Tokens of --eval-text to use.")
+    eval_window: int = option(1024, "Tokens per perplexity window for --eval-text.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Options a --layer override may set (what shapes one layer), by field name.
+PER_LAYER = ("target", "groups", "latent_heads", "kv_rank", "rope_dim", "maps", "key_heads", "latent_dim",
+             "ghla_query", "gta_state")
+SOURCE_FORM = "source"
+RANGE = re.compile(r"^(\d+)(?:-(\d*))?$")
+
+
+def flag_of(name: str) -> str:
+    meta = {f.name: f.metadata for f in fields(ConvertOptions)}[name]
+    return meta.get("flag") or "--" + name.replace("_", "-")
+
+
+def parse_layer_overrides(specs: list[str], num_layers: int) -> dict[int, dict[str, Any]]:
+    """`--layer` values -> {layer: {field: value}} (`{"target": "source"}` keeps a layer as it is)."""
+    overrides: dict[int, dict[str, Any]] = {}
+    for text in specs:
+        where, sep, what = text.partition(":")
+        match = RANGE.match(where.strip())
+        if not sep or not match or not what.strip():
+            raise GtakitError(f"--layer {text!r}: use RANGE:source or RANGE:key=value,... (RANGE: 3, 0-5 or 12-)")
+        first = int(match.group(1))
+        last = num_layers - 1 if match.group(2) == "" else int(match.group(2) or first)
+        if not 0 <= first <= last < num_layers:
+            raise GtakitError(f"--layer {text!r}: layers {first}-{last} are outside 0-{num_layers - 1}")
+        settings = _layer_settings(text, what.strip())
+        for layer in range(first, last + 1):
+            overrides.setdefault(layer, {}).update(settings)
+    return overrides
+
+
+def _layer_settings(text: str, what: str) -> dict[str, Any]:
+    if what == SOURCE_FORM:
+        return {"target": SOURCE_FORM}
+    settings: dict[str, Any] = {}
+    for item in what.split(","):
+        key, eq, value = item.partition("=")
+        key = {"to": "target"}.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
+        if not eq or key not in PER_LAYER:
+            raise GtakitError(f"--layer {text!r}: {item.strip()!r} is not KEY=VALUE with KEY one of to, "
+                              f"{', '.join(k for k in PER_LAYER if k != 'target')}")
+        value = value.strip()
+        settings[key] = int(value) if value.isdigit() else value
+    return settings
+
+
+def layer_options(options: ConvertOptions, override: dict[str, Any]) -> ConvertOptions:
+    return replace(options, **override) if override else options

@@ -1,0 +1,170 @@
+"""What the converter needs to know about a source family, in one place per family (see `llama.py`).
+
+A `FamilyAdapter` reads one layer's attention (q/k/v/o, biases, fused projections split) into the family-neutral
+`SourceAttention`, names the weights the calibration pass runs, says how the family's RoPE is laid out and refuses,
+in one line, what it cannot convert faithfully. Everything else (norms, MLP, embeddings) is copied verbatim under
+the source's names: a converted model is the family's own transformers model with its attention replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from gtakit.errors import GtakitError
+from gtakit.io.source import WeightReader
+
+
+@dataclass
+class SourceAttention:
+    """One source attention layer in float64. Rows follow HF layout (head-major, rotate-half inside a head)."""
+
+    wq: torch.Tensor  # [H*d, D]
+    wk: torch.Tensor  # [G*d, D]
+    wv: torch.Tensor  # [G*d, D]
+    wo: torch.Tensor  # [D, H*d]
+    bq: torch.Tensor | None
+    bk: torch.Tensor | None
+    bv: torch.Tensor | None
+    bo: torch.Tensor | None
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    inv_freq: torch.Tensor  # [d/2], the family's RoPE frequencies with static scaling applied
+
+    @property
+    def group_of_head(self) -> list[int]:
+        per = self.num_heads // self.num_kv_heads
+        return [h // per for h in range(self.num_heads)]
+
+    def q_rows(self, head: int) -> slice:
+        return slice(head * self.head_dim, (head + 1) * self.head_dim)
+
+    def kv_rows(self, group: int) -> slice:
+        return slice(group * self.head_dim, (group + 1) * self.head_dim)
+
+
+@dataclass(frozen=True)
+class SourceShape:
+    """The attention sizes planning needs."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+    has_qk_bias: bool
+    has_o_bias: bool
+
+    @property
+    def cache_elements(self) -> int:
+        """Elements one source layer caches per token (keys and values)."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+
+class FamilyAdapter:
+    """Base adapter; a family subclasses it and lists its `model_types`."""
+
+    model_types: tuple[str, ...] = ()
+    description = ""
+    layers_prefix = "model.layers"
+    attention_name = "self_attn"
+    embedding_name = "model.embed_tokens.weight"
+    # config.json fields without which transformers would silently take its defaults (a 7B model's widths)
+    required_fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+    # ------------------------------------------------------------------ refusals (before any work)
+    def check_raw(self, raw: dict, path: Path) -> None:
+        missing = [name for name in self.required_fields if name not in raw]
+        if missing:
+            raise GtakitError(f"{path} lacks {', '.join(missing)}; a config must state the model's sizes")
+
+    def check_config(self, config: Any) -> None:
+        """Refuse, with one line, anything this adapter cannot convert faithfully."""
+
+    def check_weights(self, config: Any, reader: WeightReader, folder: Path) -> None:
+        """Compare the weight files' headers with the config; name the first disagreement."""
+        expected = self.expected_shapes(config)
+        missing = [name for name in expected if not reader.has(name)]
+        if missing:
+            raise GtakitError(f"{folder}: the weights lack {missing[0]} (and {len(missing) - 1} more) that "
+                              "config.json implies; the checkpoint is incomplete or for another config")
+        for name, shape in expected.items():
+            actual = reader.shape(name)
+            if actual != shape:
+                raise GtakitError(f"{folder}: {name} has shape {list(actual)} but config.json implies "
+                                  f"{list(shape)}; the weights and the config disagree")
+
+    def refuse(self, config: Any, what: str) -> GtakitError:
+        return GtakitError(f"model_type {getattr(config, 'model_type', None)!r}: unsupported {what}; "
+                           f"gtakit converts {self.description}")
+
+    def expected_shapes(self, config: Any) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ reading
+    def shape(self, config: Any, weights: WeightReader) -> SourceShape:
+        raise NotImplementedError
+
+    def read_attention(self, weights: WeightReader, config: Any, layer: int) -> SourceAttention:
+        raise NotImplementedError
+
+    def attention_prefix(self, layer: int) -> str:
+        return f"{self.layers_prefix}.{layer}.{self.attention_name}."
+
+    def is_attention_weight(self, name: str) -> bool:
+        return f".{self.attention_name}." in name
+
+    def layer_of(self, name: str) -> int | None:
+        """The decoder layer a weight belongs to, or None for embeddings, final norm and head."""
+        prefix = self.layers_prefix + "."
+        if not name.startswith(prefix):
+            return None
+        return int(name[len(prefix) :].split(".", 1)[0])
+
+    def passthrough(self, weights: WeightReader, config: Any) -> Iterator[tuple[str, int | None]]:
+        """(name, layer) of every source weight copied verbatim (all but the attention's)."""
+        for name in weights.keys():
+            if "rotary_emb" in name or (name == "lm_head.weight" and config.tie_word_embeddings):
+                continue
+            if not self.is_attention_weight(name):
+                yield name, self.layer_of(name)
+
+    def inv_freq(self, config: Any) -> torch.Tensor:
+        """The family's RoPE inverse frequencies `[pairs]` in float64, as transformers computes them."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rope = getattr(config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type in ROPE_INIT_FUNCTIONS:
+            return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")[0].double()
+        dim = 2 * self.rotary_pairs(config)
+        exponent = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+        return 1.0 / (float(rope.get("rope_theta", 10000.0)) ** exponent)
+
+    def head_dim(self, config: Any) -> int:
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def rotary_pairs(self, config: Any) -> int:
+        rope = getattr(config, "rope_parameters", None) or {}
+        fraction = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+        return int(self.head_dim(config) * fraction) // 2
+
+    # ------------------------------------------------------------------ calibration
+    def decoder_layers(self, model: Any) -> Any:
+        return model.model.layers
+
+    def rotary(self, model: Any) -> Any:
+        return model.model.rotary_emb
+
+    def rotated_queries_keys(self, layer: Any, x: torch.Tensor, cos_sin: Any, config: Any):
+        """Queries `[B, H, L, d]` and keys `[B, G, L, d]` of the family's own attention `layer` on normalised
+        inputs `x`, RoPE applied (calibration measures attention distances with them)."""
+        raise NotImplementedError
+
+    def input_norm(self, layer: Any) -> Any:
+        """The norm whose output the attention reads (its input second moment is what calibration measures)."""
+        return layer.input_layernorm

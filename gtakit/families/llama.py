@@ -1,0 +1,95 @@
+"""Llama-style decoders: separate q/k/v/o projections (optional biases), rotate-half RoPE over the whole head,
+full attention. Llama, Mistral (without a sliding window) and Qwen2 (its q/k/v biases) share this adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gtakit.io.source import WeightReader
+
+from .base import FamilyAdapter, SourceAttention, SourceShape
+
+SUPPORTED_ROPE = ("default", "linear", "llama3", "dynamic")
+
+
+class LlamaFamily(FamilyAdapter):
+    model_types = ("llama", "mistral", "qwen2")
+    description = ("Llama-family decoders (llama, mistral, qwen2) with RoPE, separate q/k/v projections and full "
+                   "attention")
+
+    def check_config(self, config: Any) -> None:
+        if getattr(config, "use_qk_norm", False) or getattr(config, "qk_norm", False):
+            raise self.refuse(config, "QK-norm")
+        window = getattr(config, "sliding_window", None)
+        uses_window = getattr(config, "use_sliding_window", window is not None)
+        if window is not None and uses_window and window < getattr(config, "max_position_embeddings", 0):
+            raise self.refuse(config, f"sliding-window attention (window {window})")
+        if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+            raise self.refuse(config, "sliding-window layers")
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE:
+            raise self.refuse(config, f"RoPE scaling {rope_type!r}")
+        if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+            raise self.refuse(config, "partial rotary embeddings")
+        if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
+            raise self.refuse(config, f"activation {config.hidden_act!r}")
+        if self.head_dim(config) % 2:
+            raise self.refuse(config, "odd head_dim")
+
+    def expected_shapes(self, config: Any) -> dict[str, tuple[int, ...]]:
+        d, h = config.hidden_size, config.num_attention_heads
+        g, hd, inner = self.num_kv_heads(config), self.head_dim(config), config.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {self.embedding_name: (config.vocab_size, d)}
+        for i in range(config.num_hidden_layers):
+            attn, mlp = self.attention_prefix(i), f"{self.layers_prefix}.{i}.mlp."
+            shapes.update({
+                attn + "q_proj.weight": (h * hd, d), attn + "k_proj.weight": (g * hd, d),
+                attn + "v_proj.weight": (g * hd, d), attn + "o_proj.weight": (d, h * hd),
+                mlp + "gate_proj.weight": (inner, d), mlp + "up_proj.weight": (inner, d),
+                mlp + "down_proj.weight": (d, inner),
+            })
+        return shapes
+
+    def num_kv_heads(self, config: Any) -> int:
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+    def shape(self, config: Any, weights: WeightReader) -> SourceShape:
+        attn = self.attention_prefix(0)
+        return SourceShape(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=self.num_kv_heads(config),
+            head_dim=self.head_dim(config),
+            num_layers=config.num_hidden_layers,
+            has_qk_bias=weights.has(attn + "q_proj.bias") or weights.has(attn + "k_proj.bias"),
+            has_o_bias=weights.has(attn + "v_proj.bias") or weights.has(attn + "o_proj.bias"),
+        )
+
+    def read_attention(self, weights: WeightReader, config: Any, layer: int) -> SourceAttention:
+        prefix = self.attention_prefix(layer)
+
+        def get(name: str, optional: bool = False) -> torch.Tensor | None:
+            if optional and not weights.has(prefix + name):
+                return None
+            return weights.get(prefix + name).to(torch.float64)
+
+        return SourceAttention(
+            wq=get("q_proj.weight"), wk=get("k_proj.weight"), wv=get("v_proj.weight"), wo=get("o_proj.weight"),
+            bq=get("q_proj.bias", True), bk=get("k_proj.bias", True), bv=get("v_proj.bias", True),
+            bo=get("o_proj.bias", True),
+            num_heads=config.num_attention_heads, num_kv_heads=self.num_kv_heads(config),
+            head_dim=self.head_dim(config), inv_freq=self.inv_freq(config),
+        )
+
+    def rotated_queries_keys(self, layer: Any, x: torch.Tensor, cos_sin: Any, config: Any):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = getattr(layer, self.attention_name)
+        batch, length, _ = x.shape
+        head_dim = self.head_dim(config)
+        q = attn.q_proj(x).view(batch, length, config.num_attention_heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, length, self.num_kv_heads(config), head_dim).transpose(1, 2)
+        return apply_rotary_pos_emb(q, k, *cos_sin)

@@ -1,0 +1,68 @@
+"""The conversion side of a target form: planning one layer's widths and converting one source layer.
+
+A form module (`gta.py`, `gla.py`, `ghla.py`) subclasses `FormConverter`, and `forms/__init__.py` registers it
+under the name `--to` takes; the model side of the form is `gtakit/models/form_<model_form>.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gtakit.errors import GtakitError
+from gtakit.families.base import SourceAttention, SourceShape
+
+from .linalg import LayerMetric
+
+
+@dataclass
+class ConvertedLayer:
+    tensors: dict[str, torch.Tensor]  # attention tensors, names relative to the attention module
+    metrics: dict[str, float] = field(default_factory=dict)
+    spec_updates: dict[str, Any] = field(default_factory=dict)  # e.g. the RoPE frequencies kept ("rope_index")
+
+
+class FormConverter:
+    name = ""  # what --to takes
+    model_form = ""  # the model-side form (gtakit.models.FORMS)
+    title = ""  # one line for the model card
+    options: tuple[str, ...] = ()  # ConvertOptions fields only this form reads
+    report_fields: tuple[str, ...] = ()  # spec fields worth a line in conversion.json and the card
+
+    def plan(self, shape: SourceShape, options: Any) -> dict:
+        """The model-side spec of one layer (without `rope_index`, which conversion chooses)."""
+        raise NotImplementedError
+
+    def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
+                      options: Any) -> ConvertedLayer:
+        raise NotImplementedError
+
+    def summary(self, spec: dict) -> str:
+        return ", ".join(f"{name}={spec[name]}" for name in self.report_fields)
+
+    def common_spec(self, shape: SourceShape) -> dict:
+        return {"form": self.model_form, "attention_bias": shape.has_qk_bias, "o_proj_bias": shape.has_o_bias,
+                "softmax_scale": shape.head_dim**-0.5}
+
+
+def as_width(value: Any, option: str) -> int | str | None:
+    """An option that takes an integer or 'full'."""
+    if value is None or value == "full":
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise GtakitError(f"--{option} must be an integer or 'full', got {value!r}") from None
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def check_rope_dim(rope_dim: int, maximum: int) -> None:
+    if rope_dim % 2:
+        raise GtakitError(f"--rope-dim {rope_dim} must be even (RoPE rotates pairs of dimensions)")
+    if not 2 <= rope_dim <= maximum:
+        raise GtakitError(f"--rope-dim {rope_dim} is out of range: it must be between 2 and {maximum}")

@@ -1,0 +1,89 @@
+"""Linear algebra the form converters share (float64): error metrics, PSD roots, top bases, bias folding.
+
+The error metric is pluggable (see `methods.py`): a `LayerMetric` gives the input second moment used to
+measure key/value errors (identity = weights only) and optional extra weights on key and value errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gtakit.families.base import SourceAttention
+
+
+@dataclass
+class LayerMetric:
+    """How errors are measured when compressing one layer.
+
+    input_cov: E[x x^T] of the layer input [D, D]; None means identity (weight-only SVD).
+    key_out_weight: per KV head [d, d] PSD weight on no-RoPE key errors (e.g. E[q q^T] of the heads reading it).
+    value_out_weight: per KV head [d, d] PSD weight on value errors (e.g. W_o^T W_o of the heads reading it).
+    balance: scale keys so key and value blocks carry equal energy before the joint decomposition.
+    """
+
+    input_cov: torch.Tensor | None = None
+    query_cov: torch.Tensor | None = None  # [H, d] mean squared query per dim, for the RoPE ranking
+    key_out_weight: list[torch.Tensor] | None = None
+    value_out_weight: list[torch.Tensor] | None = None
+    balance: bool = True
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # [H, d/2] mean cos/sin per head and frequency
+    gta_state: str = "value"  # GTA tied state: "value" (values exact) or "joint" (key/value subspace)
+
+
+def _moment(rows: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
+    return rows @ rows.T if cov is None else rows @ cov @ rows.T
+
+
+def _sqrt_psd(mat: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(mat)
+    return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
+
+
+def _rel_err(resid: torch.Tensor, ref: torch.Tensor, cov: torch.Tensor | None) -> float:
+    den = float(torch.trace(_moment(ref, cov)))
+    return float(torch.trace(_moment(resid, cov)).clamp(min=0).sqrt() / max(den, 1e-300) ** 0.5) if den > 0 else 0.0
+
+
+def _top_basis(moment: torch.Tensor, rank: int) -> torch.Tensor:
+    """Orthonormal [n, rank] basis of the top eigenvectors of a PSD moment (zero columns past its size)."""
+    evals, evecs = torch.linalg.eigh(moment)
+    order = torch.argsort(evals, descending=True)[:rank]
+    basis = evecs[:, order]
+    if basis.shape[1] < rank:
+        basis = torch.cat([basis, basis.new_zeros(basis.shape[0], rank - basis.shape[1])], dim=1)
+    return basis
+
+
+def _svd_full(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD with a full orthogonal Vh; falls back to the eigendecomposition of M^T M when LAPACK's SVD fails
+    to converge on an ill-conditioned M (seen on real checkpoints)."""
+    try:
+        return torch.linalg.svd(mat, full_matrices=True)
+    except torch.linalg.LinAlgError:
+        evals, evecs = torch.linalg.eigh(mat.T @ mat)
+        order = torch.argsort(evals, descending=True)
+        evecs = evecs[:, order]
+        k = min(mat.shape)
+        sing = evals[order][:k].clamp(min=0).sqrt()
+        left = mat @ evecs[:, :k]
+        safe = torch.where(sing > sing.max() * 1e-12, sing, torch.ones_like(sing))
+        left = torch.where(sing > sing.max() * 1e-12, left / safe, torch.zeros_like(left))
+        return left, sing, evecs.T
+
+
+def _fold_value_bias(src: SourceAttention) -> torch.Tensor | None:
+    """A value bias passes through softmax unchanged (weights sum to 1), so it folds into o_proj's bias."""
+    if src.bv is None and src.bo is None:
+        return None
+    bias = src.bo.clone() if src.bo is not None else src.wo.new_zeros(src.wo.shape[0])
+    if src.bv is not None:
+        groups = src.group_of_head
+        for h in range(src.num_heads):
+            bias += src.wo[:, src.q_rows(h)] @ src.bv[src.kv_rows(groups[h])]
+    return bias
+
+
+def _weighted(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    return rows if weight is None else _sqrt_psd(weight) @ rows
