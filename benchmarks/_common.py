@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 
 from gtakit.io.text import read_text
-from gtakit.reporting import markdown_table  # noqa: F401  (re-exported for the scripts)
+from gtakit.bench.tables import markdown_table  # noqa: F401  (re-exported for the scripts)
 
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"

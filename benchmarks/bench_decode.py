@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from gtakit.decode_bench import main
+from gtakit.bench.decode import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -65,8 +65,8 @@ def _tiny_source_folder() -> str:
 def load_models(args, device: torch.device, dtype: torch.dtype) -> dict:
     """name -> (model on device, KV bytes per token over all layers)."""
     from gtakit.convert.pipeline import convert_in_memory
-    from gtakit.convert.plan import ConvertOptions
-    from gtakit.convert.source import open_source
+    from gtakit.convert import ConvertOptions
+    from gtakit.io.source import open_source
 
     source = open_source(_tiny_source_folder() if args.tiny else args.source)
     cfg = source.config
@@ -79,7 +79,7 @@ def load_models(args, device: torch.device, dtype: torch.dtype) -> dict:
         else:
             model, _ = convert_in_memory(source, ConvertOptions(target=target, init="svd"))
             model.config.decode_backend = args.backend
-            per_token = model.config.kv_cache_elements_per_token
+            per_token = model.kv_cache_elements_per_token()
         models[target] = (model.to(device=device, dtype=dtype).eval(), per_token * elsize)
     return models
 

@@ -26,8 +26,9 @@ from _common import PeakRSS, add_text_split_arguments, calibration_and_eval_text
 
 from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids  # noqa: E402
 from gtakit.convert.pipeline import convert_in_memory  # noqa: E402
-from gtakit.convert.plan import ConvertOptions, default_rope_dim  # noqa: E402
-from gtakit.convert.source import open_source  # noqa: E402
+from gtakit.convert import ConvertOptions  # noqa: E402
+from gtakit.forms.gla import default_rope_dim  # noqa: E402
+from gtakit.io.source import open_source  # noqa: E402
 from gtakit.evaluate import perplexity  # noqa: E402
 
 
@@ -117,7 +118,7 @@ def main() -> None:
                 started = time.time()
                 model, report = convert_in_memory(source, options, stats_for_layer=lambda i: stats[i])
                 seconds = time.time() - started
-            per_layer = model.config.kv_cache_elements_per_layer
+            per_layer = model.kv_cache_elements_per_token() // model.config.num_hidden_layers
             result = perplexity(model, tokenizer, eval_text, eval_tokens, window=args.window)
             rows.append({
                 "model": label + _label_suffix(setting),

@@ -30,8 +30,8 @@ from convert_quality import budget_settings  # noqa: E402
 
 from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids  # noqa: E402
 from gtakit.convert.pipeline import convert_in_memory  # noqa: E402
-from gtakit.convert.plan import ConvertOptions  # noqa: E402
-from gtakit.convert.source import open_source  # noqa: E402
+from gtakit.convert import ConvertOptions  # noqa: E402
+from gtakit.io.source import open_source  # noqa: E402
 from gtakit.evaluate import agreement  # noqa: E402
 from gtakit.evaluate.harness import run_tasks  # noqa: E402
 from gtakit.evaluate.passkey import passkey  # noqa: E402

@@ -27,8 +27,8 @@ from _common import markdown_table  # noqa: E402
 from convert_quality import budget_settings  # noqa: E402
 
 from gtakit.convert.pipeline import convert_in_memory  # noqa: E402
-from gtakit.convert.plan import ConvertOptions  # noqa: E402
-from gtakit.convert.source import open_source  # noqa: E402
+from gtakit.convert import ConvertOptions  # noqa: E402
+from gtakit.io.source import open_source  # noqa: E402
 
 
 def peak_mb() -> float:

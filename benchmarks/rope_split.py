@@ -24,8 +24,8 @@ from _common import add_text_split_arguments, calibration_and_eval_text, markdow
 
 from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids  # noqa: E402
 from gtakit.convert.pipeline import convert_in_memory  # noqa: E402
-from gtakit.convert.plan import ConvertOptions  # noqa: E402
-from gtakit.convert.source import open_source  # noqa: E402
+from gtakit.convert import ConvertOptions  # noqa: E402
+from gtakit.io.source import open_source  # noqa: E402
 from gtakit.evaluate import perplexity  # noqa: E402
 
 COLUMNS = [
@@ -81,7 +81,7 @@ def main() -> None:
                 options = ConvertOptions(target=form, init=args.init, kv_rank=kv_rank, rope_dim=rope_dim, **extra)
                 model, _ = convert_in_memory(source, options, stats_for_layer=lambda i: stats[i])
                 ppl = perplexity(model, tokenizer, eval_text, eval_tokens, window=args.window)["perplexity"]
-                per_layer = model.config.kv_cache_elements_per_layer
+                per_layer = model.kv_cache_elements_per_token() // model.config.num_hidden_layers
                 label = f"{'MLA' if form == 'mla' else f'GLA-{latents}'} {fraction:.1%}"
                 rows.append({"model": label, "rope_dim": rope_dim, "kv_rank": kv_rank, "kv_per_layer": per_layer,
                              "rope_share": f"{rope_dim / per_layer:.0%}", "ppl": round(ppl, 3),

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table  # noqa: E402
 
 from gtakit.convert import ConvertOptions, convert  # noqa: E402
-from gtakit.convert.source import open_source  # noqa: E402
+from gtakit.io.source import open_source  # noqa: E402
 from gtakit.evaluate import perplexity  # noqa: E402
 from gtakit.io.text import read_text  # noqa: E402
 from gtakit.finetune import finetune, load_recipe  # noqa: E402

@@ -31,6 +31,7 @@ def form_config(form: str, spec: dict, **overrides) -> GtakitConfig:
     from transformers import LlamaConfig
 
     source = dict(BASE, num_key_value_heads=2, head_dim=16)
+    own = {key: overrides.pop(key) for key in ("decode_backend",) if key in overrides}
     spec = {"form": form, **spec}
     for key, value in overrides.items():
         if key in SPEC_FIELDS[form] or key in COMMON_SPEC:
@@ -38,7 +39,7 @@ def form_config(form: str, spec: dict, **overrides) -> GtakitConfig:
         else:
             source[key] = value
     config = LlamaConfig(**source)
-    return GtakitConfig.from_source(config, [dict(spec) for _ in range(config.num_hidden_layers)])
+    return GtakitConfig.from_source(config, [dict(spec) for _ in range(config.num_hidden_layers)], **own)
 
 
 def gta_config(**overrides) -> GtakitConfig:

@@ -50,6 +50,9 @@ SOURCES = {
     "mistral-gqa": lambda: MistralForCausalLM(
         MistralConfig(**COMMON, num_key_value_heads=2, head_dim=16, sliding_window=None)
     ),
+    "llama-3-layers": lambda: LlamaForCausalLM(
+        LlamaConfig(**dict(COMMON, num_hidden_layers=3), num_key_value_heads=2, head_dim=16)
+    ),
     "qwen2-bias": lambda: Qwen2ForCausalLM(
         Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False)
     ),

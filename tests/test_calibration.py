@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from gtakit.cli.main import app
 from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids
-from gtakit.convert.source import open_source
+from gtakit.io.source import open_source
 
 runner = CliRunner()
 
@@ -97,8 +97,10 @@ def test_calibrated_reduced_budget_has_lower_reconstruction_error_than_weight_on
     for init in ("svd", "pca"):
         out = tmp_path / init
         args = ["convert", str(root / "llama-gqa-llama3rope"), "--to", target, "-o", str(out), "--init", init,
-                "--calib", str(text), "--calib-seq-len", "128", "--quiet", "--gta-state", "value"]
-        if target != "gta":
+                "--calib", str(text), "--calib-seq-len", "128", "--quiet"]
+        if target == "gta":
+            args += ["--gta-state", "value"]
+        else:
             args += ["--kv-rank", "12", "--rope-dim", "full"]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output

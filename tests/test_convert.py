@@ -84,7 +84,7 @@ def test_output_folder_contents(source_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "generation_config.json", "README.md", "conversion.json",
-            "tokenizer.json", "tokenizer_config.json", "configuration_gtakit.py", "modeling_gla.py"} <= names
+            "tokenizer.json", "tokenizer_config.json", "configuration_gtakit.py", "modeling_gtakit.py", "form_gla.py"} <= names
     assert len([n for n in names if n.endswith(".safetensors")]) > 1
     report = json.loads((out / "conversion.json").read_text())
     assert report["source"]["model_type"] == "mistral" and report["target"] == "gla"
@@ -113,7 +113,7 @@ def test_bin_checkpoint_is_read_with_weights_only(source_dirs, tmp_path):
 
 
 def test_source_tokenizer_is_parsed_once_and_copied(source_dirs):
-    from gtakit.convert.source import open_source
+    from gtakit.io.source import open_source
 
     root, _ = source_dirs
     source = open_source(root / "llama-mha")
@@ -261,7 +261,7 @@ def test_hub_id_offline_gives_clear_error(tmp_path):
     [(192, 64, 64), (96, 64, 32), (48, 64, 24), (1024, 128, 64), (4096, 128, 64), (48, 16, 16), (30, 64, 14)],
 )
 def test_default_rope_width_is_about_a_third_of_the_cache(budget, head_dim, expected):
-    from gtakit.convert.plan import default_rope_dim
+    from gtakit.forms.gla import default_rope_dim
 
     width = default_rope_dim(budget, head_dim)
     assert width == expected

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gtakit.convert import decompose
-from gtakit.convert.rope import SourceAttention, nope_query, select_shared_rope
+from gtakit.forms import linalg
+from gtakit.families.base import SourceAttention
+from gtakit.forms.rope import nope_query, select_shared_rope
 
 
 def _source(heads=4, kv_heads=2, head_dim=8, hidden=32, seed=0) -> SourceAttention:
@@ -57,6 +58,6 @@ def test_svd_fallback_when_lapack_fails(monkeypatch):
         raise torch.linalg.LinAlgError("did not converge")
 
     monkeypatch.setattr(torch.linalg, "svd", failing_svd)
-    left, sing, vh = decompose._svd_full(mat)
+    left, sing, vh = linalg._svd_full(mat)
     assert vh.shape == (6, 6) and torch.allclose(vh @ vh.T, torch.eye(6, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(left @ torch.diag(sing) @ vh[:3], mat, atol=1e-10)

@@ -100,7 +100,7 @@ class Oracle(torch.nn.Module):
 def test_passkey_scores_a_perfect_retriever_as_perfect():
     from transformers import AutoTokenizer as Auto
 
-    from gtakit.convert.source import bundled_smollm2
+    from gtakit.io.source import bundled_smollm2
 
     gguf = bundled_smollm2()
     tokenizer = Auto.from_pretrained(gguf.parent, gguf_file=gguf.name)

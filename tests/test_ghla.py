@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from gtakit.cli.main import app
-from gtakit.convert.ghla import GATE_BIAS, partition_heads
-from gtakit.models import GHLAForCausalLM
+from gtakit.forms.ghla import GATE_BIAS, partition_heads
+from gtakit.models import GHLAAttention, GtakitForCausalLM
 
 runner = CliRunner()
 
@@ -67,7 +67,7 @@ def _convert_with_random_calibration(folder, args: list[str]):
     from gtakit.convert import ConvertOptions
     from gtakit.convert.calibration import LayerwiseCalibrator
     from gtakit.convert.pipeline import convert_in_memory
-    from gtakit.convert.source import open_source
+    from gtakit.io.source import open_source
 
     flags = dict(zip(args[::2], args[1::2]))
     source = open_source(str(folder))
@@ -130,11 +130,11 @@ def test_reduced_budget_loads_generates_and_has_requested_cache(sources, tmp_pat
                      "--calib", text, "--calib-tokens", "2048", "--calib-seq-len", "256")
     assert result.exit_code == 0, result.output
     report = check_generates_with_cache(out, per_layer)
-    assert report["target"] == "ghla" and report["architecture"]["model_type"] == "gtakit_ghla"
+    assert report["target"] == "ghla" and report["architecture"]["model_type"] == "gtakit"
     for layer in report["layers"]:
         assert 0 <= layer["value_rel_error"] <= 1 and 0 < layer["map_agreement"] <= 1 + 1e-9
     assert "GHLA" in (out / "README.md").read_text()
-    assert (out / "modeling_ghla.py").exists()
+    assert (out / "form_ghla.py").exists()
 
 
 def test_converted_gate_starts_open_and_loads_natively(sources, tmp_path):
@@ -142,7 +142,8 @@ def test_converted_gate_starts_open_and_loads_natively(sources, tmp_path):
     out = tmp_path / "out"
     assert run_cli("convert", root / "llama-mqa", "--to", "ghla", "-o", out, "--quiet").exit_code == 0
     model = AutoModelForCausalLM.from_pretrained(out).eval()  # native: gtakit is imported here
-    assert isinstance(model, GHLAForCausalLM)
+    assert isinstance(model, GtakitForCausalLM)
+    assert all(isinstance(layer.self_attn, GHLAAttention) for layer in model.model.layers)
     gate = model.model.layers[0].self_attn.gate_proj
     assert torch.all(gate.weight == 0) and torch.allclose(gate.bias, torch.full_like(gate.bias, GATE_BIAS))
 

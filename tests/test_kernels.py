@@ -176,11 +176,11 @@ def test_model_triton_backend_matches_torch(config_fn):
 
 @torch.no_grad()
 def test_model_kernel_path_is_taken_and_padding_falls_back(monkeypatch):
-    from gtakit.models import common_gtakit
+    from gtakit.models import attention_gtakit
 
     model = _tiny(gta_config, "triton")
     calls = []
-    kernels = common_gtakit.decode_kernels()
+    kernels = attention_gtakit.decode_kernels()
     original = kernels.gta_decode
     monkeypatch.setattr(kernels, "gta_decode", lambda *a, **k: calls.append(1) or original(*a, **k))
     ids = torch.randint(3, BASE["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -199,24 +199,24 @@ def test_model_kernel_path_is_taken_and_padding_falls_back(monkeypatch):
 def test_backend_selection(monkeypatch):
     from types import SimpleNamespace
 
-    from gtakit.models import common_gtakit
+    from gtakit.models import attention_gtakit
 
     attn = _tiny(gta_config, "torch").model.layers[0].self_attn
     query = torch.zeros(1, 4, 1, 16)
-    mask = common_gtakit.AttentionMask(None, 1, 3, query.device)
+    mask = None  # plain causal over the whole cache
     # 'torch' never looks the kernels up; 'auto' does not on CPU.
-    monkeypatch.setattr(common_gtakit, "decode_kernels", lambda: pytest.fail("kernels looked up"))
+    monkeypatch.setattr(attention_gtakit, "decode_kernels", lambda: pytest.fail("kernels looked up"))
     assert attn.select_decode_kernels(query, mask) is None
-    attn.config.decode_backend = "auto"
+    attn.decode_backend = "auto"
     assert attn.select_decode_kernels(query, mask) is None
     # 'triton' where the kernels do not import (copied remote code without gtakit, or no triton): clear error.
-    attn.config.decode_backend = "triton"
-    monkeypatch.setattr(common_gtakit, "decode_kernels", lambda: None)
+    attn.decode_backend = "triton"
+    monkeypatch.setattr(attention_gtakit, "decode_kernels", lambda: None)
     with pytest.raises(ImportError, match="decode_backend='triton'"):
         attn.select_decode_kernels(query, mask)
     # 'triton' on CPU without the interpreter: clear error rather than a Triton launch failure.
     fake = SimpleNamespace(kernels_interpreted=lambda: False, MAX_QUERY_LEN=16, SUPPORTED_DTYPES=(torch.float32,))
-    monkeypatch.setattr(common_gtakit, "decode_kernels", lambda: fake)
+    monkeypatch.setattr(attention_gtakit, "decode_kernels", lambda: fake)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         attn.select_decode_kernels(query, mask)
 

@@ -278,7 +278,7 @@ def test_write_failures_are_one_line_and_leave_nothing(tmp_path, source, monkeyp
     """A disk that fills up, or a file system that turns read-only, while the shards are written."""
     import errno
 
-    import gtakit.convert.writer as writer
+    import gtakit.formats.shards as writer
 
     def failing(*args, **kwargs):
         raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, build_model
+from conftest import TINY_CONFIGS, build_model, layer_spec
 from transformers import AutoModelForCausalLM
 
 # A child process in which `import gtakit` fails, however the package was installed.
@@ -49,14 +49,15 @@ LOAD_WITHOUT_GTAKIT = textwrap.dedent(
 
 @pytest.mark.parametrize("name", ["gta-g2", "gla2-bias", "mla", "gla-llama3-rope", "ghla-m4-k2-bias"])
 def test_load_with_remote_code_without_gtakit(tmp_path, name):
-    model = build_model(TINY_CONFIGS[name]())
-    with torch.no_grad():  # a non-default RoPE buffer must survive the round trip
-        model.model.layers[0].self_attn.rope_freqs.mul_(0.5)
+    config = TINY_CONFIGS[name]()
+    # A non-default choice of RoPE frequencies must survive the round trip.
+    config.gtakit_layers[0]["rope_index"] = layer_spec(config)["rope_index"][::-1]
+    model = build_model(config)
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     assert "AutoModelForCausalLM" in config["auto_map"] and "AutoConfig" in config["auto_map"]
-    for needed in ("configuration_gtakit.py", "common_gtakit.py", "cache_gtakit.py"):
+    for needed in ("configuration_gtakit.py", "attention_gtakit.py", "cache_gtakit.py", "modeling_gtakit.py"):
         assert (folder / needed).exists()
 
     ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -80,7 +81,7 @@ def test_load_with_remote_code_without_gtakit(tmp_path, name):
     assert torch.equal(remote["logits"], expected)
     assert torch.equal(remote["generated"], expected_generated)
     assert remote["cache_length"] == ids.shape[1] + 4 - 1
-    assert remote["cache_elements"] == model.config.kv_cache_elements_per_token
+    assert remote["cache_elements"] == model.kv_cache_elements_per_token()
 
 
 @pytest.mark.parametrize("name", ["gta-g4-mha-bias", "gla4", "gta-full-rope", "ghla-m1-llama3-rope"])

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from gtakit.reporting import markdown_table
+from gtakit.bench.tables import markdown_table
 
 L2_FLUSH_BYTES = 256 * 2**20  # rotate cache copies until this many bytes so small cases do not sit in L2
 MAX_COPIES = 64

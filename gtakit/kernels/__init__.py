@@ -2,7 +2,7 @@
 
 Importing this package imports triton and builds the kernels; set `TRITON_INTERPRET=1` *before* the first import
 to run them on CPU tensors through Triton's interpreter (slow; tests only). The model files import this package
-lazily and guarded (`decode_kernels()` in `common_gtakit.py`), so converted checkpoints still load where
+lazily and guarded (`decode_kernels()` in `attention_gtakit.py`), so converted checkpoints still load where
 triton or gtakit is missing and then use the PyTorch path.
 """
 
