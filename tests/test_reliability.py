@@ -157,13 +157,13 @@ def test_staging_of_a_live_run_is_refused(tmp_path):
 SLOW_CONVERT = """
 import sys, time
 from pathlib import Path
-import gtakit.convert.pipeline as pipeline
-real = pipeline.write_config
+import gtakit.formats.folder as folder
+real = folder.write_config
 def slow(*args, **kwargs):  # the staging folder exists and holds the weights: wait to be killed
     real(*args, **kwargs)
     Path(sys.argv[3]).write_text("staged")
     time.sleep(120)
-pipeline.write_config = slow
+folder.write_config = slow
 from gtakit.convert import ConvertOptions, convert
 convert(sys.argv[1], sys.argv[2], ConvertOptions(target="mla", kv_rank="12", rope_dim="8"), progress=False)
 """
