@@ -11,12 +11,14 @@ class GtakitError(ValueError):
     """Bad input or an unsupported request; the message says what to do."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C so that every cleanup runs (gtakit.io.output)."""
+
+
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
     """What the user can act on ends in one line on stderr (exit 2; 130/143 when interrupted/terminated), never a
     traceback. Outputs are staged, so an interruption leaves nothing half-written (gtakit.io.output)."""
-    from gtakit.io.output import Terminated
-
     try:
         yield
     except GtakitError as err:

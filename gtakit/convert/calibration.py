@@ -17,7 +17,6 @@ import torch
 from tqdm.auto import tqdm
 
 from gtakit.errors import GtakitError
-
 from gtakit.families import FamilyAdapter, family_of
 from gtakit.io.source import SourceModel
 
@@ -76,28 +75,17 @@ def is_local_text(spec: str) -> bool:
 
 def load_calibration_text(spec: str, max_chars: int) -> str:
     """Text of a local file (plain or JSON lines), or of a `datasets` dataset `NAME[:CONFIG[:SPLIT]]`."""
-    from gtakit.io.text import read_text
+    from gtakit.io.text import iter_dataset_texts, read_text
 
     path = Path(spec).expanduser()
     if is_local_text(spec):
         return read_text(path, option="--calib")
-    try:
-        import datasets
-    except ImportError:
-        raise GtakitError(f"--calib {spec!r} is not a file; to read a datasets name, pip install datasets") from None
-    name, _, rest = spec.partition(":")
-    config, _, split = rest.partition(":")
-    try:
-        rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
-        texts, total = [], 0
-        for row in rows:
-            text = row.get("text") or ""
-            texts.append(text)
-            total += len(text)
-            if total >= max_chars:
-                break
-    except Exception as err:  # noqa: BLE001 - network / dataset errors become one line for the user
-        raise GtakitError(f"cannot read dataset {spec!r}: {str(err).splitlines()[0] if str(err) else err}") from None
+    texts, total = [], 0
+    for text in iter_dataset_texts(spec, "text", option="--calib"):
+        texts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
     if not texts:
         raise GtakitError(f"dataset {spec!r} has no 'text' rows")
     return "\n\n".join(texts)

@@ -9,7 +9,6 @@ from typing import Callable
 import torch
 
 from gtakit.errors import GtakitError
-
 from gtakit.families.base import SourceAttention
 from gtakit.forms.linalg import LayerMetric
 from gtakit.forms.rope import nope_query

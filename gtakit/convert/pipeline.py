@@ -16,6 +16,7 @@ import gtakit
 from gtakit.errors import GtakitError
 from gtakit.families import FamilyAdapter, FamilyChecks, family_of
 from gtakit.formats import FolderSink, MemorySink, Sink, check_shard_size
+from gtakit.io import DTYPES
 from gtakit.io.output import OutputFolder
 from gtakit.io.source import SourceModel, check_tokenizer, open_source
 from gtakit.io.text import check_text_file, read_text
@@ -24,8 +25,6 @@ from .calibration import check_calib_device, is_local_text
 from .methods import get_init_method, resolve_init
 from .options import ConvertOptions
 from .plan import ConversionPlan, plan_conversion
-
-from gtakit.io import DTYPES
 
 
 def peak_rss_mb() -> float:

@@ -34,7 +34,9 @@ class ConversionPlan:
     source_config: Any
 
     def config(self, **kwargs: Any) -> GtakitConfig:
-        return GtakitConfig.from_source(self.source_config, [layer.spec for layer in self.layers], **kwargs)
+        return GtakitConfig.from_source(self.source_config, [layer.spec for layer in self.layers],
+                                        gtakit_layers_path=self.family.layers_prefix,
+                                        gtakit_attention_name=self.family.attention_name, **kwargs)
 
     @property
     def source_elements_per_token(self) -> int:

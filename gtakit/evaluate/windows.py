@@ -27,6 +27,14 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def sequence_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of each row of `ids` `[B, T]` (float64 `[B]`): the one scoring
+    loop behind every perplexity gtakit reports (eval, convert --eval-text, finetune)."""
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return nll.sum(dim=1).double()
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -42,10 +50,7 @@ def perplexity(
     device = _device(model)
     total_nll, total_count = 0.0, 0
     for chunk in tqdm(windows, desc="perplexity", disable=not progress):
-        chunk = chunk.unsqueeze(0).to(device)
-        logits = model(chunk, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
-        total_nll += float(nll)
+        total_nll += float(sequence_nll(model, chunk.unsqueeze(0).to(device)).sum())
         total_count += window - 1
     return {
         "perplexity": math.exp(total_nll / total_count),

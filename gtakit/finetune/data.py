@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 
 from gtakit.errors import GtakitError
-from gtakit.io.text import JSON_LINES_SUFFIXES, iter_json_lines, read_text_file
+from gtakit.io.text import JSON_LINES_SUFFIXES, iter_dataset_texts, iter_json_lines, read_text_file
 
 from .recipe import DataSection
 
@@ -77,16 +77,7 @@ def iter_documents(spec: str, text_field: str) -> Iterator[str]:
     """Documents of one source: a plain-text file is one document; JSON lines, parquet and dataset rows are one
     document each."""
     if _is_dataset_name(spec):
-        import datasets
-
-        name, _, rest = spec.removeprefix("hf:").partition(":")
-        config, _, split = rest.partition(":")
-        try:
-            rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
-            for row in rows:
-                yield str(row.get(text_field) or "")
-        except Exception as err:  # noqa: BLE001 - network / dataset errors become one line
-            raise GtakitError(f"cannot read dataset {spec!r}: {str(err).splitlines()[0] if str(err) else err}") from None
+        yield from iter_dataset_texts(spec.removeprefix("hf:"), text_field, option="data")
         return
     path = Path(spec)
     if path.suffix == ".parquet":

@@ -11,10 +11,19 @@ import torch
 
 import gtakit
 from gtakit.formats import write_model
+from gtakit.io import DTYPES
+from gtakit.io.output import OutputFolder
 
 from .recipe import Recipe
 
-from gtakit.io import DTYPES
+
+def output_folder(recipe: Recipe, log: Callable[[str], None] | None = None) -> OutputFolder:
+    """Where the uptrained model goes; it may not hold the input model, the checkpoints or the data."""
+    inputs = [(recipe.model.path, "the input model (model.path)"), (recipe.checkpoint_dir, "checkpoint.dir")]
+    inputs += [(spec, "a data file") for spec in [*recipe.data.train, *recipe.data.eval]]
+    protect = [(Path(p).expanduser(), what) for p, what in inputs if Path(p).expanduser().exists()]
+    return OutputFolder(recipe.output.dir, recipe.output.force, protect=protect,
+                        force_hint="set output.force=true to overwrite it", log=log)
 
 
 def merged_model(recipe: Recipe, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -59,8 +68,6 @@ def export_model(accelerator, model, recipe: Recipe, tokenizer, state, after: fl
 
 
 def _write(recipe, tokenizer, state, after, data, started, say, state_dict) -> dict:
-    from .trainer import output_folder
-
     out = Path(recipe.output.dir).expanduser()
     model = merged_model(recipe, {k: v.detach().cpu() for k, v in state_dict.items()})
     with output_folder(recipe, say).staging() as tmp:

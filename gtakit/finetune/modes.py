@@ -10,20 +10,24 @@ from gtakit.errors import GtakitError
 
 from .recipe import LoraSection
 
-ATTENTION_MARKER = ".self_attn."
 # The RoPE key projection is new (it did not exist in the source) and small, so LoRA trains it in full.
 DEFAULT_MODULES_TO_SAVE = ("k_rope_proj",)
 
 
-def is_attention_param(name: str) -> bool:
-    return ATTENTION_MARKER in name
+def attention_marker(model: nn.Module) -> str:
+    """`.self_attn.` for Llama-style families: the config names the attribute that holds each layer's attention."""
+    return f".{getattr(model.config, 'gtakit_attention_name', 'self_attn')}."
+
+
+def is_attention_param(model: nn.Module, name: str) -> bool:
+    return attention_marker(model) in name
 
 
 def attention_linear_names(model: nn.Module) -> list[str]:
     """Short names of the Linear layers inside the attention blocks (q_proj, kv_down_proj, ...), in order."""
     names: list[str] = []
     for full, module in model.named_modules():
-        if isinstance(module, nn.Linear) and ATTENTION_MARKER in f"{full}." and module.weight.numel() > 0:
+        if isinstance(module, nn.Linear) and attention_marker(model) in f".{full}." and module.weight.numel() > 0:
             short = full.rsplit(".", 1)[-1]
             if short not in names:
                 names.append(short)
@@ -33,7 +37,7 @@ def attention_linear_names(model: nn.Module) -> list[str]:
 def freeze_all_but_attention(model: nn.Module) -> None:
     """`attention` mode: only the converted attention (every parameter under `*.self_attn.*`) trains."""
     for name, param in model.named_parameters():
-        param.requires_grad_(is_attention_param(name))
+        param.requires_grad_(is_attention_param(model, name))
 
 
 def lora_config(model: nn.Module, section: LoraSection):

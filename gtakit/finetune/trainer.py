@@ -15,13 +15,15 @@ import torch
 from tqdm.auto import tqdm
 
 from gtakit.errors import GtakitError
-from gtakit.io.output import OutputFolder, terminate_as_interrupt
+from gtakit.evaluate.windows import sequence_nll
+from gtakit.io import DTYPES
+from gtakit.io.output import terminate_as_interrupt
 
 from .data import RowSampler, load_packed_data, resolve_files
+from .export import output_folder
 from .modes import apply_mode, count_parameters, cross_entropy, distillation_kl
 from .recipe import Recipe
 
-from gtakit.io import DTYPES
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
 
 
@@ -96,15 +98,6 @@ def preflight(recipe: Recipe, resume: bool) -> None:
                           "give an empty or new folder")
 
 
-def output_folder(recipe: Recipe, log: Callable[[str], None] | None = None) -> OutputFolder:
-    """Where the uptrained model goes; it may not hold the input model, the checkpoints or the data."""
-    inputs = [(recipe.model.path, "the input model (model.path)"), (recipe.checkpoint_dir, "checkpoint.dir")]
-    inputs += [(spec, "a data file") for spec in [*recipe.data.train, *recipe.data.eval]]
-    protect = [(Path(p).expanduser(), what) for p, what in inputs if Path(p).expanduser().exists()]
-    return OutputFolder(recipe.output.dir, recipe.output.force, protect=protect,
-                        force_hint="set output.force=true to overwrite it", log=log)
-
-
 # What a run writes into its checkpoint folder; starting over (output.force=true) removes only these.
 RUN_ENTRIES = ("step_*", "recipe.yaml", "runs", "data-*.pt", "data-*.tmp")
 
@@ -154,11 +147,7 @@ def evaluate_perplexity(model, rows: torch.Tensor, batch: int, accelerator) -> f
     for start in range(0, per_process, batch):
         ids = rows[indices[start : start + batch]].long().to(accelerator.device)
         weight = torch.tensor(weights[start : start + batch], dtype=torch.float64, device=accelerator.device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
-        ).sum(dim=1).double()
-        total[0] += (nll * weight).sum()
+        total[0] += (sequence_nll(model, ids) * weight).sum()
         total[1] += weight.sum() * (ids.shape[1] - 1)
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
@@ -170,8 +159,7 @@ def teacher_perplexity(teacher, rows: torch.Tensor, batch: int, device) -> float
     nll, count = 0.0, 0
     for start in range(0, len(rows), batch):
         ids = rows[start : start + batch].long().to(device)
-        logits = teacher(input_ids=ids, use_cache=False).logits.float()
-        nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="sum"))
+        nll += float(sequence_nll(teacher, ids).sum())
         count += ids.shape[0] * (ids.shape[1] - 1)
     return math.exp(nll / count)
 

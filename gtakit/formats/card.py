@@ -6,6 +6,7 @@ import json
 
 from huggingface_hub import ModelCard, ModelCardData
 
+
 def build_card(report: dict) -> ModelCard:
     """The card of a converted (and maybe uptrained) folder from its conversion.json report."""
     if "source" not in report:  # uptrained from a folder without a conversion report

@@ -20,12 +20,13 @@ and the constant sigmoid(GATE_BIAS) is divided out of W_o so that the initial mo
 
 from __future__ import annotations
 
-import torch
-
 from typing import Any
+
+import torch
 
 from gtakit.errors import GtakitError
 from gtakit.families.base import SourceAttention, SourceShape
+from gtakit.models.attention_gtakit import apply_rope, rotate_half
 
 from .base import ConvertedLayer, FormConverter, as_width, check_rope_dim, divisors
 from .linalg import LayerMetric, _fold_value_bias, _moment, _sqrt_psd, _top_basis
@@ -40,10 +41,7 @@ def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE of `x` [n, L, w] at positions 0..L-1 with frequencies `freqs` [w/2]."""
     positions = torch.arange(x.shape[1], dtype=torch.float64)
     angles = positions[:, None] * freqs.double()[None, :]
-    cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return apply_rope(x, torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1))
 
 
 def attention_probs(
@@ -160,8 +158,8 @@ def _agreement(x, candidate, key, key_bias, freqs, scale, targets) -> float:
 
 
 def _rotate_half_rows(rows: torch.Tensor) -> torch.Tensor:
-    half = rows.shape[0] // 2
-    return torch.cat((-rows[half:], rows[:half]))
+    """rotate_half of the rows' output coordinates (dimension 0)."""
+    return rotate_half(rows.transpose(0, -1)).transpose(0, -1)
 
 
 def _fit_shared_query(

@@ -25,7 +25,7 @@ import socket
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from gtakit.errors import GtakitError
+from gtakit.errors import GtakitError, Terminated
 
 STAGING_MARK = ".gtakit-partial"  # inside every staging folder: "host pid", proof that gtakit made it
 _SIBLING_INFIX = ".tmp-"  # .OUT.tmp-... beside OUT
@@ -187,10 +187,6 @@ def _remove(entry: Path) -> None:
         shutil.rmtree(entry)
     else:
         entry.unlink()
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C so that every cleanup runs."""
 
 
 @contextlib.contextmanager

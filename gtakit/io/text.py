@@ -63,3 +63,21 @@ def read_text(path: str | Path, option: str = "--text", field: str = "text") -> 
     if path.suffix in JSON_LINES_SUFFIXES:
         return "\n\n".join(iter_json_lines(raw, path, field))
     return raw
+
+
+def iter_dataset_texts(spec: str, text_field: str = "text", option: str = "--calib") -> Iterator[str]:
+    """The `text_field` of every row of a `datasets` dataset named `NAME[:CONFIG[:SPLIT]]` (streamed, so only what
+    is read is downloaded); a missing package or a network/dataset error is one line."""
+    try:
+        import datasets
+    except ImportError:
+        raise GtakitError(f"{option} {spec!r} is not a file; to read a datasets name, pip install datasets") from None
+    name, _, rest = spec.partition(":")
+    config, _, split = rest.partition(":")
+    try:
+        for row in datasets.load_dataset(name, config or None, split=split or "train", streaming=True):
+            yield str(row.get(text_field) or "")
+    except GtakitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - network / dataset errors become one line for the user
+        raise GtakitError(f"cannot read dataset {spec!r}: {str(err).splitlines()[0] if str(err) else err}") from None

@@ -13,6 +13,8 @@ and `source_config()` rebuilds the family's config to build the family's own mod
   "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "rope_index": [...]}`; `rope_index` lists,
   per rotating pair, which of the family's RoPE frequencies it uses (conversion keeps a different subset in
   every layer);
+* `gtakit_layers_path`, `gtakit_attention_name`: where the family keeps its decoder layers and, in each, the
+  attention module (`model.layers`, `self_attn` for Llama-style families);
 * `decode_backend`: `auto`, `torch` or `triton` for the absorbed decode step.
 """
 
@@ -43,8 +45,8 @@ check_transformers_version()
 SOURCE_FORM = "source"
 DECODE_BACKENDS = ("auto", "torch", "triton")
 # Fields that belong to this config, not to the source family's.
-OWN_FIELDS = ("source_model_type", "gtakit_layers", "decode_backend", "model_type", "architectures", "auto_map",
-              "transformers_version", "_name_or_path")
+OWN_FIELDS = ("source_model_type", "gtakit_layers", "gtakit_layers_path", "gtakit_attention_name", "decode_backend",
+              "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
 
 
 class GtakitConfig(PretrainedConfig):
@@ -56,10 +58,14 @@ class GtakitConfig(PretrainedConfig):
         source_model_type: str = "llama",
         gtakit_layers: list[dict] | None = None,
         decode_backend: str = "auto",
+        gtakit_layers_path: str = "model.layers",
+        gtakit_attention_name: str = "self_attn",
         **source_fields: Any,
     ) -> None:
         self.source_model_type = source_model_type
         self.decode_backend = decode_backend
+        self.gtakit_layers_path = gtakit_layers_path
+        self.gtakit_attention_name = gtakit_attention_name
         super().__init__(**source_fields)
         layers = getattr(self, "num_hidden_layers", None)
         self.gtakit_layers = [dict(spec) for spec in gtakit_layers] if gtakit_layers is not None else (

@@ -26,7 +26,6 @@ from .form_gta import GTAAttention
 
 # The form registry of the model side: adding a form is one `form_*.py` module and one entry here.
 FORMS: dict[str, type[GtakitAttention]] = {cls.form: cls for cls in (GTAAttention, GLAAttention, GHLAAttention)}
-ATTENTION_NAME = "self_attn"
 
 
 def attention_class(form: str) -> type[GtakitAttention]:
@@ -53,7 +52,7 @@ def replace_attention(layers: nn.ModuleList, config: GtakitConfig, family_config
         spec = config.layer_spec(index)
         if spec["form"] != SOURCE_FORM:
             module = attention_class(spec["form"])(family_config, spec, index, config.decode_backend)
-            setattr(layer, ATTENTION_NAME, module)
+            setattr(layer, config.gtakit_attention_name, module)
 
 
 class GtakitPreTrainedModel(PreTrainedModel):
@@ -65,8 +64,6 @@ class GtakitPreTrainedModel(PreTrainedModel):
 
 
 class GtakitForCausalLM(GtakitPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
     def __init__(self, config: GtakitConfig) -> None:
         super().__init__(config)
         family = build_family_model(config)
@@ -74,8 +71,10 @@ class GtakitForCausalLM(GtakitPreTrainedModel, GenerationMixin):
         for name, child in family.named_children():
             self.add_module(name, child)
         self._family_class = type(family)
+        # The family's tied weights (lm_head to the embedding) and device-map units hold for the converted model.
+        self._tied_weights_keys = getattr(family, "_tied_weights_keys", None)
         self._no_split_modules = list(getattr(family, "_no_split_modules", None) or [])
-        replace_attention(self.model.layers, config, family.config)
+        replace_attention(self.get_submodule(config.gtakit_layers_path), config, family.config)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
