@@ -119,3 +119,17 @@ def test_mixed_forms_per_layer(source):
     with torch.no_grad():
         out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
+
+
+def test_format_constraints_are_honoured_by_planning(source):
+    """A format that needs something no chosen form provides is refused before any work."""
+    from gtakit.convert.plan import plan_conversion
+    from gtakit.errors import GtakitError
+    from gtakit.families import family_of
+
+    root, _ = source
+    src = open_convertible(root / "src")
+    options = ConvertOptions(target="mla", layers=["0:source"])
+    plan_conversion(src, family_of(src.config), options, frozenset())
+    with pytest.raises(GtakitError, match="needs global-rope-grid, which --to mla \\(layer 1\\)"):
+        plan_conversion(src, family_of(src.config), options, frozenset({"global-rope-grid"}), "deepseek-v3")

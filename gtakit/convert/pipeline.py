@@ -110,7 +110,7 @@ def convert_in_memory(
     """Convert without writing anything (benchmarks, experiments): returns (model in float32, per-layer report)."""
     family = family_of(source.config)
     family.check_config(source.config)
-    plan = plan_conversion(source, family, options)
+    plan = plan_conversion(source, family, options, MemorySink.constraints, MemorySink.name)
     method = _init_method(options, has_statistics=stats_for_layer is not None)
     if method.needs_calibration and stats_for_layer is None:
         stats_for_layer = _calibrator(source, family, options, progress)
@@ -146,7 +146,7 @@ def convert(
     family = family_of(source.config)
     if method.needs_calibration or eval_text is not None:
         check_tokenizer(source)
-    plan = plan_conversion(source, family, options)
+    plan = plan_conversion(source, family, options, FolderSink.constraints, FolderSink.name)
     dtype = DTYPES[options.dtype] if options.dtype != "auto" else source.weights.get(family.embedding_name).dtype
     before, after = plan.source_elements_per_token, plan.target_elements_per_token
     if options.init == "svd":

@@ -75,7 +75,10 @@ def check_form_options(options: ConvertOptions, target: str, where: str = "") ->
         raise GtakitError(f"{flags} do not apply to --to {target}{where} ({owners})")
 
 
-def plan_conversion(source: SourceModel, family: FamilyAdapter, options: ConvertOptions) -> ConversionPlan:
+def plan_conversion(source: SourceModel, family: FamilyAdapter, options: ConvertOptions,
+                    constraints: frozenset[str] = frozenset(), format_name: str = "gtakit") -> ConversionPlan:
+    """Per-layer forms and widths. `constraints` are what the output format requires (`Sink.constraints`);
+    every converted layer's form must honour them."""
     get_form(options.target)
     check_form_options(options, options.target)
     shape = family.shape(source.config, source.weights)
@@ -84,6 +87,11 @@ def plan_conversion(source: SourceModel, family: FamilyAdapter, options: Convert
     for index in range(shape.num_layers):
         override = overrides.get(index, {})
         layers.append(_plan_layer(shape, options, override, index))
+    for index, layer in enumerate(layers):
+        missing = sorted(constraints - layer.form.honours) if layer.form is not None else []
+        if missing:
+            raise GtakitError(f"the {format_name} format needs {', '.join(missing)}, which --to {layer.name} "
+                              f"(layer {index}) cannot provide; choose another form or format")
     plan = ConversionPlan(family, shape, layers, source.config)
     if all(layer.form is None for layer in layers):
         raise GtakitError("every layer is kept in source form (--layer ...:source); nothing would be converted")

@@ -30,6 +30,7 @@ class FormConverter:
     title = ""  # one line for the model card
     options: tuple[str, ...] = ()  # ConvertOptions fields only this form reads
     report_fields: tuple[str, ...] = ()  # spec fields worth a line in conversion.json and the card
+    honours: frozenset[str] = frozenset()  # output-format constraints (`Sink.constraints`) this form can meet
 
     def plan(self, shape: SourceShape, options: Any) -> dict:
         """The model-side spec of one layer (without `rope_index`, which conversion chooses)."""
