@@ -53,6 +53,13 @@ SOURCES = {
     "llama-3-layers": lambda: LlamaForCausalLM(
         LlamaConfig(**dict(COMMON, num_hidden_layers=3), num_key_value_heads=2, head_dim=16)
     ),
+    # Windows of 8 tokens: the tests' sequences run well past them.
+    "mistral-sliding": lambda: MistralForCausalLM(
+        MistralConfig(**COMMON, num_key_value_heads=2, head_dim=16, sliding_window=8)
+    ),
+    "qwen2-sliding-layer": lambda: Qwen2ForCausalLM(
+        Qwen2Config(**COMMON, num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    ),
     "qwen2-bias": lambda: Qwen2ForCausalLM(
         Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False)
     ),

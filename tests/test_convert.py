@@ -148,18 +148,6 @@ def test_unsupported_architecture(tmp_path):
     _assert_clean_failure(result, tmp_path, "gpt2", "unsupported", "llama")
 
 
-def test_sliding_window_is_refused(tmp_path):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from sources import COMMON
-
-    MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=16)).save_pretrained(
-        tmp_path / "mistral"
-    )
-    result = run_cli("convert", tmp_path / "mistral", "-o", tmp_path / "out")
-    _assert_clean_failure(result, tmp_path, "mistral", "sliding-window")
-
-
 @pytest.mark.parametrize(
     "args, fragments",
     [

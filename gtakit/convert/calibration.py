@@ -45,7 +45,8 @@ class LayerStats:
 
 
 def attention_rotation_moments(
-    family: FamilyAdapter, layer: torch.nn.Module, x: torch.Tensor, cos_sin, config, inv_freq: torch.Tensor
+    family: FamilyAdapter, layer: torch.nn.Module, x: torch.Tensor, cos_sin, config, inv_freq: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Measure, on normalised inputs `x` [B, L, D], the attention-weighted mean rotation of every frequency."""
     batch, length, _ = x.shape
@@ -53,7 +54,7 @@ def attention_rotation_moments(
     heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[-1]
     k = k.repeat_interleave(heads // kv_heads, dim=1)
     scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
-    causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+    causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril() if mask is None else mask[0, 0]
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=0)  # [H, L, L]
     # hist[h, dt] = attention mass at distance dt, summed over queries
     positions = torch.arange(length, device=x.device)
@@ -147,7 +148,7 @@ class LayerwiseCalibrator:
         return layer.eval()
 
     @torch.no_grad()
-    def _micro_batch(self, layer: torch.nn.Module, last: bool, start: int) -> torch.Tensor:
+    def _micro_batch(self, layer: torch.nn.Module, last: bool, start: int, mask: torch.Tensor | None) -> torch.Tensor:
         """Run rows [start, start + rows_per_batch) through `layer` in place; returns their x^T x (fp32)."""
         chunk = self.hidden[start : start + self.rows_per_batch].to(self.device)
         normed = self.family.input_norm(layer)(chunk)
@@ -156,7 +157,7 @@ class LayerwiseCalibrator:
         x = normed.reshape(-1, normed.shape[-1])
         moment = x.T @ x
         if not last:  # the last layer's output is never needed
-            out = layer(chunk, attention_mask=None, position_embeddings=self.cos_sin, use_cache=False)
+            out = layer(chunk, attention_mask=mask, position_embeddings=self.cos_sin, use_cache=False)
             out = out[0] if isinstance(out, tuple) else out
             self.hidden[start : start + chunk.shape[0]] = out.to(self.hidden.device)
         return moment
@@ -169,12 +170,14 @@ class LayerwiseCalibrator:
         last = index == len(self.layers) - 1
         sample = self.family.input_norm(layer)(self.hidden[:ROTATION_SAMPLE_ROWS].to(self.device))
         attention_sample = sample[0, :ATTENTION_SAMPLE_TOKENS].float().cpu()
+        # The family's own window (sliding-attention layers); None = plain causal.
+        mask = self.family.calibration_mask(self.config, index, self.hidden.shape[1], self.device)
         rotation = attention_rotation_moments(self.family, layer, sample, self.cos_sin, self.config,
-                                              self.inv_freq.to(self.device))
+                                              self.inv_freq.to(self.device), mask)
         dim = self.hidden.shape[-1]
         cov = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
         for start in range(0, self.hidden.shape[0], self.rows_per_batch):
-            cov += self._micro_batch(layer, last, start).double()
+            cov += self._micro_batch(layer, last, start, mask).double()
         count = self.hidden.shape[0] * self.hidden.shape[1]
         layer.to("meta")  # release this layer's weights
         self.next_layer += 1

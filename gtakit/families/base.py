@@ -165,6 +165,24 @@ class FamilyAdapter:
         inputs `x`, RoPE applied (calibration measures attention distances with them)."""
         raise NotImplementedError
 
+    def sliding_window(self, config: Any, layer: int) -> int | None:
+        """The attention window of `layer` (None: full causal attention)."""
+        window = getattr(config, "sliding_window", None)
+        kinds = getattr(config, "layer_types", None)
+        if kinds is not None:
+            return window if kinds[layer] == "sliding_attention" else None
+        return window if getattr(config, "use_sliding_window", True) else None
+
+    def calibration_mask(self, config: Any, layer: int, length: int, device: Any) -> torch.Tensor | None:
+        """The mask the family applies in `layer` to a sequence of `length` (boolean `[1, 1, L, L]`, True =
+        attend), or None for plain causal attention."""
+        window = self.sliding_window(config, layer)
+        if window is None or window >= length:
+            return None
+        positions = torch.arange(length, device=device)
+        distance = positions[:, None] - positions[None, :]
+        return ((distance >= 0) & (distance < window))[None, None]
+
     def input_norm(self, layer: Any) -> Any:
         """The norm whose output the attention reads (its input second moment is what calibration measures)."""
         return layer.input_layernorm

@@ -1,5 +1,6 @@
-"""Llama-style decoders: separate q/k/v/o projections (optional biases), rotate-half RoPE over the whole head,
-full attention. Llama, Mistral (without a sliding window) and Qwen2 (its q/k/v biases) share this adapter."""
+"""Llama-style decoders: separate q/k/v/o projections (optional biases), rotate-half RoPE over the whole head.
+Llama, Mistral (with or without its sliding window) and Qwen2 (q/k/v biases, sliding-window layers) share this
+adapter; the family's own masks carry the windows, so converted layers need nothing for them."""
 
 from __future__ import annotations
 
@@ -16,18 +17,14 @@ SUPPORTED_ROPE = ("default", "linear", "llama3", "dynamic")
 
 class LlamaFamily(FamilyAdapter):
     model_types = ("llama", "mistral", "qwen2")
-    description = ("Llama-family decoders (llama, mistral, qwen2) with RoPE, separate q/k/v projections and full "
-                   "attention")
+    description = "Llama-family decoders (llama, mistral, qwen2) with RoPE and separate q/k/v projections"
 
     def check_config(self, config: Any) -> None:
         if getattr(config, "use_qk_norm", False) or getattr(config, "qk_norm", False):
             raise self.refuse(config, "QK-norm")
-        window = getattr(config, "sliding_window", None)
-        uses_window = getattr(config, "use_sliding_window", window is not None)
-        if window is not None and uses_window and window < getattr(config, "max_position_embeddings", 0):
-            raise self.refuse(config, f"sliding-window attention (window {window})")
-        if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
-            raise self.refuse(config, "sliding-window layers")
+        kinds = set(getattr(config, "layer_types", None) or [])
+        if kinds - {"full_attention", "sliding_attention"}:
+            raise self.refuse(config, f"layer types {sorted(kinds)}")
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE:

@@ -13,7 +13,7 @@ cache, including the `DynamicCache` that `generate()` builds, without overriding
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # transformers 5.24 renamed the cache argument of forward() and the output field from `past_key_values` to `cache`
@@ -35,8 +35,10 @@ def pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
 
 
 def is_compressed_cache_layer(layer) -> bool:
-    """Full-length dynamic layers append along the sequence axis, so they hold compressed tensors of any width."""
-    return type(layer) in (DynamicLayer, CompressedKVLayer)
+    """Dynamic layers append along the sequence axis, so they hold compressed tensors of any width; a sliding-window
+    layer (the family's sliding-attention layers) also keeps only the last window of them, which is all its mask
+    lets a query see."""
+    return type(layer) in (DynamicLayer, DynamicSlidingWindowLayer, CompressedKVLayer)
 
 
 class CompressedKVLayer(DynamicLayer):
