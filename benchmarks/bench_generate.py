@@ -3,6 +3,12 @@
     python benchmarks/bench_generate.py                              # GPU: default grid, writes JSON
     python benchmarks/bench_generate.py --batch 1,32 --context 4096,16384 --new-tokens 64 --budget-gib 8
     python benchmarks/bench_generate.py --tiny                       # CPU smoke test (tiny random Llama)
+    python benchmarks/bench_generate.py --cpu --targets source,gta,gla,mla --batch 1,4 --context 512,2048
+
+CPU mode (`--cpu`, fp32): prefill and decode are timed apart and honestly: prefill = one forward over the prompt
+(creating the cache), decode = `--new-tokens` greedy single-token steps on that cache, tokens/s = batch x steps /
+their time. The models take turns within every repeat (so load changes hit all of them alike) and medians of
+`--repeats` are reported, with the source measured in the same run.
 
 For every model and batch x context: a random prompt of `context` tokens, greedy `generate` of `--new-tokens`
 tokens (min = max, so every row runs them all). Decode tokens/s = batch * (N - 1) / (t(N) - t(1)), i.e. the
@@ -48,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-fit", action="store_true", help="skip the largest-batch search")
     p.add_argument("--json", type=Path, default=Path("benchmarks/out/bench_generate.json"))
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny random Llama source, tiny shapes")
+    p.add_argument("--cpu", action="store_true", help="CPU mode: fp32, prefill and decode timed apart, medians")
     return p
 
 
@@ -78,7 +85,7 @@ def load_models(args, device: torch.device, dtype: torch.dtype) -> dict:
             per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * cfg.num_hidden_layers
         else:
             model, _ = convert_in_memory(source, ConvertOptions(target=target, init="svd"))
-            model.config.decode_backend = args.backend
+            model.set_decode_backend(args.backend)
             per_token = model.kv_cache_elements_per_token()
         models[target] = (model.to(device=device, dtype=dtype).eval(), per_token * elsize)
     return models
@@ -120,6 +127,57 @@ def time_decode(
     }
 
 
+@torch.no_grad()
+def split_seconds(model, prompt: torch.Tensor, steps: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for `steps` greedy single-token steps on the prefilled cache)."""
+    from gtakit.models import CACHE_FIELD, output_cache
+
+    start = time.perf_counter()
+    out = model(prompt, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - start
+    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(token, use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache})
+        token = out.logits[:, -1:].argmax(-1)
+    return prefill, time.perf_counter() - start
+
+
+def cpu_rows(models: dict, args) -> list[dict]:
+    """Interleaved repeats (every model once per repeat), medians, the source in the same run."""
+    import statistics
+
+    rows = []
+    for batch in args.batch:
+        for context in args.context:
+            vocab = next(iter(models.values()))[0].config.vocab_size
+            prompt = torch.randint(3, vocab, (batch, context), generator=torch.Generator().manual_seed(context))
+            times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+            for name, (model, _) in models.items():  # warm-up
+                split_seconds(model, prompt[:, :16], 2)
+            for _ in range(args.repeats):
+                for name, (model, _) in models.items():
+                    times[name].append(split_seconds(model, prompt, args.new_tokens))
+            base = None
+            for name, (model, kv_bytes) in models.items():
+                prefill = statistics.median(t[0] for t in times[name])
+                decode = statistics.median(t[1] for t in times[name])
+                row = {"model": name, "kv_bytes_per_token": kv_bytes, "batch": batch, "context": context,
+                       "prefill_s": round(prefill, 3), "decode_tok_s": round(batch * args.new_tokens / decode, 2),
+                       "ms_per_step": round(1e3 * decode / args.new_tokens, 1)}
+                if name == "source":
+                    base = row
+                row["_prefill"], row["_decode"] = prefill, decode
+                if base is not None:
+                    row["speedup"] = f"{base['_decode'] / decode:.2f}x"
+                    row["prefill_vs_source"] = f"{prefill / base['_prefill']:.2f}x"
+                rows.append(row)
+                print(markdown_table([row], CPU_COLUMNS).splitlines()[-1], flush=True)
+    for row in rows:
+        del row["_prefill"], row["_decode"]
+    return rows
+
+
 def largest_batch(model, context: int, vocab: int, device: torch.device, max_batch: int) -> int:
     """Largest power-of-two batch whose prefill + 4 decode steps run inside the memory budget (0: none)."""
     best, batch = 0, 1
@@ -140,8 +198,25 @@ COLUMNS = [("model", "model"), ("kv_bytes_per_token", "KV bytes/token"), ("batch
            ("prefill_s", "prefill s"), ("peak_gib", "peak GiB")]
 
 
+CPU_COLUMNS = [("model", "model"), ("kv_bytes_per_token", "KV bytes/token"), ("batch", "batch"),
+               ("context", "context"), ("prefill_s", "prefill s"), ("prefill_vs_source", "prefill vs source"),
+               ("decode_tok_s", "decode tok/s"), ("ms_per_step", "ms/step"), ("speedup", "decode vs source")]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cpu:
+        models = load_models(args, torch.device("cpu"), torch.float32)
+        rows = cpu_rows(models, args)
+        table = markdown_table(rows, CPU_COLUMNS)
+        print("\n" + table)
+        meta = {"command": " ".join(sys.argv), "device": "cpu", "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "dtype": "float32", "new_tokens": args.new_tokens,
+                "repeats": args.repeats}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=1))
+        print(f"wrote {args.json}")
+        return 0
     if args.tiny:
         device, dtype = torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32
         args.batch, args.context, args.new_tokens = [2], [32], 8

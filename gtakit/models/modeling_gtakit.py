@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache
 
 from .attention_gtakit import ATTENTION_PATHS, GtakitAttention, source_head_dim
 from .cache_gtakit import CACHE_FIELD, pick_cache
-from .configuration_gtakit import SOURCE_FORM, GtakitConfig
+from .configuration_gtakit import DECODE_BACKENDS, SOURCE_FORM, GtakitConfig
 from .form_ghla import GHLAAttention
 from .form_gla import GLAAttention
 from .form_gta import GTAAttention
@@ -93,6 +93,15 @@ class GtakitForCausalLM(GtakitPreTrainedModel, GenerationMixin):
         for module in self.modules():
             if isinstance(module, GtakitAttention):
                 module.attention_path = path
+
+    def set_decode_backend(self, backend: str) -> None:
+        """'auto' (Triton kernels on CUDA), 'torch' or 'triton' for the absorbed decode step, in config and layers."""
+        if backend not in DECODE_BACKENDS:
+            raise ValueError(f"decode backend must be one of {DECODE_BACKENDS}, got {backend!r}")
+        self.config.decode_backend = backend
+        for module in self.modules():
+            if isinstance(module, GtakitAttention):
+                module.decode_backend = backend
 
     def kv_cache_elements_per_token(self) -> int:
         """Elements the cache holds per token, summed over layers."""
