@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from gtakit.errors import GtakitError
+from gtakit.forms import DEFAULT_FORM, FORMS
 
 
 def option(default: Any, help: str, cli_type: type | None = None, flag: str | None = None) -> Any:  # noqa: A002
@@ -21,7 +22,7 @@ def option(default: Any, help: str, cli_type: type | None = None, flag: str | No
 class ConvertOptions:
     """Settings of one conversion; `gtakit convert --help` is generated from these fields."""
 
-    target: str = option("gla", "Target form: gta, gla, mla or ghla.", flag="--to")
+    target: str = option(DEFAULT_FORM, f"Target form: {', '.join(FORMS)}.", flag="--to")
     groups: int | None = option(None, "GTA: number of tied-state groups (default: source KV heads).")
     latent_heads: int | None = option(
         None, "GLA: latent heads (default 2 if it divides the query and KV heads, else the KV heads).")
