@@ -47,18 +47,15 @@ _one_line_errors = one_line_errors
 
 
 def _cli_type(name: str) -> Any:
-    """The CLI type of a ConvertOptions field: its own, made Optional when it may be None."""
-    meta = {f.name: f.metadata for f in fields(ConvertOptions)}[name]
-    if meta.get("cli_type") is not None:
-        hint = meta["cli_type"]
-    else:
-        hint = get_type_hints(ConvertOptions)[name]
-    args = [a for a in get_args(hint) if a is not type(None)]
-    if args and get_origin(hint) is list:
+    """The CLI type of a ConvertOptions field: its own (or its `cli_type`), made Optional when it may be None."""
+    field = {f.name: f for f in fields(ConvertOptions)}[name]
+    hint = field.metadata.get("cli_type") or get_type_hints(ConvertOptions)[name]
+    if get_origin(hint) is list:
         return Optional[list[str]]
+    args = [a for a in get_args(hint) if a is not type(None)]
     if len(args) == 1 and type(None) in get_args(hint):
         return Optional[args[0]]
-    return Optional[hint] if hint is str and name in ("kv_rank", "rope_dim", "latent_dim") else hint
+    return Optional[hint] if field.default is None else hint
 
 
 def _convert_signature() -> inspect.Signature:

@@ -8,6 +8,7 @@ from typing import Any
 
 from gtakit.errors import GtakitError
 from gtakit.forms import DEFAULT_FORM, FORMS
+from gtakit.models import SOURCE_FORM
 
 
 def option(default: Any, help: str, cli_type: type | None = None, flag: str | None = None) -> Any:  # noqa: A002
@@ -61,7 +62,6 @@ class ConvertOptions:
 # Options a --layer override may set (what shapes one layer), by field name.
 PER_LAYER = ("target", "groups", "latent_heads", "kv_rank", "rope_dim", "maps", "key_heads", "latent_dim",
              "ghla_query", "gta_state")
-SOURCE_FORM = "source"
 RANGE = re.compile(r"^(\d+)(?:-(\d*))?$")
 
 

@@ -20,6 +20,7 @@ from gtakit.io import DTYPES
 from gtakit.io.output import OutputFolder
 from gtakit.io.source import SourceModel, check_tokenizer, open_source
 from gtakit.io.text import check_text_file, read_text
+from gtakit.models import SOURCE_FORM
 
 from .calibration import check_calib_device, is_local_text
 from .methods import get_init_method, resolve_init
@@ -47,19 +48,16 @@ def iter_converted_tensors(
     """Yield the target checkpoint tensor by tensor, one source layer in memory at a time. The RoPE frequencies a
     layer keeps are written into its spec in `plan` as it is converted."""
     family, weights = plan.family, source.weights
+    kept = frozenset(index for index, layer in enumerate(plan.layers) if layer.form is None)
     by_layer: dict[int | None, list[str]] = {}
-    for name, layer in family.passthrough(weights, source.config):
+    for name, layer in family.passthrough(weights, source.config, kept):
         by_layer.setdefault(layer, []).append(name)
     for name in by_layer.get(None, []):
         yield name, weights.get(name)
     for index, layer in enumerate(tqdm(plan.layers, desc="converting layers", disable=not progress)):
         stats = stats_for_layer(index) if stats_for_layer is not None else None  # sequential: every layer
         if layer.form is None:
-            prefix = family.attention_prefix(index)
-            for name in weights.keys():
-                if name.startswith(prefix):
-                    yield name, weights.get(name)
-            layer_reports.append({"layer": index, "form": "source"})
+            layer_reports.append({"layer": index, "form": SOURCE_FORM})
         else:
             yield from _convert_layer(family, source, index, layer, method, stats, layer_reports)
         for name in by_layer.get(index, []):

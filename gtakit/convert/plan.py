@@ -8,11 +8,11 @@ from typing import Any
 
 from gtakit.errors import GtakitError
 from gtakit.families import FamilyAdapter, SourceShape
-from gtakit.forms import FORMS, FormConverter, form_owning, get_form
+from gtakit.forms import FormConverter, form_owning, get_form
 from gtakit.io.source import SourceModel
-from gtakit.models import GtakitConfig, layer_cache_elements
+from gtakit.models import SOURCE_FORM, GtakitConfig, layer_cache_elements
 
-from .options import SOURCE_FORM, ConvertOptions, flag_of, layer_options, parse_layer_overrides
+from .options import ConvertOptions, flag_of, layer_options, parse_layer_overrides
 
 
 @dataclass
@@ -110,4 +110,4 @@ def _plan_layer(shape: SourceShape, options: ConvertOptions, override: dict, ind
     return LayerPlan(form, form.plan(shape, effective), effective)
 
 
-__all__ = ["FORMS", "ConversionPlan", "LayerPlan", "check_form_options", "plan_conversion"]
+__all__ = ["ConversionPlan", "LayerPlan", "check_form_options", "plan_conversion"]

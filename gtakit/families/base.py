@@ -16,6 +16,7 @@ import torch
 
 from gtakit.errors import GtakitError
 from gtakit.io.source import WeightReader
+from gtakit.models.attention_gtakit import rotary_pairs, source_head_dim
 
 
 @dataclass
@@ -125,13 +126,16 @@ class FamilyAdapter:
             return None
         return int(name[len(prefix) :].split(".", 1)[0])
 
-    def passthrough(self, weights: WeightReader, config: Any) -> Iterator[tuple[str, int | None]]:
-        """(name, layer) of every source weight copied verbatim (all but the attention's)."""
+    def passthrough(self, weights: WeightReader, config: Any,
+                    kept_layers: frozenset[int] = frozenset()) -> Iterator[tuple[str, int | None]]:
+        """(name, layer) of every source weight copied verbatim: all but the attention's, and the attention of the
+        layers in `kept_layers` (left in source form)."""
         for name in weights.keys():
             if "rotary_emb" in name or (name == "lm_head.weight" and config.tie_word_embeddings):
                 continue
-            if not self.is_attention_weight(name):
-                yield name, self.layer_of(name)
+            layer = self.layer_of(name)
+            if not self.is_attention_weight(name) or layer in kept_layers:
+                yield name, layer
 
     def inv_freq(self, config: Any) -> torch.Tensor:
         """The family's RoPE inverse frequencies `[pairs]` in float64, as transformers computes them."""
@@ -146,12 +150,10 @@ class FamilyAdapter:
         return 1.0 / (float(rope.get("rope_theta", 10000.0)) ** exponent)
 
     def head_dim(self, config: Any) -> int:
-        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return source_head_dim(config)
 
     def rotary_pairs(self, config: Any) -> int:
-        rope = getattr(config, "rope_parameters", None) or {}
-        fraction = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
-        return int(self.head_dim(config) * fraction) // 2
+        return rotary_pairs(config)
 
     # ------------------------------------------------------------------ calibration
     def decoder_layers(self, model: Any) -> Any:

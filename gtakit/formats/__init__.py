@@ -1,4 +1,4 @@
-"""Output formats of a conversion (sinks); adding a format is one module and one entry in `FORMATS`."""
+"""Output formats of a conversion: one `Sink` per format (the gtakit folder, in memory)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,4 @@ from .folder import FolderSink, write_model
 from .memory import MemorySink
 from .shards import check_shard_size
 
-FORMATS: dict[str, type[Sink]] = {sink.name: sink for sink in (FolderSink, MemorySink)}
-
-__all__ = ["FORMATS", "FolderSink", "MemorySink", "Sink", "check_shard_size", "meta_state_dict", "write_model"]
+__all__ = ["FolderSink", "MemorySink", "Sink", "check_shard_size", "meta_state_dict", "write_model"]

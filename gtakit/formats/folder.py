@@ -4,7 +4,6 @@ config, conversion.json and a model card. Written into a staging folder that the
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -84,7 +83,3 @@ def write_model(model: torch.nn.Module, folder: Path, dtype: torch.dtype, report
             sink.add(name, tensor.detach().cpu())
     return sink.finish(model.config, report, **extras)
 
-
-def read_report(folder: Path) -> dict:
-    path = Path(folder) / "conversion.json"
-    return json.loads(path.read_text()) if path.exists() else {}

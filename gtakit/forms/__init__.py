@@ -15,8 +15,6 @@ FORMS: dict[str, FormConverter] = {
     form.name: form for form in (GTAConverter(), GLAConverter("gla"), GLAConverter("mla"), GHLAConverter())
 }
 DEFAULT_FORM = "gla"  # what --to is when not given
-# Keeping a layer's own attention is a choice per layer (--layer 0:source), not a --to target.
-SOURCE = "source"
 
 
 def get_form(name: str) -> FormConverter:
@@ -30,4 +28,4 @@ def form_owning(option: str) -> list[str]:
     return [name for name, form in FORMS.items() if option in form.options]
 
 
-__all__ = ["DEFAULT_FORM", "FORMS", "SOURCE", "ConvertedLayer", "FormConverter", "LayerMetric", "form_owning", "get_form"]
+__all__ = ["DEFAULT_FORM", "FORMS", "ConvertedLayer", "FormConverter", "LayerMetric", "form_owning", "get_form"]

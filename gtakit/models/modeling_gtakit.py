@@ -39,7 +39,8 @@ def layer_cache_elements(spec: dict, source_config: Any) -> int:
     if spec["form"] == SOURCE_FORM:
         heads = getattr(source_config, "num_key_value_heads", None) or source_config.num_attention_heads
         return 2 * heads * source_head_dim(source_config)
-    return attention_class(spec["form"]).cache_elements(attention_class(spec["form"]).normalise_spec(spec, source_config))
+    form = attention_class(spec["form"])
+    return form.cache_elements(form.normalise_spec(spec, source_config))
 
 
 def build_family_model(config: GtakitConfig) -> PreTrainedModel:
