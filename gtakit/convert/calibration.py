@@ -42,6 +42,10 @@ class LayerStats:
     # Normalised attention input of the first calibration sequence's first tokens [L, D] (float32), on which
     # GHLA conversion measures attention maps; tiny next to the input moment.
     attention_sample: torch.Tensor | None = None
+    # QK-norm sources: mean per-token 1/rms of the queries per head and of the keys per KV head (`[1]` each when
+    # the norm spans all heads), which conversion folds into the weights.
+    query_scale_mean: torch.Tensor | None = None
+    key_scale_mean: torch.Tensor | None = None
 
 
 def attention_rotation_moments(
@@ -51,9 +55,9 @@ def attention_rotation_moments(
     """Measure, on normalised inputs `x` [B, L, D], the attention-weighted mean rotation of every frequency."""
     batch, length, _ = x.shape
     q, k = family.rotated_queries_keys(layer, x, cos_sin, config)
-    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[-1]
+    heads, kv_heads = q.shape[1], k.shape[1]
     k = k.repeat_interleave(heads // kv_heads, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
+    scores = (q @ k.transpose(-1, -2)) * family.attention_scale(config)
     causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril() if mask is None else mask[0, 0]
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=0)  # [H, L, L]
     # hist[h, dt] = attention mass at distance dt, summed over queries
@@ -124,15 +128,24 @@ class LayerwiseCalibrator:
             skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         self.layers = family.decoder_layers(skeleton)
         rotary = type(family.rotary(skeleton))(config=config).to(self.device)
-        self.inv_freq = family.inv_freq(config)
         self.config = config
+        num_layers = config.num_hidden_layers
+        self.inv_freq = [family.layer_inv_freq(config, index) for index in range(num_layers)]
         embed = source.weights.get(family.embedding_name).float()
-        self.hidden = torch.nn.functional.embedding(ids, embed)  # [rows, seq, D], float32
+        self.hidden = family.embed(ids, embed, config)  # [rows, seq, D], float32
         del embed
         seq_len = ids.shape[1]
-        # The same positions in every layer and row: one [1, seq, d] table, broadcast over each micro-batch.
+        # The same positions in every layer and row: one [1, seq, d] table per layer kind (shared between the
+        # layers of a kind), broadcast over each micro-batch.
         position_ids = torch.arange(seq_len, device=self.device).unsqueeze(0)
-        self.cos_sin = rotary(self.hidden.new_empty(0, device=self.device), position_ids)
+        probe = self.hidden.new_empty(0, device=self.device)
+        tables: dict = {}
+        self.cos_sin = []
+        for index in range(num_layers):
+            kind = family.rope_kind(config, index)
+            if kind not in tables:
+                tables[kind] = family.position_embeddings(rotary, probe, position_ids, kind)
+            self.cos_sin.append(tables[kind])
         self.next_layer = 0
         batch_tokens = MICRO_BATCH_TOKENS.get(self.device.type, MICRO_BATCH_TOKENS["cpu"])
         self.rows_per_batch = max(1, batch_tokens // seq_len)
@@ -148,19 +161,23 @@ class LayerwiseCalibrator:
         return layer.eval()
 
     @torch.no_grad()
-    def _micro_batch(self, layer: torch.nn.Module, last: bool, start: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """Run rows [start, start + rows_per_batch) through `layer` in place; returns their x^T x (fp32)."""
+    def _micro_batch(self, layer: torch.nn.Module, index: int, last: bool, start: int,
+                     mask: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Run rows [start, start + rows_per_batch) through `layer` in place; returns their x^T x (fp32) and, for
+        QK-norm sources, the sums of the query and key norm scalars."""
         chunk = self.hidden[start : start + self.rows_per_batch].to(self.device)
         normed = self.family.input_norm(layer)(chunk)
         # One fp32 GEMM per micro-batch (a sum of a few thousand non-negative-definite terms loses ~1e-6),
         # accumulated in float64 across micro-batches: the float64 GEMM cost a tenth of the whole pass.
         x = normed.reshape(-1, normed.shape[-1])
         moment = x.T @ x
+        scales = self.family.qk_norm_scales(layer, x, self.config)
+        scale_sums = [s.double().sum(dim=0) for s in scales] if scales is not None else None
         if not last:  # the last layer's output is never needed
-            out = layer(chunk, attention_mask=mask, position_embeddings=self.cos_sin, use_cache=False)
+            out = layer(chunk, attention_mask=mask, position_embeddings=self.cos_sin[index], use_cache=False)
             out = out[0] if isinstance(out, tuple) else out
             self.hidden[start : start + chunk.shape[0]] = out.to(self.hidden.device)
-        return moment
+        return moment, scale_sums
 
     @torch.no_grad()
     def __call__(self, index: int) -> LayerStats:
@@ -172,12 +189,16 @@ class LayerwiseCalibrator:
         attention_sample = sample[0, :ATTENTION_SAMPLE_TOKENS].float().cpu()
         # The family's own window (sliding-attention layers); None = plain causal.
         mask = self.family.calibration_mask(self.config, index, self.hidden.shape[1], self.device)
-        rotation = attention_rotation_moments(self.family, layer, sample, self.cos_sin, self.config,
-                                              self.inv_freq.to(self.device), mask)
+        rotation = attention_rotation_moments(self.family, layer, sample, self.cos_sin[index], self.config,
+                                              self.inv_freq[index].to(self.device), mask)
         dim = self.hidden.shape[-1]
         cov = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+        scale_sums = None
         for start in range(0, self.hidden.shape[0], self.rows_per_batch):
-            cov += self._micro_batch(layer, last, start, mask).double()
+            moment, sums = self._micro_batch(layer, index, last, start, mask)
+            cov += moment.double()
+            if sums is not None:
+                scale_sums = sums if scale_sums is None else [a + b for a, b in zip(scale_sums, sums)]
         count = self.hidden.shape[0] * self.hidden.shape[1]
         layer.to("meta")  # release this layer's weights
         self.next_layer += 1
@@ -191,6 +212,8 @@ class LayerwiseCalibrator:
             rotation_cos=rotation[0].cpu(),
             rotation_sin=rotation[1].cpu(),
             attention_sample=attention_sample,
+            query_scale_mean=(scale_sums[0] / count).cpu() if scale_sums else None,
+            key_scale_mean=(scale_sums[1] / count).cpu() if scale_sums else None,
         )
 
 

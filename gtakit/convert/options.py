@@ -40,6 +40,10 @@ class ConvertOptions:
         "auto", "GHLA map query: auto (better of mean and central, measured on --calib), mean (least squares), "
         "central head, or fit (members' queries combined to fit their attention maps; needs --calib; slow).")
     gta_state: str = option("joint", "GTA tied state: joint (key/value subspace) or value (exact values).")
+    key_norm: str = option(
+        "cached", "QK-norm sources (Qwen3, Gemma 3, OLMo-2): cached (each token's key norm scalar cached beside the "
+        "latent, exact; KV heads extra elements per token and layer) or mean (its calibrated mean folded into the "
+        "weights; no extra cache, approximate; needs --calib).")
     layers: list[str] = option(
         [], "Per-layer settings, repeatable: RANGE:source keeps those layers' own attention; RANGE:key=value,... "
         "overrides options there (to, kv_rank, rope_dim, latent_heads, groups, ...). RANGE: 3, 0-5 or 12-.",
@@ -61,7 +65,7 @@ class ConvertOptions:
 
 # Options a --layer override may set (what shapes one layer), by field name.
 PER_LAYER = ("target", "groups", "latent_heads", "kv_rank", "rope_dim", "maps", "key_heads", "latent_dim",
-             "ghla_query", "gta_state")
+             "ghla_query", "gta_state", "key_norm")
 RANGE = re.compile(r"^(\d+)(?:-(\d*))?$")
 
 

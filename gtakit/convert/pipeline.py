@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 import gtakit
 from gtakit.errors import GtakitError
 from gtakit.families import FamilyAdapter, FamilyChecks, family_of
+from gtakit.forms import qk_norm
 from gtakit.formats import FolderSink, MemorySink, Sink, check_shard_size
 from gtakit.io import DTYPES
 from gtakit.io.output import OutputFolder
@@ -66,9 +67,18 @@ def iter_converted_tensors(
 
 def _convert_layer(family: FamilyAdapter, source: SourceModel, index: int, layer, method, stats,
                    layer_reports: list[dict]) -> Iterator[tuple[str, torch.Tensor]]:
-    attn = family.read_attention(source.weights, source.config, index)
+    source_attn = attn = family.read_attention(source.weights, source.config, index)
+    norm = layer.spec.get("qk_norm")
+    if norm is not None:  # the converters see the norms folded in; `complete` makes the query (and keys) exact
+        if norm["key_scale"] == "mean" and getattr(stats, "key_scale_mean", None) is None:
+            raise GtakitError("--key-norm mean folds the calibrated mean key scale: pass --calib FILE")
+        attn = qk_norm.folded(source_attn, getattr(stats, "query_scale_mean", None),
+                              getattr(stats, "key_scale_mean", None))
     metric = method.build_metric(attn, stats)
     converted = layer.form.convert_layer(attn, layer.spec, metric, stats, layer.options)
+    if norm is not None:
+        converted = qk_norm.complete(converted, source_attn, attn, norm["key_scale"],
+                                     layer.form.query_nope_width(layer.spec), getattr(stats, "key_scale_mean", None))
     layer.spec.update(converted.spec_updates)
     prefix = family.attention_prefix(index)
     for name, tensor in converted.tensors.items():

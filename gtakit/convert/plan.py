@@ -9,6 +9,7 @@ from typing import Any
 from gtakit.errors import GtakitError
 from gtakit.families import FamilyAdapter, SourceShape
 from gtakit.forms import FormConverter, form_owning, get_form
+from gtakit.forms.qk_norm import KEY_SCALE_MODES, qk_norm_spec
 from gtakit.io.source import SourceModel
 from gtakit.models import SOURCE_FORM, GtakitConfig, layer_cache_elements
 
@@ -107,7 +108,14 @@ def _plan_layer(shape: SourceShape, options: ConvertOptions, override: dict, ind
         check_form_options(ConvertOptions(**{k: v for k, v in override.items() if k != "target"}), target,
                            f" (--layer {index})")
     effective = layer_options(options, override)
-    return LayerPlan(form, form.plan(shape, effective), effective)
+    spec = form.plan(shape, effective)
+    if shape.qk_norm_scope is not None:
+        if not form.takes_qk_norm:
+            raise GtakitError(f"--to {target} cannot convert QK-norm sources yet; use --to gta, gla or mla")
+        if effective.key_norm not in KEY_SCALE_MODES:
+            raise GtakitError(f"--key-norm must be one of {', '.join(KEY_SCALE_MODES)}, got {effective.key_norm!r}")
+        spec["qk_norm"] = qk_norm_spec(shape.qk_norm_scope, shape.qk_norm_eps, effective.key_norm)
+    return LayerPlan(form, spec, effective)
 
 
 __all__ = ["ConversionPlan", "LayerPlan", "check_form_options", "plan_conversion"]

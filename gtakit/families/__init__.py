@@ -10,8 +10,9 @@ from gtakit.io.source import WeightReader
 
 from .base import FamilyAdapter, SourceAttention, SourceShape
 from .llama import LlamaFamily
+from .qk_norm import Gemma3Family, Olmo2Family, QKNormFamily
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (LlamaFamily(),)
+ADAPTERS: tuple[FamilyAdapter, ...] = (LlamaFamily(), QKNormFamily(), Gemma3Family(), Olmo2Family())
 BY_MODEL_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}
 SUPPORTED_MODEL_TYPES = tuple(BY_MODEL_TYPE)
 

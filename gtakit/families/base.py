@@ -35,6 +35,12 @@ class SourceAttention:
     num_kv_heads: int
     head_dim: int
     inv_freq: torch.Tensor  # [d/2], the family's RoPE frequencies with static scaling applied
+    # QK-norm (None without): RMS over each head ("head") or over all heads ("all"), then these weights (the
+    # family's offset such as Gemma's 1 + w included), before RoPE.
+    qk_norm_scope: str | None = None
+    qk_norm_eps: float = 1e-6
+    q_norm_weight: torch.Tensor | None = None  # [H, d]
+    k_norm_weight: torch.Tensor | None = None  # [G, d]
 
     @property
     def group_of_head(self) -> list[int]:
@@ -59,6 +65,9 @@ class SourceShape:
     num_layers: int
     has_qk_bias: bool
     has_o_bias: bool
+    attention_scale: float | None = None  # the family's softmax scale (None: head_dim ** -0.5)
+    qk_norm_scope: str | None = None  # "head" or "all" for families with QK-norm
+    qk_norm_eps: float = 1e-6
 
     @property
     def cache_elements(self) -> int:
@@ -149,6 +158,14 @@ class FamilyAdapter:
         exponent = torch.arange(0, dim, 2, dtype=torch.float64) / dim
         return 1.0 / (float(rope.get("rope_theta", 10000.0)) ** exponent)
 
+    def layer_inv_freq(self, config: Any, layer: int) -> torch.Tensor:
+        """The RoPE frequencies `layer` rotates with (families with per-layer-kind RoPE override it)."""
+        return self.inv_freq(config)
+
+    def attention_scale(self, config: Any) -> float:
+        """The softmax scale of the family's attention."""
+        return self.head_dim(config) ** -0.5
+
     def head_dim(self, config: Any) -> int:
         return source_head_dim(config)
 
@@ -161,6 +178,23 @@ class FamilyAdapter:
 
     def rotary(self, model: Any) -> Any:
         return model.model.rotary_emb
+
+    def rope_kind(self, config: Any, layer: int) -> Any:
+        """Which RoPE table `layer` reads (layers of one kind share it); one kind unless the family has several."""
+        return None
+
+    def position_embeddings(self, rotary: Any, x: torch.Tensor, position_ids: torch.Tensor, kind: Any):
+        """(cos, sin) the family's decoder passes to the layers of `kind`."""
+        return rotary(x, position_ids)
+
+    def embed(self, ids: torch.Tensor, weight: torch.Tensor, config: Any) -> torch.Tensor:
+        """The decoder's input for `ids` (families that scale their embeddings override it)."""
+        return torch.nn.functional.embedding(ids, weight)
+
+    def qk_norm_scales(self, layer: Any, x: torch.Tensor, config: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """QK-norm families: the per-token 1/rms of the queries `[N, H or 1]` and keys `[N, G or 1]` of the family's
+        attention on normalised inputs `x` `[N, D]`; None for families without QK-norm."""
+        return None
 
     def rotated_queries_keys(self, layer: Any, x: torch.Tensor, cos_sin: Any, config: Any):
         """Queries `[B, H, L, d]` and keys `[B, G, L, d]` of the family's own attention `layer` on normalised

@@ -18,10 +18,14 @@ SUPPORTED_ROPE = ("default", "linear", "llama3", "dynamic")
 class LlamaFamily(FamilyAdapter):
     model_types = ("llama", "mistral", "qwen2")
     description = "Llama-family decoders (llama, mistral, qwen2) with RoPE and separate q/k/v projections"
+    activations = ("silu", "swish")
 
     def check_config(self, config: Any) -> None:
         if getattr(config, "use_qk_norm", False) or getattr(config, "qk_norm", False):
             raise self.refuse(config, "QK-norm")
+        self.check_common(config)
+
+    def check_common(self, config: Any) -> None:
         kinds = set(getattr(config, "layer_types", None) or [])
         if kinds - {"full_attention", "sliding_attention"}:
             raise self.refuse(config, f"layer types {sorted(kinds)}")
@@ -31,7 +35,7 @@ class LlamaFamily(FamilyAdapter):
             raise self.refuse(config, f"RoPE scaling {rope_type!r}")
         if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
             raise self.refuse(config, "partial rotary embeddings")
-        if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
+        if getattr(config, "hidden_act", "silu") not in self.activations:
             raise self.refuse(config, f"activation {config.hidden_act!r}")
         if self.head_dim(config) % 2:
             raise self.refuse(config, "odd head_dim")
@@ -48,7 +52,12 @@ class LlamaFamily(FamilyAdapter):
                 mlp + "gate_proj.weight": (inner, d), mlp + "up_proj.weight": (inner, d),
                 mlp + "down_proj.weight": (d, inner),
             })
+            shapes.update(self.norm_shapes(config, attn))
         return shapes
+
+    def norm_shapes(self, config: Any, attn: str) -> dict[str, tuple[int, ...]]:
+        """Shapes of the attention's own norm weights (QK-norm families)."""
+        return {}
 
     def num_kv_heads(self, config: Any) -> int:
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads

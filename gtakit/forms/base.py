@@ -22,6 +22,8 @@ class ConvertedLayer:
     tensors: dict[str, torch.Tensor]  # attention tensors, names relative to the attention module
     metrics: dict[str, float] = field(default_factory=dict)
     spec_updates: dict[str, Any] = field(default_factory=dict)  # e.g. the RoPE frequencies kept ("rope_index")
+    # [r, G*d]: the shared RoPE key as a map of the source's keys (k_rope_proj = map @ wk), for QK-norm sources
+    rope_key_map: torch.Tensor | None = None
 
 
 class FormConverter:
@@ -31,6 +33,7 @@ class FormConverter:
     options: tuple[str, ...] = ()  # ConvertOptions fields only this form reads
     report_fields: tuple[str, ...] = ()  # spec fields worth a line in conversion.json and the card
     honours: frozenset[str] = frozenset()  # output-format constraints (`Sink.constraints`) this form can meet
+    takes_qk_norm = False  # converts QK-norm sources (see `qk_norm.py`)
 
     def plan(self, shape: SourceShape, options: Any) -> dict:
         """The model-side spec of one layer (without `rope_index`, which conversion chooses)."""
@@ -40,12 +43,17 @@ class FormConverter:
                       options: Any) -> ConvertedLayer:
         raise NotImplementedError
 
+    def query_nope_width(self, spec: dict) -> int:
+        """Leading query dims per head that score the position-free key (the part a cached key scale multiplies)."""
+        raise NotImplementedError
+
     def summary(self, spec: dict) -> str:
         return ", ".join(f"{name}={spec[name]}" for name in self.report_fields)
 
     def common_spec(self, shape: SourceShape) -> dict:
+        scale = shape.attention_scale if shape.attention_scale is not None else shape.head_dim**-0.5
         return {"form": self.model_form, "attention_bias": shape.has_qk_bias, "o_proj_bias": shape.has_o_bias,
-                "softmax_scale": shape.head_dim**-0.5}
+                "softmax_scale": scale}
 
 
 def as_width(value: Any, option: str) -> int | str | None:

@@ -20,6 +20,7 @@ from .rope import nope_query, select_shared_rope
 class GLAConverter(FormConverter):
     model_form = "gla"
     options = ("latent_heads", "kv_rank")
+    takes_qk_norm = True
     report_fields = ("num_latent_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
     def __init__(self, name: str = "gla") -> None:
@@ -68,6 +69,9 @@ class GLAConverter(FormConverter):
                               "model")
         return {**self.common_spec(shape), "num_latent_heads": latents, "kv_lora_rank": kv_rank,
                 "qk_nope_head_dim": nope_dim, "qk_rope_head_dim": rope_dim, "v_head_dim": d}
+
+    def query_nope_width(self, spec: dict) -> int:
+        return spec["qk_nope_head_dim"]
 
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
                       options: Any) -> ConvertedLayer:
@@ -176,6 +180,7 @@ def convert_gla_layer(
         "value_rel_error": max(value_errs),
         "rope_score_kept": rope.score_energy_kept,
     }
-    return ConvertedLayer(tensors, metrics, {"rope_index": rope.index})
+    return ConvertedLayer(tensors, metrics, {"rope_index": rope.index},
+                          rope.key_map(src.num_kv_heads, src.head_dim))
 
 

@@ -24,6 +24,7 @@ class GTAConverter(FormConverter):
     name = model_form = "gta"
     title = "GTA (grouped-tied attention)"
     options = ("groups", "gta_state")
+    takes_qk_norm = True
     report_fields = ("num_key_value_heads", "head_dim", "rope_dim")
 
     def plan(self, shape: SourceShape, options: Any) -> dict:
@@ -37,6 +38,9 @@ class GTAConverter(FormConverter):
         if options.gta_state not in GTA_STATES:
             raise GtakitError(f"--gta-state must be joint or value, got {options.gta_state!r}")
         return {**self.common_spec(shape), "num_key_value_heads": groups, "head_dim": d, "rope_dim": rope_dim}
+
+    def query_nope_width(self, spec: dict) -> int:
+        return spec["head_dim"] - spec["rope_dim"]
 
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
                       options: Any) -> ConvertedLayer:
@@ -119,7 +123,8 @@ def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metr
         "value_rel_error": max(value_errs),
         "rope_score_kept": rope.score_energy_kept,
     }
-    return ConvertedLayer(tensors, metrics, {"rope_index": rope.index})
+    return ConvertedLayer(tensors, metrics, {"rope_index": rope.index},
+                          rope.key_map(src.num_kv_heads, src.head_dim))
 
 
 def _joint_tied_state(

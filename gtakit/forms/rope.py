@@ -29,6 +29,15 @@ class RopeSelection:
     residual_key: list[torch.Tensor]  # per KV head [d, D]: key minus its kept components (rotation dropped)
     score_energy_kept: float  # share of the ranking score held by the kept components
 
+    def key_map(self, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """[2P, G*d]: the shared RoPE key as a linear map of the source key vector (key_rows = map @ wk)."""
+        half, P = head_dim // 2, len(self.kept)
+        out = torch.zeros(2 * P, num_kv_heads * head_dim, dtype=self.key_rows.dtype)
+        for j, (i, m) in enumerate(self.kept):
+            for c in range(2):
+                out[j + c * P, torch.arange(num_kv_heads) * head_dim + c * half + i] = self.mixing[i, m]
+        return out
+
     @property
     def index(self) -> list[int]:
         """The source frequency index of every kept pair (what the model's `rope_index` stores)."""

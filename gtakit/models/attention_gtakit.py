@@ -5,6 +5,14 @@ Flat file (copied next to converted weights for `trust_remote_code`); imports no
 A form subclasses `GtakitAttention` and fills in the hooks: `project` (new tokens -> query and the two tensors
 the cache stores), `plain_attention` (prefill: up-project and run SDPA), `absorbed_attention` (decode: read the
 compressed cache directly), optionally `kernel_attention` (Triton decode), `rope_cos_sin` and `output`.
+
+Sources with QK-norm (Qwen3, Gemma 3, OLMo-2) keep it exact: the query is the source's own projection, RMS-normalised
+per head (or over all heads), then mapped per head into the form's query (`q_map`: the norm's weight and the
+conversion folded in). The key norm multiplies every source KV head's key by a per-token scalar 1/rms: with
+`key_scale: cached` the scalar is computed when the token is written, stored beside the RoPE key (one per KV head,
+or one per token for scope `all`) and multiplies the head's no-RoPE score, so absorbed decoding still holds; the
+shared RoPE key is taken from the normalised source key. With `key_scale: mean` the calibrated mean scalar is
+folded into the weights instead (no extra cache, approximate).
 The layer is called the way the family's decoder layer calls its attention: hidden states, the family's
 `position_embeddings` (cos, sin over its RoPE frequencies; a form picks the ones it kept by `rope_index`), the
 mask transformers built (None = plain causal, else a 4-D boolean or additive mask) and the cache.
@@ -25,6 +33,8 @@ from .cache_gtakit import is_compressed_cache_layer, pick_cache
 # verifies a few tokens at once); longer chunks are prefill and use the plain path.
 MAX_ABSORBED_QUERY_LEN = 16
 ATTENTION_PATHS = ("auto", "plain", "absorbed")
+QK_NORM_SCOPES = ("head", "all")  # RMS over each head's dims (Qwen3, Gemma 3) or over all heads (OLMo-2)
+KEY_SCALES = ("cached", "mean")
 
 _KERNELS: Any = None
 _KERNEL_IMPORT_ERROR: str | None = None
@@ -88,6 +98,8 @@ class GtakitAttention(nn.Module):
         self.decode_backend = decode_backend
         self.attention_path = "auto"
         self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+        self.qk_norm: dict | None = self.spec.get("qk_norm")
+        self.key_scales = self.qk_norm["key_scales"] if self.qk_norm else 0  # columns cached beside the RoPE key
         self._rope_index: dict[torch.device, torch.Tensor] = {}  # spec["rope_index"] per device, made once
 
     def rope_index(self, device: torch.device) -> torch.Tensor:
@@ -108,6 +120,20 @@ class GtakitAttention(nn.Module):
         raise NotImplementedError
 
     @staticmethod
+    def normalise_qk_norm(spec: dict, config: Any) -> None:
+        """Check `spec["qk_norm"]` and fill in `key_scales`, the scalars it caches per token."""
+        norm = spec.get("qk_norm")
+        if norm is None:
+            return
+        if not isinstance(norm, dict) or norm.get("scope") not in QK_NORM_SCOPES or \
+                norm.get("key_scale") not in KEY_SCALES:
+            raise ValueError(f"`qk_norm` must be a dict with scope in {QK_NORM_SCOPES} and key_scale in "
+                             f"{KEY_SCALES}, got {norm!r}")
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        scales = 0 if norm["key_scale"] == "mean" else 1 if norm["scope"] == "all" else kv_heads
+        spec["qk_norm"] = {"eps": 1e-6, **norm, "key_scales": scales}
+
+    @staticmethod
     def default_rope_index(pairs: int, config: Any) -> list[int]:
         """Standard RoPE over the first `pairs` frequencies of the family (cycling when wider than one head)."""
         available = max(1, rotary_pairs(config))
@@ -121,6 +147,63 @@ class GtakitAttention(nn.Module):
         index = self.rope_index(cos.device)
         cos, sin = cos[..., :half].index_select(-1, index), sin[..., :half].index_select(-1, index)
         return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((sin, sin), dim=-1).unsqueeze(1)
+
+    # ----------------------------------------------------------------------------------------- QK-norm
+    def build_query_proj(self, config: Any, width: int, bias: bool) -> None:
+        """`q_proj` giving `width` dims per head; with QK-norm the source's projection plus the per-head `q_map`."""
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        if self.qk_norm is None:
+            self.q_proj = nn.Linear(hidden, heads * width, bias=bias)
+            return
+        head_dim = source_head_dim(config)
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.q_map = nn.Linear(head_dim, heads * width, bias=False)  # block h: [width, head_dim] of head h
+
+    def build_rope_key_proj(self, config: Any, rope_dim: int, bias: bool) -> None:
+        """`k_rope_proj`; with a cached key scale it reads the normalised source key (`k_proj`, no bias)."""
+        hidden = config.hidden_size
+        if not self.key_scales:
+            self.k_rope_proj = nn.Linear(hidden, rope_dim, bias=bias)
+            return
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        width = kv_heads * source_head_dim(config)
+        self.k_proj = nn.Linear(hidden, width, bias=False)
+        self.k_rope_proj = nn.Linear(width, rope_dim, bias=False)
+
+    def rms_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """1/rms of `[..., heads, d]` per head (scope `head`) or over all heads (`all`): `[..., heads or 1]`."""
+        x = x.float()
+        dims = (-1,) if self.qk_norm["scope"] == "head" else (-2, -1)
+        return torch.rsqrt(x.pow(2).mean(dim=dims) + self.qk_norm["eps"]).view(*x.shape[:-2], -1)
+
+    def query_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries `[B, H, L, width]` before RoPE."""
+        batch, q_len, _ = x.shape
+        raw = self.q_proj(x).view(batch, q_len, self.num_heads, -1)
+        if self.qk_norm is None:
+            return raw.transpose(1, 2)
+        normed = raw * self.rms_scale(raw).unsqueeze(-1).to(raw.dtype)
+        maps = self.q_map.weight.view(self.num_heads, -1, raw.shape[-1])
+        return torch.einsum("blhd,hwd->bhlw", normed, maps)
+
+    def rope_key_and_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The RoPE key `[B, 1, L, r]` before RoPE, and the cached key scales `[B, 1, L, S]` (None without)."""
+        batch, q_len, _ = x.shape
+        if not self.key_scales:
+            return self.k_rope_proj(x).view(batch, q_len, 1, -1).transpose(1, 2), None
+        raw = self.k_proj(x).view(batch, q_len, -1, source_head_dim(self.config))
+        scale = self.rms_scale(raw).to(raw.dtype)  # [B, L, S]
+        key = self.k_rope_proj((raw * scale.unsqueeze(-1)).reshape(batch, q_len, -1))
+        return key.view(batch, q_len, 1, -1).transpose(1, 2), scale.unsqueeze(1)
+
+    def split_key_scale(self, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cached `[B, 1, T, r + S]` -> RoPE key `[B, 1, T, r]` and per-head key scales `[B, H or 1, T]`."""
+        if not self.key_scales:
+            return rope_key, None
+        scale = rope_key[:, 0, :, -self.key_scales :].transpose(1, 2)  # [B, S, T]
+        if self.key_scales > 1:
+            scale = scale.repeat_interleave(self.num_heads // self.key_scales, dim=1)
+        return rope_key[..., : -self.key_scales], scale
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(
@@ -140,6 +223,7 @@ class GtakitAttention(nn.Module):
         if cache is not None:
             self._check_cache(cache)
             state, rope_key = cache.update(state, rope_key, self.layer_idx)
+        rope_key, key_scale = self.split_key_scale(rope_key)
         q_len, total = hidden_states.shape[1], state.shape[2]
         if self.use_absorbed(q_len, total - q_len):
             kernels = self.select_decode_kernels(query, attention_mask)
@@ -147,9 +231,9 @@ class GtakitAttention(nn.Module):
                 attended = self.kernel_attention(kernels, query, state, rope_key)
             else:
                 mask = additive(attention_mask, q_len, total, query.device)
-                attended = self.absorbed_attention(query, state, rope_key, mask)
+                attended = self.absorbed_attention(query, state, rope_key, mask, key_scale)
         else:
-            attended = self.plain_attention(query, state, rope_key, attention_mask, q_len)
+            attended = self.plain_attention(query, state, rope_key, attention_mask, q_len, key_scale)
         return self.output(hidden_states, attended), None
 
     def _check_cache(self, cache: Cache) -> None:
@@ -178,10 +262,12 @@ class GtakitAttention(nn.Module):
         `decode_backend`: 'torch' never uses them; 'auto' uses them for CUDA tensors when they import; 'triton'
         always (CPU only under TRITON_INTERPRET=1, otherwise a clear error). Cases the kernels do not cover fall
         back to PyTorch whatever the backend: gradients (no backward), an explicit mask (padding; the kernels know
-        only causal order over the whole cache), query blocks over the kernels' limit and unsupported dtypes.
+        only causal order over the whole cache), cached key scales (QK-norm), query blocks over the kernels' limit
+        and unsupported dtypes.
         """
         backend = self.decode_backend
-        if backend == "torch" or not self.supports_decode_kernels or (backend == "auto" and not query.is_cuda):
+        if backend == "torch" or not self.supports_decode_kernels or self.key_scales or \
+                (backend == "auto" and not query.is_cuda):
             return None
         kernels = decode_kernels()
         if kernels is None:
@@ -227,10 +313,10 @@ class GtakitAttention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         raise NotImplementedError
 
-    def plain_attention(self, query, state, rope_key, mask, q_len):
+    def plain_attention(self, query, state, rope_key, mask, q_len, key_scale=None):
         raise NotImplementedError
 
-    def absorbed_attention(self, query, state, rope_key, mask):
+    def absorbed_attention(self, query, state, rope_key, mask, key_scale=None):
         raise NotImplementedError
 
 

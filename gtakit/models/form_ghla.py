@@ -41,6 +41,8 @@ class GHLAAttention(GtakitAttention):
         pairs = spec["head_dim"] // 2
         spec.setdefault("rope_index", cls.default_rope_index(pairs, config) * spec["num_key_heads"])
         check_rope_index(spec, pairs * spec["num_key_heads"], config)
+        if spec.get("qk_norm"):
+            raise ValueError("GHLA does not take QK-norm sources yet; convert them to GTA, GLA or MLA")
         return spec
 
     @classmethod
@@ -92,14 +94,14 @@ class GHLAAttention(GtakitAttention):
         latent = self.latent_proj(x).view(batch, q_len, 1, self.latent_dim).transpose(1, 2)
         return query, key, latent
 
-    def plain_attention(self, query, key, latent, mask, q_len):
+    def plain_attention(self, query, key, latent, mask, q_len, key_scale=None):
         """SDPA with keys repeated per map and the latent as every map's value: `[B, M, L, c]`."""
         batch, _, total, _ = key.shape
         key = key.repeat_interleave(self.maps_per_key, dim=1)
         value = latent.expand(batch, self.num_maps, total, self.latent_dim)
         return self.sdpa(query, key, value, mask, q_len)
 
-    def absorbed_attention(self, query, key, latent, mask):
+    def absorbed_attention(self, query, key, latent, mask, key_scale=None):
         """Scores straight from the cache, maps of one key head batched together: `[B, M, L, c]`."""
         batch, _, q_len, _ = query.shape
         total = key.shape[2]

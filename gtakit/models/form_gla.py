@@ -40,11 +40,13 @@ class GLAAttention(GtakitAttention):
             raise ValueError(f"`qk_rope_head_dim` must be an even number >= 2, got {rope!r}")
         spec.setdefault("rope_index", cls.default_rope_index(rope // 2, config))
         check_rope_index(spec, rope // 2, config)
+        cls.normalise_qk_norm(spec, config)
         return spec
 
     @classmethod
     def cache_elements(cls, spec: dict) -> int:
-        return spec["num_latent_heads"] * spec["kv_lora_rank"] + spec["qk_rope_head_dim"]
+        scales = spec["qk_norm"]["key_scales"] if spec.get("qk_norm") else 0
+        return spec["num_latent_heads"] * spec["kv_lora_rank"] + spec["qk_rope_head_dim"] + scales
 
     def __init__(self, config: Any, spec: dict, layer_idx: int, decode_backend: str = "auto") -> None:
         super().__init__(config, spec, layer_idx, decode_backend)
@@ -59,9 +61,9 @@ class GLAAttention(GtakitAttention):
         qk_dim = self.nope_dim + self.rope_dim
         self.scale = spec["softmax_scale"] if spec["softmax_scale"] is not None else qk_dim**-0.5
         hidden, bias = config.hidden_size, spec["attention_bias"]
-        self.q_proj = nn.Linear(hidden, self.num_heads * qk_dim, bias=bias)
+        self.build_query_proj(config, qk_dim, bias)
         self.kv_down_proj = nn.Linear(hidden, self.num_latents * self.latent_dim, bias=bias)
-        self.k_rope_proj = nn.Linear(hidden, self.rope_dim, bias=bias)
+        self.build_rope_key_proj(config, self.rope_dim, bias)
         # Rows h*n:(h+1)*n of k_up_proj.weight map latent j(h) to head h's no-RoPE key; likewise v_up_proj.
         with warnings.catch_warnings():  # qk_nope_head_dim = 0 (lossless conversions) gives an empty weight
             warnings.simplefilter("ignore", UserWarning)
@@ -76,19 +78,25 @@ class GLAAttention(GtakitAttention):
         return w_uk, w_uv
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Query `[B, H, L, n + r]` (RoPE on the last r), latents `[B, J, L, c]`, RoPE key `[B, 1, L, r]`."""
+        """Query `[B, H, L, n + r]` (RoPE on the last r), latents `[B, J, L, c]`, RoPE key `[B, 1, L, r (+ S)]`
+        (the cached key scales appended)."""
         batch, q_len, _ = x.shape
-        query = self.q_proj(x).view(batch, q_len, self.num_heads, -1).transpose(1, 2)
+        query = self.query_heads(x)
         query = torch.cat((query[..., : self.nope_dim], apply_rope(query[..., self.nope_dim :], cos, sin)), dim=-1)
         latent = self.kv_down_proj(x).view(batch, q_len, self.num_latents, self.latent_dim).transpose(1, 2)
-        rope_key = apply_rope(self.k_rope_proj(x).view(batch, q_len, 1, -1).transpose(1, 2), cos, sin)
+        rope_key, key_scale = self.rope_key_and_scale(x)
+        rope_key = apply_rope(rope_key, cos, sin)
+        if key_scale is not None:
+            rope_key = torch.cat((rope_key, key_scale), dim=-1)
         return query, latent, rope_key
 
-    def plain_attention(self, query, latent, rope_key, mask, q_len):
+    def plain_attention(self, query, latent, rope_key, mask, q_len, key_scale=None):
         """Up-project every cached latent to per-head keys and values, then SDPA."""
         batch, _, total, _ = latent.shape
         w_uk, w_uv = self._up_weights()
         key_nope = torch.einsum("bjtc,jhnc->bjhtn", latent, w_uk).reshape(batch, self.num_heads, total, -1)
+        if key_scale is not None:
+            key_nope = key_nope * key_scale.unsqueeze(-1)
         value = torch.einsum("bjtc,jhvc->bjhtv", latent, w_uv).reshape(batch, self.num_heads, total, -1)
         key = torch.cat((key_nope, rope_key.expand(batch, self.num_heads, total, -1)), dim=-1)
         return self.sdpa(query, key, value, mask, q_len)
@@ -108,13 +116,15 @@ class GLAAttention(GtakitAttention):
         out = torch.einsum("bjhlc,jhvc->bjhlv", attended, self._up_weights()[1])
         return out.reshape(batch, self.num_heads, q_len, self.v_dim)
 
-    def absorbed_attention(self, query, latent, rope_key, mask):
+    def absorbed_attention(self, query, latent, rope_key, mask, key_scale=None):
         """Weight absorption: W_uk folds into the query, W_uv is applied after attending over the latents."""
         batch, _, q_len, _ = query.shape
         total = latent.shape[2]
         q_latent = self._absorbed_query(query)
         q_latent = q_latent.reshape(batch, self.num_latents, self.heads_per_latent * q_len, self.latent_dim)
         scores = (q_latent @ latent.transpose(-1, -2)).view(batch, self.num_heads, q_len, total)
+        if key_scale is not None:  # QK-norm: the no-RoPE score of each token times its key's 1/rms
+            scores = scores * key_scale.unsqueeze(2)
         scores = scores + query[..., self.nope_dim :] @ rope_key.transpose(-1, -2)
         scores = scores.float() * self.scale
         if mask is not None:

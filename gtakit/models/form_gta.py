@@ -34,11 +34,13 @@ class GTAAttention(GtakitAttention):
             raise ValueError(f"`rope_dim` ({spec['rope_dim']}) must be even and between 2 and `head_dim`")
         spec.setdefault("rope_index", cls.default_rope_index(spec["rope_dim"] // 2, config))
         check_rope_index(spec, spec["rope_dim"] // 2, config)
+        cls.normalise_qk_norm(spec, config)
         return spec
 
     @classmethod
     def cache_elements(cls, spec: dict) -> int:
-        return spec["num_key_value_heads"] * spec["head_dim"] + spec["rope_dim"]
+        scales = spec["qk_norm"]["key_scales"] if spec.get("qk_norm") else 0
+        return spec["num_key_value_heads"] * spec["head_dim"] + spec["rope_dim"] + scales
 
     def __init__(self, config: Any, spec: dict, layer_idx: int, decode_backend: str = "auto") -> None:
         super().__init__(config, spec, layer_idx, decode_backend)
@@ -49,26 +51,34 @@ class GTAAttention(GtakitAttention):
         self.nope_dim = spec["head_dim"] - spec["rope_dim"]
         self.scale = spec["softmax_scale"] if spec["softmax_scale"] is not None else self.head_dim**-0.5
         hidden, bias = config.hidden_size, spec["attention_bias"]
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.build_query_proj(config, self.head_dim, bias)
         self.kv_proj = nn.Linear(hidden, self.num_groups * self.head_dim, bias=bias)
-        self.k_rope_proj = nn.Linear(hidden, spec["rope_dim"], bias=bias)
+        self.build_rope_key_proj(config, spec["rope_dim"], bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=spec["o_proj_bias"])
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Query `[B, H, L, d]` (RoPE on its last r dims), tied state `[B, G, L, d]`, RoPE key `[B, 1, L, r]`."""
+        """Query `[B, H, L, d]` (RoPE on its last r dims), tied state `[B, G, L, d]`, RoPE key `[B, 1, L, r (+ S)]`
+        (the cached key scales appended)."""
         batch, q_len, _ = x.shape
-        query = self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        query = self.query_heads(x)
         query = torch.cat((query[..., : self.nope_dim], apply_rope(query[..., self.nope_dim :], cos, sin)), dim=-1)
         state = self.kv_proj(x).view(batch, q_len, self.num_groups, self.head_dim).transpose(1, 2)
-        rope_key = apply_rope(self.k_rope_proj(x).view(batch, q_len, 1, -1).transpose(1, 2), cos, sin)
+        rope_key, key_scale = self.rope_key_and_scale(x)
+        rope_key = apply_rope(rope_key, cos, sin)
+        if key_scale is not None:
+            rope_key = torch.cat((rope_key, key_scale), dim=-1)
         return query, state, rope_key
 
-    def plain_attention(self, query, state, rope_key, mask, q_len):
+    def plain_attention(self, query, state, rope_key, mask, q_len, key_scale=None):
         """Materialise per-group keys and run SDPA with grouped heads."""
         batch, _, total, _ = state.shape
-        key = torch.cat((state[..., : self.nope_dim], rope_key.expand(batch, self.num_groups, total, -1)), dim=-1)
         rep = self.num_heads // self.num_groups
-        key = key.repeat_interleave(rep, dim=1)
+        if key_scale is None:
+            key = torch.cat((state[..., : self.nope_dim], rope_key.expand(batch, self.num_groups, total, -1)), dim=-1)
+            key = key.repeat_interleave(rep, dim=1)
+        else:  # QK-norm: each head's no-RoPE key times its source KV head's 1/rms
+            key_nope = state[..., : self.nope_dim].repeat_interleave(rep, dim=1) * key_scale.unsqueeze(-1)
+            key = torch.cat((key_nope, rope_key.expand(batch, self.num_heads, total, -1)), dim=-1)
         value = state.repeat_interleave(rep, dim=1)
         return self.sdpa(query, key, value, mask, q_len)
 
@@ -76,7 +86,7 @@ class GTAAttention(GtakitAttention):
         """Triton decode over the whole (contiguous, causal) cache; same result as `absorbed_attention`."""
         return kernels.gta_decode(query, state, rope_key, scale=self.scale)
 
-    def absorbed_attention(self, query, state, rope_key, mask):
+    def absorbed_attention(self, query, state, rope_key, mask, key_scale=None):
         """Scores straight from the cache: q_nope . s_g[:d-r] + q_rope . k_r; output p @ s_g. No key is built."""
         batch, _, q_len, _ = query.shape
         total = state.shape[2]
@@ -84,6 +94,8 @@ class GTAAttention(GtakitAttention):
         grouped = query.reshape(batch, self.num_groups, rep * q_len, self.head_dim)
         scores = grouped[..., : self.nope_dim] @ state[..., : self.nope_dim].transpose(-1, -2)
         scores = scores.view(batch, self.num_heads, q_len, total)
+        if key_scale is not None:  # QK-norm: the no-RoPE score of each token times its key's 1/rms
+            scores = scores * key_scale.unsqueeze(2)
         scores = scores + query[..., self.nope_dim :] @ rope_key.transpose(-1, -2)
         scores = scores.float() * self.scale
         if mask is not None:
