@@ -14,6 +14,8 @@ from transformers import (
     MistralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -69,6 +71,8 @@ SOURCES = {
     "qwen2-bias": lambda: Qwen2ForCausalLM(
         Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False)
     ),
+    # Phi-3: fused qkv_proj and gate_up_proj, MHA.
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**COMMON, num_key_value_heads=4)),
     # QK-norm families (their norm weights are randomised by write_source so that they matter).
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16)),
     "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**COMMON, num_key_value_heads=2)),

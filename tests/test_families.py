@@ -18,7 +18,7 @@ from gtakit.errors import GtakitError
 from gtakit.families import SUPPORTED_MODEL_TYPES
 from gtakit.models import output_cache
 
-FAMILIES = ["llama-gqa-llama3rope", "mistral-sliding", "qwen2-bias", "qwen3", "olmo2", "gemma3"]
+FAMILIES = ["llama-gqa-llama3rope", "mistral-sliding", "qwen2-bias", "phi3", "qwen3", "olmo2", "gemma3"]
 QK_NORM = {"qwen3": 2, "olmo2": 1, "gemma3": 1}  # cached key scalars per token and layer
 
 

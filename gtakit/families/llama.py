@@ -99,3 +99,47 @@ class LlamaFamily(FamilyAdapter):
         q = attn.q_proj(x).view(batch, length, config.num_attention_heads, head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(batch, length, self.num_kv_heads(config), head_dim).transpose(1, 2)
         return apply_rotary_pos_emb(q, k, *cos_sin)
+
+
+class Phi3Family(LlamaFamily):
+    """Phi-3: Llama-style with fused projections (`qkv_proj`: queries, then keys, then values; `gate_up_proj`)."""
+
+    model_types = ("phi3",)
+    description = "Phi-3 decoders (fused qkv_proj)"
+
+    def expected_shapes(self, config: Any) -> dict[str, tuple[int, ...]]:
+        d, h = config.hidden_size, config.num_attention_heads
+        g, hd, inner = self.num_kv_heads(config), self.head_dim(config), config.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {self.embedding_name: (config.vocab_size, d)}
+        for i in range(config.num_hidden_layers):
+            attn, mlp = self.attention_prefix(i), f"{self.layers_prefix}.{i}.mlp."
+            shapes.update({attn + "qkv_proj.weight": ((h + 2 * g) * hd, d), attn + "o_proj.weight": (d, h * hd),
+                           mlp + "gate_up_proj.weight": (2 * inner, d), mlp + "down_proj.weight": (d, inner)})
+        return shapes
+
+    def shape(self, config: Any, weights: WeightReader) -> SourceShape:
+        base = super().shape(config, weights)
+        attn = self.attention_prefix(0)
+        return SourceShape(**{**base.__dict__, "has_qk_bias": weights.has(attn + "qkv_proj.bias")})
+
+    def read_attention(self, weights: WeightReader, config: Any, layer: int) -> SourceAttention:
+        prefix = self.attention_prefix(layer)
+        h, g, hd = config.num_attention_heads, self.num_kv_heads(config), self.head_dim(config)
+        splits = [h * hd, g * hd, g * hd]
+        wq, wk, wv = weights.get(prefix + "qkv_proj.weight").to(torch.float64).split(splits)
+        bias = weights.get(prefix + "qkv_proj.bias").to(torch.float64).split(splits) \
+            if weights.has(prefix + "qkv_proj.bias") else (None, None, None)
+        bo = weights.get(prefix + "o_proj.bias").to(torch.float64) if weights.has(prefix + "o_proj.bias") else None
+        return SourceAttention(wq=wq, wk=wk, wv=wv, wo=weights.get(prefix + "o_proj.weight").to(torch.float64),
+                               bq=bias[0], bk=bias[1], bv=bias[2], bo=bo, num_heads=h, num_kv_heads=g, head_dim=hd,
+                               inv_freq=self.inv_freq(config))
+
+    def rotated_queries_keys(self, layer: Any, x: torch.Tensor, cos_sin: Any, config: Any):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        batch, length, _ = x.shape
+        h, g, hd = config.num_attention_heads, self.num_kv_heads(config), self.head_dim(config)
+        q, k, _ = getattr(layer, self.attention_name).qkv_proj(x).split([h * hd, g * hd, g * hd], dim=-1)
+        q = q.view(batch, length, h, hd).transpose(1, 2)
+        k = k.view(batch, length, g, hd).transpose(1, 2)
+        return apply_rotary_pos_emb(q, k, *cos_sin)
