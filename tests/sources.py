@@ -12,6 +12,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     Phi3Config,
@@ -19,8 +21,12 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 VOCAB = 97
@@ -73,6 +79,14 @@ SOURCES = {
     ),
     # Phi-3: fused qkv_proj and gate_up_proj, MHA.
     "phi3": lambda: Phi3ForCausalLM(Phi3Config(**COMMON, num_key_value_heads=4)),
+    # MoE families: checkpoints hold one tensor per expert, transformers 5 fuses them at load time.
+    "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**COMMON, num_key_value_heads=2, num_local_experts=4,
+                                                        num_experts_per_tok=2, sliding_window=8)),
+    "qwen2-moe": lambda: Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        **COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, mlp_only_layers=[1])),
+    "qwen3-moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        **COMMON, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)),
     # QK-norm families (their norm weights are randomised by write_source so that they matter).
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16)),
     "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**COMMON, num_key_value_heads=2)),

@@ -18,8 +18,9 @@ from gtakit.errors import GtakitError
 from gtakit.families import SUPPORTED_MODEL_TYPES
 from gtakit.models import output_cache
 
-FAMILIES = ["llama-gqa-llama3rope", "mistral-sliding", "qwen2-bias", "phi3", "qwen3", "olmo2", "gemma3"]
-QK_NORM = {"qwen3": 2, "olmo2": 1, "gemma3": 1}  # cached key scalars per token and layer
+FAMILIES = ["llama-gqa-llama3rope", "mistral-sliding", "qwen2-bias", "phi3", "mixtral", "qwen2-moe", "qwen3",
+            "qwen3-moe", "olmo2", "gemma3"]
+QK_NORM = {"qwen3": 2, "qwen3-moe": 2, "olmo2": 1, "gemma3": 1}  # cached key scalars per token and layer
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def _ids(batch=2, length=24, seed=3):
 
 
 def _calibrated(root, name="", **options) -> ConvertOptions:
-    if name == "qwen2-bias":  # transformers maps qwen2 to its own tokenizer class, which ignores the tiny vocabulary
+    if name in ("qwen2-bias", "qwen2-moe"):  # transformers maps qwen2 to its own tokenizer class, which ignores the tiny vocabulary
         return ConvertOptions(init="svd", **options)
     return ConvertOptions(calib=str(root / "calib.txt"), calib_seq_len=64, calib_tokens=2048, **options)
 
@@ -161,3 +162,27 @@ def test_gemma3_folder_loads_without_gtakit(sources, tmp_path):
     generated = in_memory.generate(ids[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert torch.equal(remote["generated"], generated)
     assert remote["cache_elements"] == (20 + 8 + 1) * 3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
+def test_moe_folder_holds_fused_experts_and_loads(sources, name, tmp_path):
+    """Per-expert checkpoint tensors are written in transformers' fused layout, so the folder loads as is."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    root, models = sources
+    out = tmp_path / "out"
+    args = ["convert", root / name, "--to", "mla", "--kv-rank", "full", "--rope-dim", "full", "-o", out, "--quiet",
+            "--init", "svd"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    names = set()
+    for shard in out.glob("*.safetensors"):
+        with safe_open(shard, "pt") as handle:
+            names |= set(handle.keys())
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names
+    assert not any(".experts.0." in n or "block_sparse_moe" in n for n in names)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = _ids()
+    assert (model(ids).logits - models[name](ids).logits).abs().max().item() < 1e-4

@@ -155,7 +155,8 @@ class LayerwiseCalibrator:
         layer = self.layers[index]
         prefix = f"{self.family.layers_prefix}.{index}."
         state = {
-            name: self.source.weights.get(prefix + name).to(self.device, torch.float32) for name in layer.state_dict()
+            name: self.family.read(self.source.weights, self.config, prefix + name).to(self.device, torch.float32)
+            for name in layer.state_dict()
         }
         layer.load_state_dict(state, assign=True)
         return layer.eval()

@@ -54,7 +54,7 @@ def iter_converted_tensors(
     for name, layer in family.passthrough(weights, source.config, kept):
         by_layer.setdefault(layer, []).append(name)
     for name in by_layer.get(None, []):
-        yield name, weights.get(name)
+        yield name, family.read(weights, source.config, name)
     for index, layer in enumerate(tqdm(plan.layers, desc="converting layers", disable=not progress)):
         stats = stats_for_layer(index) if stats_for_layer is not None else None  # sequential: every layer
         if layer.form is None:
@@ -62,7 +62,7 @@ def iter_converted_tensors(
         else:
             yield from _convert_layer(family, source, index, layer, method, stats, layer_reports)
         for name in by_layer.get(index, []):
-            yield name, weights.get(name)
+            yield name, family.read(weights, source.config, name)
 
 
 def _convert_layer(family: FamilyAdapter, source: SourceModel, index: int, layer, method, stats,

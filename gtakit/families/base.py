@@ -146,6 +146,11 @@ class FamilyAdapter:
             if not self.is_attention_weight(name) or layer in kept_layers:
                 yield name, layer
 
+    def read(self, weights: WeightReader, config: Any, name: str) -> torch.Tensor:
+        """The tensor the family's transformers model holds under `name` (families whose checkpoints store it
+        in another layout, such as per-expert MoE weights, assemble it here)."""
+        return weights.get(name)
+
     def inv_freq(self, config: Any) -> torch.Tensor:
         """The family's RoPE inverse frequencies `[pairs]` in float64, as transformers computes them."""
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -49,11 +49,15 @@ class LlamaFamily(FamilyAdapter):
             shapes.update({
                 attn + "q_proj.weight": (h * hd, d), attn + "k_proj.weight": (g * hd, d),
                 attn + "v_proj.weight": (g * hd, d), attn + "o_proj.weight": (d, h * hd),
-                mlp + "gate_proj.weight": (inner, d), mlp + "up_proj.weight": (inner, d),
-                mlp + "down_proj.weight": (d, inner),
             })
+            shapes.update(self.mlp_shapes(config, mlp, inner))
             shapes.update(self.norm_shapes(config, attn))
         return shapes
+
+    def mlp_shapes(self, config: Any, mlp: str, inner: int) -> dict[str, tuple[int, ...]]:
+        d = config.hidden_size
+        return {mlp + "gate_proj.weight": (inner, d), mlp + "up_proj.weight": (inner, d),
+                mlp + "down_proj.weight": (d, inner)}
 
     def norm_shapes(self, config: Any, attn: str) -> dict[str, tuple[int, ...]]:
         """Shapes of the attention's own norm weights (QK-norm families)."""
