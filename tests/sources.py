@@ -27,6 +27,8 @@ from transformers import (
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 VOCAB = 97
@@ -87,6 +89,8 @@ SOURCES = {
         shared_expert_intermediate_size=40, mlp_only_layers=[1])),
     "qwen3-moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(
         **COMMON, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)),
+    # SmolLM3: layer 1 of 2 has no RoPE (NoPE).
+    "smollm3": lambda: SmolLM3ForCausalLM(SmolLM3Config(**COMMON, num_key_value_heads=2, no_rope_layer_interval=2)),
     # QK-norm families (their norm weights are randomised by write_source so that they matter).
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16)),
     "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**COMMON, num_key_value_heads=2)),

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from gtakit.cli.main import app
 from gtakit.convert import ConvertOptions, convert_in_memory, open_convertible
 from gtakit.errors import GtakitError
-from gtakit.families import SUPPORTED_MODEL_TYPES
+from gtakit.families import SUPPORTED_MODEL_TYPES, family_of
 from gtakit.models import output_cache
 
-FAMILIES = ["llama-gqa-llama3rope", "mistral-sliding", "qwen2-bias", "phi3", "mixtral", "qwen2-moe", "qwen3",
-            "qwen3-moe", "olmo2", "gemma3"]
+FAMILIES = ["llama-gqa-llama3rope", "mistral-sliding", "qwen2-bias", "phi3", "mixtral", "qwen2-moe", "smollm3",
+            "qwen3", "qwen3-moe", "olmo2", "gemma3"]
 QK_NORM = {"qwen3": 2, "qwen3-moe": 2, "olmo2": 1, "gemma3": 1}  # cached key scalars per token and layer
 
 
@@ -84,12 +84,16 @@ def test_reduced_budget_cache_and_decode(sources, name, target):
     model, _ = convert_in_memory(source, _calibrated(root, name, target=target, **widths))
     groups = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_layer = {"gta": groups * head_dim + 4, "gla": 2 * 8 + 4, "mla": 12 + 4}[target] + QK_NORM.get(name, 0)
-    assert model.kv_cache_elements_per_token() == per_layer * config.num_hidden_layers
+    family = family_of(config)
+    per_layer = [{"gta": groups * head_dim, "gla": 2 * 8, "mla": 12}[target] + QK_NORM.get(name, 0)
+                 + (4 if family.layer_has_rope(config, index) else 0)  # NoPE layers have no RoPE key
+                 for index in range(config.num_hidden_layers)]
+    assert model.kv_cache_elements_per_token() == sum(per_layer)
     ids = _ids()
     out = model(ids[:, :4])
-    held = sum(layer.keys[0, :, 0].numel() + layer.values[0, :, 0].numel() for layer in output_cache(out).layers)
-    assert held == per_layer * config.num_hidden_layers
+    held = [layer.keys[0, :, 0].numel() + layer.values[0, :, 0].numel() for layer in output_cache(out).layers]
+    assert held == per_layer
+    assert all(layer.keys.numel() and layer.values.numel() for layer in output_cache(out).layers)
     assert (_stepwise_logits(model, ids) - model(ids).logits).abs().max().item() < 1e-4
 
 

@@ -190,8 +190,13 @@ class LayerwiseCalibrator:
         attention_sample = sample[0, :ATTENTION_SAMPLE_TOKENS].float().cpu()
         # The family's own window (sliding-attention layers); None = plain causal.
         mask = self.family.calibration_mask(self.config, index, self.hidden.shape[1], self.device)
-        rotation = attention_rotation_moments(self.family, layer, sample, self.cos_sin[index], self.config,
-                                              self.inv_freq[index].to(self.device), mask)
+        if self.family.layer_has_rope(self.config, index):
+            rotation = attention_rotation_moments(self.family, layer, sample, self.cos_sin[index], self.config,
+                                                  self.inv_freq[index].to(self.device), mask)
+        else:  # nothing rotates in this layer: the mean rotation is the identity
+            pairs = self.family.head_dim(self.config) // 2
+            heads = self.config.num_attention_heads
+            rotation = (torch.ones(heads, pairs, dtype=torch.float64), torch.zeros(heads, pairs, dtype=torch.float64))
         dim = self.hidden.shape[-1]
         cov = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
         scale_sums = None

@@ -3,7 +3,7 @@ family's shapes), and the target config that results."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from gtakit.errors import GtakitError
@@ -87,7 +87,8 @@ def plan_conversion(source: SourceModel, family: FamilyAdapter, options: Convert
     layers = []
     for index in range(shape.num_layers):
         override = overrides.get(index, {})
-        layers.append(_plan_layer(shape, options, override, index))
+        layer_shape = shape if family.layer_has_rope(source.config, index) else replace(shape, rope_free=True)
+        layers.append(_plan_layer(layer_shape, options, override, index))
     for index, layer in enumerate(layers):
         missing = sorted(constraints - layer.form.honours) if layer.form is not None else []
         if missing:
@@ -108,11 +109,14 @@ def _plan_layer(shape: SourceShape, options: ConvertOptions, override: dict, ind
         check_form_options(ConvertOptions(**{k: v for k, v in override.items() if k != "target"}), target,
                            f" (--layer {index})")
     effective = layer_options(options, override)
+    if shape.rope_free and not form.takes_rope_free:
+        raise GtakitError(f"--to {target} cannot convert layers without RoPE (layer {index}); use --to gta, gla "
+                          f"or mla, or keep it with --layer {index}:source")
     spec = form.plan(shape, effective)
     if shape.qk_norm_scope is not None:
         if not form.takes_qk_norm:
             raise GtakitError(f"--to {target} cannot convert QK-norm sources yet; use --to gta, gla or mla")
-        if effective.key_norm not in KEY_SCALE_MODES:
+        if effective.key_norm not in KEY_SCALE_MODES:  # noqa: SIM102
             raise GtakitError(f"--key-norm must be one of {', '.join(KEY_SCALE_MODES)}, got {effective.key_norm!r}")
         spec["qk_norm"] = qk_norm_spec(shape.qk_norm_scope, shape.qk_norm_eps, effective.key_norm)
     return LayerPlan(form, spec, effective)

@@ -68,6 +68,7 @@ class SourceShape:
     attention_scale: float | None = None  # the family's softmax scale (None: head_dim ** -0.5)
     qk_norm_scope: str | None = None  # "head" or "all" for families with QK-norm
     qk_norm_eps: float = 1e-6
+    rope_free: bool = False  # this layer's source attention has no RoPE (NoPE layers, learned positions)
 
     @property
     def cache_elements(self) -> int:
@@ -166,6 +167,10 @@ class FamilyAdapter:
     def layer_inv_freq(self, config: Any, layer: int) -> torch.Tensor:
         """The RoPE frequencies `layer` rotates with (families with per-layer-kind RoPE override it)."""
         return self.inv_freq(config)
+
+    def layer_has_rope(self, config: Any, layer: int) -> bool:
+        """Whether `layer` rotates its queries and keys (NoPE layers and learned-position families do not)."""
+        return True
 
     def attention_scale(self, config: Any) -> float:
         """The softmax scale of the family's attention."""

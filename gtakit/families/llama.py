@@ -147,3 +147,14 @@ class Phi3Family(LlamaFamily):
         q = q.view(batch, length, h, hd).transpose(1, 2)
         k = k.view(batch, length, g, hd).transpose(1, 2)
         return apply_rotary_pos_emb(q, k, *cos_sin)
+
+
+class SmolLM3Family(LlamaFamily):
+    """SmolLM3: Llama-style, but every few layers has no RoPE (`no_rope_layers[i] == 0`); those layers convert with
+    a zero-width RoPE key."""
+
+    model_types = ("smollm3",)
+    description = "SmolLM3 decoders (NoPE layers)"
+
+    def layer_has_rope(self, config: Any, layer: int) -> bool:
+        return bool(config.no_rope_layers[layer])

@@ -34,6 +34,7 @@ class FormConverter:
     report_fields: tuple[str, ...] = ()  # spec fields worth a line in conversion.json and the card
     honours: frozenset[str] = frozenset()  # output-format constraints (`Sink.constraints`) this form can meet
     takes_qk_norm = False  # converts QK-norm sources (see `qk_norm.py`)
+    takes_rope_free = False  # converts layers without RoPE (a zero-width RoPE key)
 
     def plan(self, shape: SourceShape, options: Any) -> dict:
         """The model-side spec of one layer (without `rope_index`, which conversion chooses)."""

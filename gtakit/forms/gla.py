@@ -21,6 +21,7 @@ class GLAConverter(FormConverter):
     model_form = "gla"
     options = ("latent_heads", "kv_rank")
     takes_qk_norm = True
+    takes_rope_free = True
     report_fields = ("num_latent_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
     def __init__(self, name: str = "gla") -> None:
@@ -46,13 +47,16 @@ class GLAConverter(FormConverter):
         latents = self.latent_heads(shape, options)
         rope_dim, kv_rank = as_width(options.rope_dim, "rope-dim"), as_width(options.kv_rank, "kv-rank")
         source_elements, max_rope = shape.cache_elements, G * d
-        if rope_dim is None:
+        if shape.rope_free:  # no RoPE in the source layer: everything goes to the latent
+            rope_dim = 0
+        elif rope_dim is None:
             # About a third of the cache (the half-cache default budget, or what --kv-rank implies).
             budget = source_elements // 2 if kv_rank in (None, "full") else latents * kv_rank * 3 // 2
             rope_dim = min(default_rope_dim(budget, d), max_rope)
         elif rope_dim == "full":
             rope_dim = max_rope
-        check_rope_dim(rope_dim, max_rope)
+        if not shape.rope_free:
+            check_rope_dim(rope_dim, max_rope)
         nope_dim = 0 if rope_dim == max_rope else d
         per_latent, per_kv = H // latents, H // G
         latent_kv = [{h // per_kv for h in range(j * per_latent, (j + 1) * per_latent)} for j in range(latents)]
@@ -161,17 +165,19 @@ def convert_gla_layer(
     tensors = {
         "q_proj.weight": torch.cat(q_rows),
         "kv_down_proj.weight": torch.cat(down_rows),
-        "k_rope_proj.weight": rope.key_rows,
         "k_up_proj.weight": torch.cat(k_up) if nope_dim else src.wq.new_zeros(0, kv_rank),
         "v_up_proj.weight": torch.cat(v_up),
         "o_proj.weight": src.wo.clone(),
     }
+    if rope.kept:  # a layer without RoPE has no RoPE key at all
+        tensors["k_rope_proj.weight"] = rope.key_rows
     if src.bq is not None or src.bk is not None:
         q_width = H * (nope_dim + 2 * len(rope.kept))
         tensors["q_proj.bias"] = torch.cat(q_bias) if q_bias is not None else src.wq.new_zeros(q_width)
         tensors["kv_down_proj.bias"] = src.wq.new_zeros(num_latents * kv_rank)
         rope_width = 2 * len(rope.kept)
-        tensors["k_rope_proj.bias"] = rope.key_bias if rope.key_bias is not None else src.wq.new_zeros(rope_width)
+        if rope.kept:
+            tensors["k_rope_proj.bias"] = rope.key_bias if rope.key_bias is not None else src.wq.new_zeros(rope_width)
     o_bias = _fold_value_bias(src)
     if o_bias is not None:
         tensors["o_proj.bias"] = o_bias

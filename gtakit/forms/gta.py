@@ -25,6 +25,7 @@ class GTAConverter(FormConverter):
     title = "GTA (grouped-tied attention)"
     options = ("groups", "gta_state")
     takes_qk_norm = True
+    takes_rope_free = True
     report_fields = ("num_key_value_heads", "head_dim", "rope_dim")
 
     def plan(self, shape: SourceShape, options: Any) -> dict:
@@ -34,7 +35,10 @@ class GTAConverter(FormConverter):
             raise GtakitError(f"--groups {groups} must divide the {H} query heads; valid: {divisors(H)}")
         rope_dim = as_width(options.rope_dim, "rope-dim")
         rope_dim = d // 2 if rope_dim is None else d if rope_dim == "full" else rope_dim
-        check_rope_dim(rope_dim, d)
+        if shape.rope_free:  # no RoPE in the source layer: the tied state is the whole key
+            rope_dim = 0
+        else:
+            check_rope_dim(rope_dim, d)
         if options.gta_state not in GTA_STATES:
             raise GtakitError(f"--gta-state must be joint or value, got {options.gta_state!r}")
         return {**self.common_spec(shape), "num_key_value_heads": groups, "head_dim": d, "rope_dim": rope_dim}
@@ -108,13 +112,15 @@ def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metr
     tensors = {
         "q_proj.weight": torch.cat(q_rows),
         "kv_proj.weight": torch.cat(state_rows),
-        "k_rope_proj.weight": rope.key_rows,
         "o_proj.weight": torch.cat(o_cols, dim=1),
     }
+    if rope.kept:  # a layer without RoPE has no RoPE key at all
+        tensors["k_rope_proj.weight"] = rope.key_rows
     if src.bq is not None or src.bk is not None:
         tensors["q_proj.bias"] = torch.cat(q_bias) if src.bq is not None else src.wq.new_zeros(H * d)
         tensors["kv_proj.bias"] = src.wq.new_zeros(num_groups * d)
-        tensors["k_rope_proj.bias"] = rope.key_bias if rope.key_bias is not None else src.wq.new_zeros(rope_dim)
+        if rope.kept:
+            tensors["k_rope_proj.bias"] = rope.key_bias if rope.key_bias is not None else src.wq.new_zeros(rope_dim)
     o_bias = _fold_value_bias(src)
     if o_bias is not None:
         tensors["o_proj.bias"] = o_bias

@@ -63,7 +63,8 @@ def complete(converted: ConvertedLayer, src: SourceAttention, folded_src: Source
         mean = _per_head(key_scale, G)[torch.tensor(src.group_of_head)]
         q_map[:, :nope_width] /= mean[:, None, None]
         tensors["k_proj.weight"] = src.wk.clone()
-        tensors["k_rope_proj.weight"] = converted.rope_key_map * src.k_norm_weight.reshape(1, -1)
+        if converted.rope_key_map.shape[0]:  # layers without RoPE have no RoPE key
+            tensors["k_rope_proj.weight"] = converted.rope_key_map * src.k_norm_weight.reshape(1, -1)
     tensors["q_proj.weight"] = src.wq.clone()
     tensors["q_map.weight"] = q_map.reshape(-1, d)
     return replace(converted, tensors=tensors)

@@ -69,8 +69,8 @@ def select_shared_rope(
     H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
     half = d // 2
     groups = src.group_of_head
-    if not 1 <= num_pairs <= G * half:
-        raise ValueError(f"num_pairs must be in [1, {G * half}], got {num_pairs}")
+    if not 0 <= num_pairs <= G * half:
+        raise ValueError(f"num_pairs must be in [0, {G * half}], got {num_pairs}")
     wk = src.wk.view(G, 2, half, -1)  # [G, coord, i, D]
     wq = src.wq.view(H, 2, half, -1)
     mixing = torch.zeros(half, G, G, dtype=src.wk.dtype)

@@ -98,6 +98,7 @@ class GtakitAttention(nn.Module):
         self.decode_backend = decode_backend
         self.attention_path = "auto"
         self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+        self.rope_dim: int | None = None  # width of the shared RoPE key (forms that have one set it)
         self.qk_norm: dict | None = self.spec.get("qk_norm")
         self.key_scales = self.qk_norm["key_scales"] if self.qk_norm else 0  # columns cached beside the RoPE key
         self._rope_index: dict[torch.device, torch.Tensor] = {}  # spec["rope_index"] per device, made once
@@ -160,15 +161,19 @@ class GtakitAttention(nn.Module):
         self.q_map = nn.Linear(head_dim, heads * width, bias=False)  # block h: [width, head_dim] of head h
 
     def build_rope_key_proj(self, config: Any, rope_dim: int, bias: bool) -> None:
-        """`k_rope_proj`; with a cached key scale it reads the normalised source key (`k_proj`, no bias)."""
+        """`k_rope_proj` (none for a layer without RoPE); with a cached key scale it reads the normalised source
+        key (`k_proj`, no bias)."""
+        self.rope_dim = rope_dim
         hidden = config.hidden_size
         if not self.key_scales:
-            self.k_rope_proj = nn.Linear(hidden, rope_dim, bias=bias)
+            if rope_dim:
+                self.k_rope_proj = nn.Linear(hidden, rope_dim, bias=bias)
             return
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         width = kv_heads * source_head_dim(config)
         self.k_proj = nn.Linear(hidden, width, bias=False)
-        self.k_rope_proj = nn.Linear(width, rope_dim, bias=False)
+        if rope_dim:
+            self.k_rope_proj = nn.Linear(width, rope_dim, bias=False)
 
     def rms_scale(self, x: torch.Tensor) -> torch.Tensor:
         """1/rms of `[..., heads, d]` per head (scope `head`) or over all heads (`all`): `[..., heads or 1]`."""
@@ -187,14 +192,29 @@ class GtakitAttention(nn.Module):
         return torch.einsum("blhd,hwd->bhlw", normed, maps)
 
     def rope_key_and_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The RoPE key `[B, 1, L, r]` before RoPE, and the cached key scales `[B, 1, L, S]` (None without)."""
+        """The RoPE key `[B, 1, L, r]` before RoPE (r may be 0), and the cached key scales `[B, 1, L, S]` (None
+        without)."""
         batch, q_len, _ = x.shape
         if not self.key_scales:
+            if not self.rope_dim:
+                return x.new_zeros(batch, 1, q_len, 0), None
             return self.k_rope_proj(x).view(batch, q_len, 1, -1).transpose(1, 2), None
         raw = self.k_proj(x).view(batch, q_len, -1, source_head_dim(self.config))
         scale = self.rms_scale(raw).to(raw.dtype)  # [B, L, S]
+        if not self.rope_dim:
+            return x.new_zeros(batch, 1, q_len, 0), scale.unsqueeze(1)
         key = self.k_rope_proj((raw * scale.unsqueeze(-1)).reshape(batch, q_len, -1))
         return key.view(batch, q_len, 1, -1).transpose(1, 2), scale.unsqueeze(1)
+
+    def update_cache(self, cache: Cache, state: torch.Tensor, rope_key: torch.Tensor):
+        """Append this step's tensors to the cache and return the whole layer's. A layer without RoPE key and
+        key scales has nothing for the cache's second slot, so its state's two halves fill the two slots (no
+        empty tensor in the cache); they are joined again for attention."""
+        if rope_key.shape[-1]:
+            return cache.update(state, rope_key, self.layer_idx)
+        half = state.shape[-1] // 2
+        first, second = cache.update(state[..., :half].contiguous(), state[..., half:].contiguous(), self.layer_idx)
+        return torch.cat((first, second), dim=-1), rope_key.new_zeros(*first.shape[:-1], 0)[:, :1]
 
     def split_key_scale(self, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cached `[B, 1, T, r + S]` -> RoPE key `[B, 1, T, r]` and per-head key scales `[B, H or 1, T]`."""
@@ -215,14 +235,18 @@ class GtakitAttention(nn.Module):
         past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        if position_embeddings is None:
-            raise ValueError("gtakit attention needs the family's position_embeddings (cos, sin)")
         cache = pick_cache(cache, past_key_values)
-        cos, sin = self.rope_cos_sin(position_embeddings)
-        query, state, rope_key = self.project(hidden_states, cos.to(hidden_states.dtype), sin.to(hidden_states.dtype))
+        if position_embeddings is not None:
+            cos, sin = self.rope_cos_sin(position_embeddings)
+            cos, sin = cos.to(hidden_states.dtype), sin.to(hidden_states.dtype)
+        elif len(self.spec.get("rope_index", [])):
+            raise ValueError("gtakit attention needs the family's position_embeddings (cos, sin)")
+        else:  # families without RoPE (learned positions) pass none; nothing rotates
+            cos = sin = hidden_states.new_zeros(1, 1, 1, 0)
+        query, state, rope_key = self.project(hidden_states, cos, sin)
         if cache is not None:
             self._check_cache(cache)
-            state, rope_key = cache.update(state, rope_key, self.layer_idx)
+            state, rope_key = self.update_cache(cache, state, rope_key)
         rope_key, key_scale = self.split_key_scale(rope_key)
         q_len, total = hidden_states.shape[1], state.shape[2]
         if self.use_absorbed(q_len, total - q_len):
@@ -266,7 +290,7 @@ class GtakitAttention(nn.Module):
         and unsupported dtypes.
         """
         backend = self.decode_backend
-        if backend == "torch" or not self.supports_decode_kernels or self.key_scales or \
+        if backend == "torch" or not self.supports_decode_kernels or self.key_scales or self.rope_dim == 0 or \
                 (backend == "auto" and not query.is_cuda):
             return None
         kernels = decode_kernels()

@@ -36,8 +36,9 @@ class GLAAttention(GtakitAttention):
             raise ValueError(f"`num_latent_heads` ({spec['num_latent_heads']}) must divide the {heads} heads; "
                              f"valid values: {valid}")
         rope = spec["qk_rope_head_dim"]
-        if not isinstance(rope, int) or rope < 2 or rope % 2:
-            raise ValueError(f"`qk_rope_head_dim` must be an even number >= 2, got {rope!r}")
+        if not isinstance(rope, int) or rope < 0 or rope % 2:
+            raise ValueError(f"`qk_rope_head_dim` must be an even number >= 0 (0: a layer without RoPE), "
+                             f"got {rope!r}")
         spec.setdefault("rope_index", cls.default_rope_index(rope // 2, config))
         check_rope_index(spec, rope // 2, config)
         cls.normalise_qk_norm(spec, config)

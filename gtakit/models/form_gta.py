@@ -30,8 +30,9 @@ class GTAAttention(GtakitAttention):
         check_positive(spec, "num_key_value_heads", "head_dim")
         if heads % spec["num_key_value_heads"]:
             raise ValueError(f"`num_key_value_heads` ({spec['num_key_value_heads']}) must divide the {heads} heads")
-        if spec["rope_dim"] % 2 or not 2 <= spec["rope_dim"] <= spec["head_dim"]:
-            raise ValueError(f"`rope_dim` ({spec['rope_dim']}) must be even and between 2 and `head_dim`")
+        if spec["rope_dim"] % 2 or not 0 <= spec["rope_dim"] <= spec["head_dim"]:
+            raise ValueError(f"`rope_dim` ({spec['rope_dim']}) must be even and between 0 (a layer without RoPE) "
+                             "and `head_dim`")
         spec.setdefault("rope_index", cls.default_rope_index(spec["rope_dim"] // 2, config))
         check_rope_index(spec, spec["rope_dim"] // 2, config)
         cls.normalise_qk_norm(spec, config)
