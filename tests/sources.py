@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
@@ -94,6 +96,10 @@ SOURCES = {
     # QK-norm families (their norm weights are randomised by write_source so that they matter).
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16)),
     "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**COMMON, num_key_value_heads=2)),
+    # Gemma 2 in small: soft-capped scores (cap 5 so that it bites), alternating sliding/full layers.
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(
+        **COMMON, num_key_value_heads=2, head_dim=16, sliding_window=8, attn_logit_softcapping=5.0,
+        query_pre_attn_scalar=24)),
     # Gemma 3 in small: MQA, head_dim above hidden/heads, query_pre_attn_scalar != head_dim, two sliding layers
     # (window 8, their own RoPE base) then a full one, scaled embeddings and sandwich norms.
     "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(

@@ -125,7 +125,7 @@ class LayerwiseCalibrator:
         self.device = torch.device(device)
         config = source.config
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+            skeleton = AutoModelForCausalLM.from_config(config, attn_implementation=family.attention_implementation)
         self.layers = family.decoder_layers(skeleton)
         rotary = type(family.rotary(skeleton))(config=config).to(self.device)
         self.config = config
@@ -175,6 +175,8 @@ class LayerwiseCalibrator:
         scales = self.family.qk_norm_scales(layer, x, self.config)
         scale_sums = [s.double().sum(dim=0) for s in scales] if scales is not None else None
         if not last:  # the last layer's output is never needed
+            if mask is not None and self.family.attention_implementation == "eager":  # eager adds its mask
+                mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
             out = layer(chunk, attention_mask=mask, position_embeddings=self.cos_sin[index], use_cache=False)
             out = out[0] if isinstance(out, tuple) else out
             self.hidden[start : start + chunk.shape[0]] = out.to(self.hidden.device)

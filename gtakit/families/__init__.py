@@ -11,9 +11,10 @@ from gtakit.io.source import WeightReader
 from .base import FamilyAdapter, SourceAttention, SourceShape
 from .llama import LlamaFamily, Phi3Family, SmolLM3Family
 from .moe import MoEFamily, QKNormMoEFamily
-from .qk_norm import Gemma3Family, Olmo2Family, QKNormFamily
+from .gemma import Gemma2Family, Gemma3Family
+from .qk_norm import Olmo2Family, QKNormFamily
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (LlamaFamily(), Phi3Family(), SmolLM3Family(), MoEFamily(), QKNormFamily(), QKNormMoEFamily(), Gemma3Family(),
+ADAPTERS: tuple[FamilyAdapter, ...] = (LlamaFamily(), Phi3Family(), SmolLM3Family(), MoEFamily(), QKNormFamily(), QKNormMoEFamily(), Gemma2Family(), Gemma3Family(),
                                       Olmo2Family())
 BY_MODEL_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}
 SUPPORTED_MODEL_TYPES = tuple(BY_MODEL_TYPE)

@@ -68,6 +68,7 @@ class SourceShape:
     attention_scale: float | None = None  # the family's softmax scale (None: head_dim ** -0.5)
     qk_norm_scope: str | None = None  # "head" or "all" for families with QK-norm
     qk_norm_eps: float = 1e-6
+    attention_softcap: float | None = None  # scores -> tanh(s / cap) * cap before the mask (Gemma 2)
     rope_free: bool = False  # this layer's source attention has no RoPE (NoPE layers, learned positions)
 
     @property
@@ -84,6 +85,7 @@ class FamilyAdapter:
     layers_prefix = "model.layers"
     attention_name = "self_attn"
     embedding_name = "model.embed_tokens.weight"
+    attention_implementation = "sdpa"  # how transformers runs the family's own attention (calibration, kept layers)
     # config.json fields without which transformers would silently take its defaults (a 7B model's widths)
     required_fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
@@ -221,13 +223,16 @@ class FamilyAdapter:
 
     def calibration_mask(self, config: Any, layer: int, length: int, device: Any) -> torch.Tensor | None:
         """The mask the family applies in `layer` to a sequence of `length` (boolean `[1, 1, L, L]`, True =
-        attend), or None for plain causal attention."""
+        attend), or None for plain causal attention (which SDPA applies itself; eager families get the mask)."""
         window = self.sliding_window(config, layer)
-        if window is None or window >= length:
+        if (window is None or window >= length) and self.attention_implementation == "sdpa":
             return None
         positions = torch.arange(length, device=device)
         distance = positions[:, None] - positions[None, :]
-        return ((distance >= 0) & (distance < window))[None, None]
+        allowed = distance >= 0
+        if window is not None:
+            allowed &= distance < window
+        return allowed[None, None]
 
     def input_norm(self, layer: Any) -> Any:
         """The norm whose output the attention reads (its input second moment is what calibration measures)."""

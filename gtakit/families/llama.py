@@ -19,6 +19,7 @@ class LlamaFamily(FamilyAdapter):
     model_types = ("llama", "mistral", "qwen2")
     description = "Llama-family decoders (llama, mistral, qwen2) with RoPE and separate q/k/v projections"
     activations = ("silu", "swish")
+    activation_field = "hidden_act"  # the config field naming the MLP's activation
 
     def check_config(self, config: Any) -> None:
         if getattr(config, "use_qk_norm", False) or getattr(config, "qk_norm", False):
@@ -35,8 +36,9 @@ class LlamaFamily(FamilyAdapter):
             raise self.refuse(config, f"RoPE scaling {rope_type!r}")
         if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
             raise self.refuse(config, "partial rotary embeddings")
-        if getattr(config, "hidden_act", "silu") not in self.activations:
-            raise self.refuse(config, f"activation {config.hidden_act!r}")
+        activation = getattr(config, self.activation_field, "silu")
+        if activation not in self.activations:
+            raise self.refuse(config, f"activation {activation!r}")
         if self.head_dim(config) % 2:
             raise self.refuse(config, "odd head_dim")
 

@@ -1,7 +1,7 @@
 """Llama-style decoders with QK-norm: an RMSNorm on the queries and keys before RoPE.
 
-Qwen3 normalises each head (`q_norm`, `k_norm` of width head_dim), Gemma 3 likewise with weights stored as
-w - 1, OLMo-2 the whole projection (one scalar per token; width H*d and G*d) and has no pre-attention norm. The
+Qwen3 normalises each head (`q_norm`, `k_norm` of width head_dim), Gemma 3 (`gemma.py`) likewise with weights
+stored as w - 1, OLMo-2 the whole projection (one scalar per token; width H*d and G*d) and has no pre-attention norm. The
 norm weights go into `SourceAttention` (the converter folds them; `gtakit/forms/qk_norm.py`), and calibration
 measures the per-token scalars with the family's own projections.
 """
@@ -92,53 +92,3 @@ class Olmo2Family(QKNormFamily):
 
     def input_norm(self, layer: Any) -> Any:
         return torch.nn.Identity()  # OLMo-2 normalises after the attention, not before
-
-
-class Gemma3Family(QKNormFamily):
-    model_types = ("gemma3_text",)
-    description = "Gemma 3 text decoders (QK-norm, sliding layers with their own RoPE)"
-    norm_weight_offset = 1.0
-    activations = ("gelu_pytorch_tanh", "gelu")
-
-    def check_config(self, config: Any) -> None:
-        if getattr(config, "attn_logit_softcapping", None) is not None:
-            raise self.refuse(config, "attention logit soft-capping")
-        if getattr(config, "use_bidirectional_attention", False):
-            raise self.refuse(config, "bidirectional attention")
-        super().check_config(config)
-
-    def check_common(self, config: Any) -> None:
-        for kind in set(config.layer_types):
-            rope = (config.rope_parameters or {}).get(kind) or {}
-            if rope.get("rope_type", "default") not in ("default", "linear"):
-                raise self.refuse(config, f"RoPE scaling {rope.get('rope_type')!r} on {kind} layers")
-        if config.hidden_activation not in self.activations:
-            raise self.refuse(config, f"activation {config.hidden_activation!r}")
-
-    def attention_scale(self, config: Any) -> float:
-        return float(config.query_pre_attn_scalar) ** -0.5
-
-    def rope_kind(self, config: Any, layer: int) -> str:
-        return config.layer_types[layer]
-
-    def position_embeddings(self, rotary: Any, x: torch.Tensor, position_ids: torch.Tensor, kind: Any):
-        return rotary(x, position_ids, kind)
-
-    def layer_inv_freq(self, config: Any, layer: int) -> torch.Tensor:
-        from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
-
-        kind = self.rope_kind(config, layer)
-        rope = config.rope_parameters[kind]
-        if rope.get("rope_type", "default") == "default":
-            return Gemma3RotaryEmbedding.compute_default_rope_parameters(config, "cpu", layer_type=kind)[0].double()
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        return ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu", layer_type=kind)[0].double()
-
-    def inv_freq(self, config: Any) -> torch.Tensor:
-        return self.layer_inv_freq(config, 0)
-
-    def embed(self, ids: torch.Tensor, weight: torch.Tensor, config: Any) -> torch.Tensor:
-        # Gemma scales its embeddings by sqrt(hidden_size), rounded to the weights' dtype as transformers does.
-        scale = torch.tensor(config.hidden_size**0.5, dtype=weight.dtype)
-        return torch.nn.functional.embedding(ids, weight) * scale

@@ -53,8 +53,11 @@ class FormConverter:
 
     def common_spec(self, shape: SourceShape) -> dict:
         scale = shape.attention_scale if shape.attention_scale is not None else shape.head_dim**-0.5
-        return {"form": self.model_form, "attention_bias": shape.has_qk_bias, "o_proj_bias": shape.has_o_bias,
+        spec = {"form": self.model_form, "attention_bias": shape.has_qk_bias, "o_proj_bias": shape.has_o_bias,
                 "softmax_scale": scale}
+        if shape.attention_softcap is not None:
+            spec["softcap"] = float(shape.attention_softcap)
+        return spec
 
 
 def as_width(value: Any, option: str) -> int | str | None:

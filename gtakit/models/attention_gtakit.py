@@ -99,6 +99,7 @@ class GtakitAttention(nn.Module):
         self.attention_path = "auto"
         self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
         self.rope_dim: int | None = None  # width of the shared RoPE key (forms that have one set it)
+        self.softcap: float | None = self.spec.get("softcap")  # Gemma 2: scores -> tanh(s / cap) * cap
         self.qk_norm: dict | None = self.spec.get("qk_norm")
         self.key_scales = self.qk_norm["key_scales"] if self.qk_norm else 0  # columns cached beside the RoPE key
         self._rope_index: dict[torch.device, torch.Tensor] = {}  # spec["rope_index"] per device, made once
@@ -291,6 +292,7 @@ class GtakitAttention(nn.Module):
         """
         backend = self.decode_backend
         if backend == "torch" or not self.supports_decode_kernels or self.key_scales or self.rope_dim == 0 or \
+                self.softcap is not None or \
                 (backend == "auto" and not query.is_cuda):
             return None
         kernels = decode_kernels()
@@ -309,9 +311,26 @@ class GtakitAttention(nn.Module):
             return None
         return kernels if mask is None else None
 
+    def cap_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scaled scores, soft-capped when the family does (before the mask, as transformers does)."""
+        if self.softcap is None:
+            return scores
+        return torch.tanh(scores / self.softcap) * self.softcap
+
+    def explicit_attention(self, query, key, value, mask, q_len) -> torch.Tensor:
+        """Attention with the scores materialised (soft-capping has no fused kernel)."""
+        total = key.shape[2]
+        scores = self.cap_scores((query @ key.transpose(-1, -2)).float() * self.scale)
+        scores = scores + additive(mask, q_len, total, query.device) if (mask is not None or q_len > 1) else scores
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        probs = F.dropout(probs, p=self.attention_dropout, training=self.training)
+        return probs @ value
+
     def sdpa(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, q_len: int
     ) -> torch.Tensor:
+        if self.softcap is not None:
+            return self.explicit_attention(query, key, value, mask, q_len)
         # SDPA's fused (flash / memory-efficient) kernels need one head width for q, k and v; otherwise it falls
         # back to the math path, which materialises the T x T scores (15x slower and ~6x the memory at 8K tokens
         # on a CPU). Zero columns change neither the scores (the scale is explicit) nor the kept output columns.

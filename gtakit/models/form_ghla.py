@@ -107,7 +107,7 @@ class GHLAAttention(GtakitAttention):
         total = key.shape[2]
         grouped = query.reshape(batch, self.num_key_heads, self.maps_per_key * q_len, self.head_dim)
         scores = (grouped @ key.transpose(-1, -2)).view(batch, self.num_maps, q_len, total)
-        scores = scores.float() * self.scale
+        scores = self.cap_scores(scores.float() * self.scale)
         if mask is not None:
             scores = scores + mask
         probs = torch.softmax(scores, dim=-1).to(latent.dtype)

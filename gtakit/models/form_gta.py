@@ -98,7 +98,7 @@ class GTAAttention(GtakitAttention):
         if key_scale is not None:  # QK-norm: the no-RoPE score of each token times its key's 1/rms
             scores = scores * key_scale.unsqueeze(2)
         scores = scores + query[..., self.nope_dim :] @ rope_key.transpose(-1, -2)
-        scores = scores.float() * self.scale
+        scores = self.cap_scores(scores.float() * self.scale)
         if mask is not None:
             scores = scores + mask
         probs = torch.softmax(scores, dim=-1).to(state.dtype)

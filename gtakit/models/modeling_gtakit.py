@@ -44,8 +44,12 @@ def layer_cache_elements(spec: dict, source_config: Any) -> int:
 
 
 def build_family_model(config: GtakitConfig) -> PreTrainedModel:
-    """The family's own causal LM for the source fields of `config` (SDPA attention for the source-form layers)."""
-    return AutoModelForCausalLM.from_config(config.source_config(), attn_implementation="sdpa")
+    """The family's own causal LM for the source fields of `config`: SDPA attention for the source-form layers,
+    or eager where the family has no SDPA path (Gemma 2's soft-capping)."""
+    try:
+        return AutoModelForCausalLM.from_config(config.source_config(), attn_implementation="sdpa")
+    except ValueError:
+        return AutoModelForCausalLM.from_config(config.source_config(), attn_implementation="eager")
 
 
 def replace_attention(layers: nn.ModuleList, config: GtakitConfig, family_config: Any) -> None:
