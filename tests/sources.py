@@ -10,6 +10,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -93,6 +95,8 @@ SOURCES = {
         **COMMON, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)),
     # SmolLM3: layer 1 of 2 has no RoPE (NoPE).
     "smollm3": lambda: SmolLM3ForCausalLM(SmolLM3Config(**COMMON, num_key_value_heads=2, no_rope_layer_interval=2)),
+    # GPT-NeoX (Pythia): partial rotary (25% of each head), fused per-head qkv, biases, parallel residual.
+    "gpt-neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**COMMON, rotary_pct=0.25)),
     # QK-norm families (their norm weights are randomised by write_source so that they matter).
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16)),
     "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**COMMON, num_key_value_heads=2)),

@@ -18,7 +18,7 @@ from gtakit.errors import GtakitError
 from gtakit.families import SUPPORTED_MODEL_TYPES, family_of
 from gtakit.models import output_cache
 
-FAMILIES = ["llama-gqa-llama3rope", "mistral-sliding", "qwen2-bias", "phi3", "mixtral", "qwen2-moe", "smollm3",
+FAMILIES = ["llama-gqa-llama3rope", "mistral-sliding", "qwen2-bias", "phi3", "mixtral", "qwen2-moe", "smollm3", "gpt-neox",
             "qwen3", "qwen3-moe", "olmo2", "gemma2", "gemma3"]
 QK_NORM = {"qwen3": 2, "qwen3-moe": 2, "olmo2": 1, "gemma3": 1}  # cached key scalars per token and layer
 
@@ -82,7 +82,7 @@ def test_reduced_budget_cache_and_decode(sources, name, target):
     widths = {"gta": dict(rope_dim=4), "gla": dict(kv_rank=8, rope_dim=4, latent_heads=2),
               "mla": dict(kv_rank=12, rope_dim=4)}[target]
     model, _ = convert_in_memory(source, _calibrated(root, name, target=target, **widths))
-    groups = config.num_key_value_heads
+    groups = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     family = family_of(config)
     per_layer = [{"gta": groups * head_dim, "gla": 2 * 8, "mla": 12}[target] + QK_NORM.get(name, 0)

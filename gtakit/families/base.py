@@ -39,6 +39,9 @@ class SourceAttention:
     # family's offset such as Gemma's 1 + w included), before RoPE.
     qk_norm_scope: str | None = None
     qk_norm_eps: float = 1e-6
+    # Partial rotary (GPT-NeoX): only the first `rotary_pairs` frequencies rotate; the adapter lays the other dims
+    # out as pairs of frequency 0 (inv_freq 0), which stay out of the shared RoPE key. None: the whole head.
+    rotary_pairs: int | None = None
     q_norm_weight: torch.Tensor | None = None  # [H, d]
     k_norm_weight: torch.Tensor | None = None  # [G, d]
 
@@ -69,7 +72,13 @@ class SourceShape:
     qk_norm_scope: str | None = None  # "head" or "all" for families with QK-norm
     qk_norm_eps: float = 1e-6
     attention_softcap: float | None = None  # scores -> tanh(s / cap) * cap before the mask (Gemma 2)
+    rotary_pairs: int | None = None  # rotating pairs per head when not the whole head (partial rotary)
     rope_free: bool = False  # this layer's source attention has no RoPE (NoPE layers, learned positions)
+
+    @property
+    def max_rope_pairs(self) -> int:
+        """Rotating pairs per KV head (the most a shared RoPE key can take from each)."""
+        return self.rotary_pairs if self.rotary_pairs is not None else self.head_dim // 2
 
     @property
     def cache_elements(self) -> int:
@@ -85,6 +94,8 @@ class FamilyAdapter:
     layers_prefix = "model.layers"
     attention_name = "self_attn"
     embedding_name = "model.embed_tokens.weight"
+    # checkpoint name -> the name the family's transformers model uses (transformers renames these when loading)
+    checkpoint_renames: dict[str, str] = {}
     attention_implementation = "sdpa"  # how transformers runs the family's own attention (calibration, kept layers)
     # config.json fields without which transformers would silently take its defaults (a 7B model's widths)
     required_fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -143,6 +154,7 @@ class FamilyAdapter:
         """(name, layer) of every source weight copied verbatim: all but the attention's, and the attention of the
         layers in `kept_layers` (left in source form)."""
         for name in weights.keys():
+            name = self.checkpoint_renames.get(name, name)
             if "rotary_emb" in name or (name == "lm_head.weight" and config.tie_word_embeddings):
                 continue
             layer = self.layer_of(name)
@@ -152,6 +164,8 @@ class FamilyAdapter:
     def read(self, weights: WeightReader, config: Any, name: str) -> torch.Tensor:
         """The tensor the family's transformers model holds under `name` (families whose checkpoints store it
         in another layout, such as per-expert MoE weights, assemble it here)."""
+        if not weights.has(name):
+            name = next((old for old, new in self.checkpoint_renames.items() if new == name), name)
         return weights.get(name)
 
     def inv_freq(self, config: Any) -> torch.Tensor:

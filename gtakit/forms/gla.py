@@ -46,7 +46,7 @@ class GLAConverter(FormConverter):
         H, G, d, D = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size
         latents = self.latent_heads(shape, options)
         rope_dim, kv_rank = as_width(options.rope_dim, "rope-dim"), as_width(options.kv_rank, "kv-rank")
-        source_elements, max_rope = shape.cache_elements, G * d
+        source_elements, max_rope = shape.cache_elements, G * 2 * shape.max_rope_pairs
         if shape.rope_free:  # no RoPE in the source layer: everything goes to the latent
             rope_dim = 0
         elif rope_dim is None:
@@ -57,7 +57,7 @@ class GLAConverter(FormConverter):
             rope_dim = max_rope
         if not shape.rope_free:
             check_rope_dim(rope_dim, max_rope)
-        nope_dim = 0 if rope_dim == max_rope else d
+        nope_dim = 0 if rope_dim == G * d else d  # every key dim rotates and is in the RoPE key: no position-free part
         per_latent, per_kv = H // latents, H // G
         latent_kv = [{h // per_kv for h in range(j * per_latent, (j + 1) * per_latent)} for j in range(latents)]
         full_rank = max(min((2 if nope_dim else 1) * len(kv) * d, D) for kv in latent_kv)

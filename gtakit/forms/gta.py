@@ -34,11 +34,12 @@ class GTAConverter(FormConverter):
         if groups < 1 or H % groups:
             raise GtakitError(f"--groups {groups} must divide the {H} query heads; valid: {divisors(H)}")
         rope_dim = as_width(options.rope_dim, "rope-dim")
-        rope_dim = d // 2 if rope_dim is None else d if rope_dim == "full" else rope_dim
+        rotary = 2 * shape.max_rope_pairs
+        rope_dim = min(d // 2, rotary) if rope_dim is None else rotary if rope_dim == "full" else rope_dim
         if shape.rope_free:  # no RoPE in the source layer: the tied state is the whole key
             rope_dim = 0
         else:
-            check_rope_dim(rope_dim, d)
+            check_rope_dim(rope_dim, rotary)
         if options.gta_state not in GTA_STATES:
             raise GtakitError(f"--gta-state must be joint or value, got {options.gta_state!r}")
         return {**self.common_spec(shape), "num_key_value_heads": groups, "head_dim": d, "rope_dim": rope_dim}

@@ -96,6 +96,10 @@ def select_shared_rope(
         q_energy = q_energy * (1.0 - kept_share)
     comp_q_energy = torch.einsum("imh,hi->im", head_weight, q_energy)
     score = key_energy * comp_q_energy
+    if src.rotary_pairs is not None:  # frequency-0 pairs (partial rotary) never enter the RoPE key
+        if num_pairs > G * src.rotary_pairs:
+            raise ValueError(f"num_pairs must be at most {G * src.rotary_pairs} (rotating pairs), got {num_pairs}")
+        score[src.rotary_pairs :] = -1.0
     flat = torch.argsort(score.flatten(), descending=True)[:num_pairs]
     kept = sorted((int(f) // G, int(f) % G) for f in flat)  # high frequencies first, like standard RoPE
     total = float(score.sum())

@@ -234,9 +234,11 @@ class GtakitAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         past_key_values: Cache | None = None,
+        layer_past: Cache | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        cache = pick_cache(cache, past_key_values)
+        # The cache under whichever name the family passes it (GPT-NeoX: layer_past).
+        cache = pick_cache(cache, past_key_values) if layer_past is None else layer_past
         if position_embeddings is not None:
             cos, sin = self.rope_cos_sin(position_embeddings)
             cos, sin = cos.to(hidden_states.dtype), sin.to(hidden_states.dtype)
