@@ -10,6 +10,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
@@ -97,6 +99,9 @@ SOURCES = {
     "smollm3": lambda: SmolLM3ForCausalLM(SmolLM3Config(**COMMON, num_key_value_heads=2, no_rope_layer_interval=2)),
     # GPT-NeoX (Pythia): partial rotary (25% of each head), fused per-head qkv, biases, parallel residual.
     "gpt-neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**COMMON, rotary_pct=0.25)),
+    # GPT-2: learned positions (no RoPE), Conv1D weights, fused c_attn, biases.
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                               bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     # QK-norm families (their norm weights are randomised by write_source so that they matter).
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16)),
     "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**COMMON, num_key_value_heads=2)),

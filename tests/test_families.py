@@ -18,7 +18,7 @@ from gtakit.errors import GtakitError
 from gtakit.families import SUPPORTED_MODEL_TYPES, family_of
 from gtakit.models import output_cache
 
-FAMILIES = ["llama-gqa-llama3rope", "mistral-sliding", "qwen2-bias", "phi3", "mixtral", "qwen2-moe", "smollm3", "gpt-neox",
+FAMILIES = ["llama-gqa-llama3rope", "mistral-sliding", "qwen2-bias", "phi3", "mixtral", "qwen2-moe", "smollm3", "gpt-neox", "gpt2",
             "qwen3", "qwen3-moe", "olmo2", "gemma2", "gemma3"]
 QK_NORM = {"qwen3": 2, "qwen3-moe": 2, "olmo2": 1, "gemma3": 1}  # cached key scalars per token and layer
 
@@ -131,13 +131,14 @@ def test_qk_norm_refusals_name_the_way_out(sources):
 
 
 def test_unsupported_family_names_the_supported_list(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import OPTConfig, OPTForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB)).save_pretrained(tmp_path / "g")
+    OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=48,
+                             word_embed_proj_dim=32, vocab_size=VOCAB)).save_pretrained(tmp_path / "opt")
     with pytest.raises(GtakitError) as info:
-        open_convertible(tmp_path / "g")
+        open_convertible(tmp_path / "opt")
     message = str(info.value)
-    assert "\n" not in message and "'gpt2'" in message
+    assert "\n" not in message and "'opt'" in message
     assert all(model_type in message for model_type in SUPPORTED_MODEL_TYPES)
 
 

@@ -127,13 +127,12 @@ class LayerwiseCalibrator:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, attn_implementation=family.attention_implementation)
         self.layers = family.decoder_layers(skeleton)
-        rotary = type(family.rotary(skeleton))(config=config).to(self.device)
+        family_rotary = family.rotary(skeleton)  # None: the family has no RoPE (learned positions)
+        rotary = type(family_rotary)(config=config).to(self.device) if family_rotary is not None else None
         self.config = config
         num_layers = config.num_hidden_layers
         self.inv_freq = [family.layer_inv_freq(config, index) for index in range(num_layers)]
-        embed = source.weights.get(family.embedding_name).float()
-        self.hidden = family.embed(ids, embed, config)  # [rows, seq, D], float32
-        del embed
+        self.hidden = family.embed(ids, source.weights, config).float()  # [rows, seq, D]
         seq_len = ids.shape[1]
         # The same positions in every layer and row: one [1, seq, d] table per layer kind (shared between the
         # layers of a kind), broadcast over each micro-batch.

@@ -12,10 +12,11 @@ from .base import FamilyAdapter, SourceAttention, SourceShape
 from .llama import LlamaFamily, Phi3Family, SmolLM3Family
 from .moe import MoEFamily, QKNormMoEFamily
 from .gemma import Gemma2Family, Gemma3Family
+from .gpt2 import GPT2Family
 from .gpt_neox import GPTNeoXFamily
 from .qk_norm import Olmo2Family, QKNormFamily
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (LlamaFamily(), Phi3Family(), SmolLM3Family(), MoEFamily(), QKNormFamily(), QKNormMoEFamily(), Gemma2Family(), Gemma3Family(), GPTNeoXFamily(),
+ADAPTERS: tuple[FamilyAdapter, ...] = (LlamaFamily(), Phi3Family(), SmolLM3Family(), MoEFamily(), QKNormFamily(), QKNormMoEFamily(), Gemma2Family(), Gemma3Family(), GPTNeoXFamily(), GPT2Family(),
                                       Olmo2Family())
 BY_MODEL_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}
 SUPPORTED_MODEL_TYPES = tuple(BY_MODEL_TYPE)

@@ -210,12 +210,13 @@ class FamilyAdapter:
         return None
 
     def position_embeddings(self, rotary: Any, x: torch.Tensor, position_ids: torch.Tensor, kind: Any):
-        """(cos, sin) the family's decoder passes to the layers of `kind`."""
-        return rotary(x, position_ids)
+        """(cos, sin) the family's decoder passes to the layers of `kind` (None without RoPE)."""
+        return rotary(x, position_ids) if rotary is not None else None
 
-    def embed(self, ids: torch.Tensor, weight: torch.Tensor, config: Any) -> torch.Tensor:
-        """The decoder's input for `ids` (families that scale their embeddings override it)."""
-        return torch.nn.functional.embedding(ids, weight)
+    def embed(self, ids: torch.Tensor, weights: WeightReader, config: Any) -> torch.Tensor:
+        """The decoder's input for `ids` `[rows, L]` (families that scale their embeddings or add learned
+        positions override it)."""
+        return torch.nn.functional.embedding(ids, weights.get(self.embedding_name).float())
 
     def qk_norm_scales(self, layer: Any, x: torch.Tensor, config: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """QK-norm families: the per-token 1/rms of the queries `[N, H or 1]` and keys `[N, G or 1]` of the family's

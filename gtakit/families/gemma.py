@@ -29,10 +29,11 @@ class GemmaParticulars:
     def attention_scale(self, config: Any) -> float:
         return float(config.query_pre_attn_scalar) ** -0.5
 
-    def embed(self, ids: torch.Tensor, weight: torch.Tensor, config: Any) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, weights: WeightReader, config: Any) -> torch.Tensor:
         # Gemma scales its embeddings by sqrt(hidden_size), rounded to the weights' dtype as transformers does.
+        weight = weights.get(self.embedding_name)
         scale = torch.tensor(config.hidden_size**0.5, dtype=weight.dtype)
-        return torch.nn.functional.embedding(ids, weight) * scale
+        return torch.nn.functional.embedding(ids, weight.float()) * scale.float()
 
     def check_gemma(self, config: Any) -> None:
         if config.hidden_activation not in self.activations:

@@ -86,6 +86,10 @@ class GtakitConfig(PretrainedConfig):
     def from_source(cls, source: PretrainedConfig, layers: list[dict], **kwargs: Any) -> "GtakitConfig":
         """The config of `source`'s family model with the attention of each layer described by `layers`."""
         fields = {k: v for k, v in source.to_dict().items() if k not in OWN_FIELDS}
+        # The standard names of families that store others (GPT-2's n_layer is num_hidden_layers), so that
+        # generation and caches read them here as on the family's config.
+        fields.update({alias: getattr(source, alias) for alias in getattr(source, "attribute_map", {})
+                       if alias not in fields})
         return cls(source_model_type=source.model_type, gtakit_layers=layers, **fields, **kwargs)
 
     def source_config(self) -> PretrainedConfig:
