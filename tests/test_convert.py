@@ -141,11 +141,12 @@ def test_missing_source(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import OPTConfig, OPTForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
-    result = run_cli("convert", tmp_path / "gpt2", "-o", tmp_path / "out")
-    _assert_clean_failure(result, tmp_path, "gpt2", "unsupported", "llama")
+    OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=48,
+                             word_embed_proj_dim=32, vocab_size=50)).save_pretrained(tmp_path / "opt")
+    result = run_cli("convert", tmp_path / "opt", "-o", tmp_path / "out")
+    _assert_clean_failure(result, tmp_path, "opt", "unsupported", "llama")
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 from sources import write_source
-from test_save_load import LOAD_WITHOUT_GTAKIT
+from test_save_load import run_without_gtakit
 from typer.testing import CliRunner
 
 from gtakit.cli.main import app
@@ -62,14 +59,7 @@ def test_first_layer_in_source_form_others_at_two_widths_load_without_gtakit(sou
     options = ConvertOptions(target="gla", layers=LAYERS)
     in_memory, _ = convert_in_memory(open_convertible(root / "src"), options)
     ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(0))
-    torch.save(ids, tmp_path / "ids.pt")
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_WITHOUT_GTAKIT)
-    env = {"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(tmp_path / "o.pt", weights_only=True)
+    remote = run_without_gtakit(out, ids, tmp_path)
     with torch.no_grad():
         expected = in_memory(ids).logits
         generated = in_memory.generate(ids[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False)

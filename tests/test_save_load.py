@@ -47,6 +47,21 @@ LOAD_WITHOUT_GTAKIT = textwrap.dedent(
 )
 
 
+def run_without_gtakit(folder, ids: torch.Tensor, tmp_path) -> dict:
+    """Load `folder` with remote code in a process where gtakit cannot be imported; its logits on `ids`, 4 greedy
+    tokens after `ids[:1]`, the cache length and the cached elements per token."""
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_WITHOUT_GTAKIT)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt", weights_only=True)
+
+
 @pytest.mark.parametrize("name", ["gta-g2", "gla2-bias", "mla", "gla-llama3-rope", "ghla-m4-k2-bias"])
 def test_load_with_remote_code_without_gtakit(tmp_path, name):
     config = TINY_CONFIGS[name]()
@@ -61,20 +76,7 @@ def test_load_with_remote_code_without_gtakit(tmp_path, name):
         assert (folder / needed).exists()
 
     ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(0))
-    torch.save(ids, tmp_path / "ids.pt")
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_WITHOUT_GTAKIT)
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(tmp_path / "out.pt", weights_only=True)
+    remote = run_without_gtakit(folder, ids, tmp_path)
     with torch.no_grad():
         expected = model(ids).logits
         expected_generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False)

@@ -127,7 +127,23 @@ class FamilyAdapter:
                            f"gtakit converts {self.description}")
 
     def expected_shapes(self, config: Any) -> dict[str, tuple[int, ...]]:
+        """Shapes config.json implies: the embedding and `layer_shapes` of every layer."""
+        shapes: dict[str, tuple[int, ...]] = {self.embedding_name: (config.vocab_size, config.hidden_size)}
+        for i in range(config.num_hidden_layers):
+            shapes.update(self.layer_shapes(config, self.attention_prefix(i), f"{self.layers_prefix}.{i}.mlp."))
+        return shapes
+
+    def layer_shapes(self, config: Any, attn: str, mlp: str) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
+
+    def fused_mha_shape(self, config: Any, weights: WeightReader, fused: str, out: str, **extra: Any) -> SourceShape:
+        """The shape of an MHA family whose q/k/v come from one fused projection `fused` (GPT-2, GPT-NeoX)."""
+        attn, heads = self.attention_prefix(0), config.num_attention_heads
+        return SourceShape(
+            hidden_size=config.hidden_size, num_heads=heads, num_kv_heads=heads, head_dim=self.head_dim(config),
+            num_layers=config.num_hidden_layers, has_qk_bias=weights.has(attn + fused + ".bias"),
+            has_o_bias=weights.has(attn + fused + ".bias") or weights.has(attn + out + ".bias"), **extra,
+        )
 
     # ------------------------------------------------------------------ reading
     def shape(self, config: Any, weights: WeightReader) -> SourceShape:

@@ -31,14 +31,12 @@ class GPT2Family(FamilyAdapter):
         return config.n_inner or 4 * config.hidden_size
 
     def expected_shapes(self, config: Any) -> dict[str, tuple[int, ...]]:
+        return {**super().expected_shapes(config), "transformer.wpe.weight": (config.n_positions, config.hidden_size)}
+
+    def layer_shapes(self, config: Any, attn: str, mlp: str) -> dict[str, tuple[int, ...]]:
         d, inner = config.hidden_size, self.inner_size(config)
-        shapes: dict[str, tuple[int, ...]] = {self.embedding_name: (config.vocab_size, d),
-                                              "transformer.wpe.weight": (config.n_positions, d)}
-        for i in range(config.num_hidden_layers):
-            block = f"{self.layers_prefix}.{i}."
-            shapes.update({block + "attn.c_attn.weight": (d, 3 * d), block + "attn.c_proj.weight": (d, d),
-                           block + "mlp.c_fc.weight": (d, inner), block + "mlp.c_proj.weight": (inner, d)})
-        return shapes
+        return {attn + "c_attn.weight": (d, 3 * d), attn + "c_proj.weight": (d, d),  # Conv1D: (in, out)
+                mlp + "c_fc.weight": (d, inner), mlp + "c_proj.weight": (inner, d)}
 
     def layer_has_rope(self, config: Any, layer: int) -> bool:
         return False
@@ -47,14 +45,7 @@ class GPT2Family(FamilyAdapter):
         return self.head_dim(config) ** -0.5 if config.scale_attn_weights else 1.0
 
     def shape(self, config: Any, weights: WeightReader) -> SourceShape:
-        attn = self.attention_prefix(0)
-        heads = config.num_attention_heads
-        return SourceShape(
-            hidden_size=config.hidden_size, num_heads=heads, num_kv_heads=heads, head_dim=self.head_dim(config),
-            num_layers=config.num_hidden_layers, has_qk_bias=weights.has(attn + "c_attn.bias"),
-            has_o_bias=weights.has(attn + "c_attn.bias") or weights.has(attn + "c_proj.bias"),
-            attention_scale=self.attention_scale(config),
-        )
+        return self.fused_mha_shape(config, weights, "c_attn", "c_proj", attention_scale=self.attention_scale(config))
 
     def read_attention(self, weights: WeightReader, config: Any, layer: int) -> SourceAttention:
         prefix = self.attention_prefix(layer)

@@ -44,24 +44,13 @@ class GPTNeoXFamily(FamilyAdapter):
         if self.head_dim(config) % 2:
             raise self.refuse(config, "odd head_dim")
 
-    def expected_shapes(self, config: Any) -> dict[str, tuple[int, ...]]:
+    def layer_shapes(self, config: Any, attn: str, mlp: str) -> dict[str, tuple[int, ...]]:
         d, inner = config.hidden_size, config.intermediate_size
-        shapes: dict[str, tuple[int, ...]] = {self.embedding_name: (config.vocab_size, d)}
-        for i in range(config.num_hidden_layers):
-            attn, mlp = self.attention_prefix(i), f"{self.layers_prefix}.{i}.mlp."
-            shapes.update({attn + "query_key_value.weight": (3 * d, d), attn + "dense.weight": (d, d),
-                           mlp + "dense_h_to_4h.weight": (inner, d), mlp + "dense_4h_to_h.weight": (d, inner)})
-        return shapes
+        return {attn + "query_key_value.weight": (3 * d, d), attn + "dense.weight": (d, d),
+                mlp + "dense_h_to_4h.weight": (inner, d), mlp + "dense_4h_to_h.weight": (d, inner)}
 
     def shape(self, config: Any, weights: WeightReader) -> SourceShape:
-        attn = self.attention_prefix(0)
-        heads = config.num_attention_heads
-        return SourceShape(
-            hidden_size=config.hidden_size, num_heads=heads, num_kv_heads=heads, head_dim=self.head_dim(config),
-            num_layers=config.num_hidden_layers, has_qk_bias=weights.has(attn + "query_key_value.bias"),
-            has_o_bias=weights.has(attn + "query_key_value.bias") or weights.has(attn + "dense.bias"),
-            rotary_pairs=self.rotary_pairs(config),
-        )
+        return self.fused_mha_shape(config, weights, "query_key_value", "dense", rotary_pairs=self.rotary_pairs(config))
 
     def layer_inv_freq(self, config: Any, layer: int) -> torch.Tensor:
         """The rotating frequencies, then zeros for the free pairs (the converter's whole-head layout)."""

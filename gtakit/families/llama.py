@@ -42,19 +42,12 @@ class LlamaFamily(FamilyAdapter):
         if self.head_dim(config) % 2:
             raise self.refuse(config, "odd head_dim")
 
-    def expected_shapes(self, config: Any) -> dict[str, tuple[int, ...]]:
+    def layer_shapes(self, config: Any, attn: str, mlp: str) -> dict[str, tuple[int, ...]]:
         d, h = config.hidden_size, config.num_attention_heads
-        g, hd, inner = self.num_kv_heads(config), self.head_dim(config), config.intermediate_size
-        shapes: dict[str, tuple[int, ...]] = {self.embedding_name: (config.vocab_size, d)}
-        for i in range(config.num_hidden_layers):
-            attn, mlp = self.attention_prefix(i), f"{self.layers_prefix}.{i}.mlp."
-            shapes.update({
-                attn + "q_proj.weight": (h * hd, d), attn + "k_proj.weight": (g * hd, d),
+        g, hd = self.num_kv_heads(config), self.head_dim(config)
+        return {attn + "q_proj.weight": (h * hd, d), attn + "k_proj.weight": (g * hd, d),
                 attn + "v_proj.weight": (g * hd, d), attn + "o_proj.weight": (d, h * hd),
-            })
-            shapes.update(self.mlp_shapes(config, mlp, inner))
-            shapes.update(self.norm_shapes(config, attn))
-        return shapes
+                **self.mlp_shapes(config, mlp, config.intermediate_size), **self.norm_shapes(config, attn)}
 
     def mlp_shapes(self, config: Any, mlp: str, inner: int) -> dict[str, tuple[int, ...]]:
         d = config.hidden_size
@@ -113,15 +106,11 @@ class Phi3Family(LlamaFamily):
     model_types = ("phi3",)
     description = "Phi-3 decoders (fused qkv_proj)"
 
-    def expected_shapes(self, config: Any) -> dict[str, tuple[int, ...]]:
+    def layer_shapes(self, config: Any, attn: str, mlp: str) -> dict[str, tuple[int, ...]]:
         d, h = config.hidden_size, config.num_attention_heads
         g, hd, inner = self.num_kv_heads(config), self.head_dim(config), config.intermediate_size
-        shapes: dict[str, tuple[int, ...]] = {self.embedding_name: (config.vocab_size, d)}
-        for i in range(config.num_hidden_layers):
-            attn, mlp = self.attention_prefix(i), f"{self.layers_prefix}.{i}.mlp."
-            shapes.update({attn + "qkv_proj.weight": ((h + 2 * g) * hd, d), attn + "o_proj.weight": (d, h * hd),
-                           mlp + "gate_up_proj.weight": (2 * inner, d), mlp + "down_proj.weight": (d, inner)})
-        return shapes
+        return {attn + "qkv_proj.weight": ((h + 2 * g) * hd, d), attn + "o_proj.weight": (d, h * hd),
+                mlp + "gate_up_proj.weight": (2 * inner, d), mlp + "down_proj.weight": (d, inner)}
 
     def shape(self, config: Any, weights: WeightReader) -> SourceShape:
         base = super().shape(config, weights)
