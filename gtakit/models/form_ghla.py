@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_gtakit import GtakitAttention, apply_rope, check_positive, check_rope_index, source_head_dim
+from .attention_gtakit import (
+    GtakitAttention,
+    apply_rope,
+    check_positive,
+    check_rope_index,
+    shared_matmul,
+    source_head_dim,
+)
 
 
 class GHLAAttention(GtakitAttention):
@@ -111,7 +118,7 @@ class GHLAAttention(GtakitAttention):
         if mask is not None:
             scores = scores + mask
         probs = torch.softmax(scores, dim=-1).to(latent.dtype)
-        return probs @ latent
+        return shared_matmul(probs, latent)
 
     def decode(self, maps: torch.Tensor) -> torch.Tensor:
         """Per-head values `[B, L, H * v]` from the attended latents `[B, M, L, c]`."""

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention_gtakit import GtakitAttention, apply_rope, check_positive, check_rope_index, source_head_dim
+from .attention_gtakit import (
+    GtakitAttention,
+    apply_rope,
+    check_positive,
+    check_rope_index,
+    shared_matmul,
+    source_head_dim,
+)
 
 
 class GTAAttention(GtakitAttention):
@@ -97,7 +104,7 @@ class GTAAttention(GtakitAttention):
         scores = scores.view(batch, self.num_heads, q_len, total)
         if key_scale is not None:  # QK-norm: the no-RoPE score of each token times its key's 1/rms
             scores = scores * key_scale.unsqueeze(2)
-        scores = scores + query[..., self.nope_dim :] @ rope_key.transpose(-1, -2)
+        scores = scores + shared_matmul(query[..., self.nope_dim :], rope_key.transpose(-1, -2))
         scores = self.cap_scores(scores.float() * self.scale)
         if mask is not None:
             scores = scores + mask
