@@ -69,16 +69,16 @@ def _convert_layer(family: FamilyAdapter, source: SourceModel, index: int, layer
                    layer_reports: list[dict]) -> Iterator[tuple[str, torch.Tensor]]:
     source_attn = attn = family.read_attention(source.weights, source.config, index)
     norm = layer.spec.get("qk_norm")
+    key_scale_mean = getattr(stats, "key_scale_mean", None)
     if norm is not None:  # the converters see the norms folded in; `complete` makes the query (and keys) exact
-        if norm["key_scale"] == "mean" and getattr(stats, "key_scale_mean", None) is None:
+        if norm["key_scale"] == "mean" and key_scale_mean is None:
             raise GtakitError("--key-norm mean folds the calibrated mean key scale: pass --calib FILE")
-        attn = qk_norm.folded(source_attn, getattr(stats, "query_scale_mean", None),
-                              getattr(stats, "key_scale_mean", None))
+        attn = qk_norm.folded(source_attn, getattr(stats, "query_scale_mean", None), key_scale_mean)
     metric = method.build_metric(attn, stats)
     converted = layer.form.convert_layer(attn, layer.spec, metric, stats, layer.options)
     if norm is not None:
         converted = qk_norm.complete(converted, source_attn, attn, norm["key_scale"],
-                                     layer.form.query_nope_width(layer.spec), getattr(stats, "key_scale_mean", None))
+                                     layer.form.query_nope_width(layer.spec), key_scale_mean)
     layer.spec.update(converted.spec_updates)
     prefix = family.attention_prefix(index)
     for name, tensor in converted.tensors.items():

@@ -215,6 +215,18 @@ class GtakitAttention(nn.Module):
         key = self.k_rope_proj((raw * scale.unsqueeze(-1)).reshape(batch, q_len, -1))
         return key.view(batch, q_len, 1, -1).transpose(1, 2), scale.unsqueeze(1)
 
+    def rotated_rope_key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """What the cache's second slot stores for new tokens: the rotated RoPE key `[B, 1, L, r]`, with the
+        cached key scales appended (`[B, 1, L, r + S]`) for QK-norm sources."""
+        rope_key, key_scale = self.rope_key_and_scale(x)
+        rope_key = apply_rope(rope_key, cos, sin)
+        return rope_key if key_scale is None else torch.cat((rope_key, key_scale), dim=-1)
+
+    @staticmethod
+    def key_scale_elements(spec: dict) -> int:
+        """Key scalars a normalised spec caches per token (0 without QK-norm or with its mean folded in)."""
+        return spec["qk_norm"]["key_scales"] if spec.get("qk_norm") else 0
+
     def update_cache(self, cache: Cache, state: torch.Tensor, rope_key: torch.Tensor):
         """Append this step's tensors to the cache and return the whole layer's. A layer without RoPE key and
         key scales has nothing for the cache's second slot, so its state's two halves fill the two slots (no

@@ -53,8 +53,7 @@ class GLAAttention(GtakitAttention):
 
     @classmethod
     def cache_elements(cls, spec: dict) -> int:
-        scales = spec["qk_norm"]["key_scales"] if spec.get("qk_norm") else 0
-        return spec["num_latent_heads"] * spec["kv_lora_rank"] + spec["qk_rope_head_dim"] + scales
+        return spec["num_latent_heads"] * spec["kv_lora_rank"] + spec["qk_rope_head_dim"] + cls.key_scale_elements(spec)
 
     def __init__(self, config: Any, spec: dict, layer_idx: int, decode_backend: str = "auto") -> None:
         super().__init__(config, spec, layer_idx, decode_backend)
@@ -92,11 +91,7 @@ class GLAAttention(GtakitAttention):
         query = self.query_heads(x)
         query = torch.cat((query[..., : self.nope_dim], apply_rope(query[..., self.nope_dim :], cos, sin)), dim=-1)
         latent = self.kv_down_proj(x).view(batch, q_len, self.num_latents, self.latent_dim).transpose(1, 2)
-        rope_key, key_scale = self.rope_key_and_scale(x)
-        rope_key = apply_rope(rope_key, cos, sin)
-        if key_scale is not None:
-            rope_key = torch.cat((rope_key, key_scale), dim=-1)
-        return query, latent, rope_key
+        return query, latent, self.rotated_rope_key(x, cos, sin)
 
     def plain_attention(self, query, latent, rope_key, mask, q_len, key_scale=None):
         """Up-project every cached latent to per-head keys and values, then SDPA."""

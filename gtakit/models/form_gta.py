@@ -47,8 +47,7 @@ class GTAAttention(GtakitAttention):
 
     @classmethod
     def cache_elements(cls, spec: dict) -> int:
-        scales = spec["qk_norm"]["key_scales"] if spec.get("qk_norm") else 0
-        return spec["num_key_value_heads"] * spec["head_dim"] + spec["rope_dim"] + scales
+        return spec["num_key_value_heads"] * spec["head_dim"] + spec["rope_dim"] + cls.key_scale_elements(spec)
 
     def __init__(self, config: Any, spec: dict, layer_idx: int, decode_backend: str = "auto") -> None:
         super().__init__(config, spec, layer_idx, decode_backend)
@@ -71,11 +70,7 @@ class GTAAttention(GtakitAttention):
         query = self.query_heads(x)
         query = torch.cat((query[..., : self.nope_dim], apply_rope(query[..., self.nope_dim :], cos, sin)), dim=-1)
         state = self.kv_proj(x).view(batch, q_len, self.num_groups, self.head_dim).transpose(1, 2)
-        rope_key, key_scale = self.rope_key_and_scale(x)
-        rope_key = apply_rope(rope_key, cos, sin)
-        if key_scale is not None:
-            rope_key = torch.cat((rope_key, key_scale), dim=-1)
-        return query, state, rope_key
+        return query, state, self.rotated_rope_key(x, cos, sin)
 
     def plain_attention(self, query, state, rope_key, mask, q_len, key_scale=None):
         """Materialise per-group keys and run SDPA with grouped heads."""
