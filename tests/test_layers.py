@@ -121,5 +121,8 @@ def test_format_constraints_are_honoured_by_planning(source):
     src = open_convertible(root / "src")
     options = ConvertOptions(target="mla", layers=["0:source"])
     plan_conversion(src, family_of(src.config), options, frozenset())
-    with pytest.raises(GtakitError, match="needs global-rope-grid, which --to mla \\(layer 1\\)"):
-        plan_conversion(src, family_of(src.config), options, frozenset({"global-rope-grid"}), "deepseek-v3")
+    with pytest.raises(GtakitError, match="needs a-hypothetical-need, which a layer kept in source form \\(layer 0\\)"):
+        plan_conversion(src, family_of(src.config), options, frozenset({"a-hypothetical-need"}), "some-format")
+    gta = ConvertOptions(target="gta")
+    with pytest.raises(GtakitError, match="needs global-rope-grid, which --to gta \\(layer 0\\) cannot provide; do X"):
+        plan_conversion(src, family_of(src.config), gta, frozenset({"global-rope-grid"}), "some-format", "do X")

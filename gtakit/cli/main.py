@@ -38,6 +38,10 @@ def main(
     """gtakit: grouped-tied and grouped-latent attention for pretrained LLMs."""
 
 
+def _option_help(name: str) -> str:
+    return {f.name: f for f in fields(ConvertOptions)}[name].metadata["help"]
+
+
 def _fail(err: Exception | str) -> None:
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(code=2)
@@ -96,13 +100,48 @@ def convert(**arguments: Any) -> None:
         f"{out}: {report['target']} KV elements/token {kv['elements_per_token_before']} -> "
         f"{kv['elements_per_token_after']} ({kv['ratio']:.1%}), {kv['bytes_per_token_after']} bytes/token"
     )
+    if "export" in report:
+        ex = report["export"]
+        typer.echo(f"deepseek-v3 ({ex['latent_norm']}): KL to gtakit's MLA {ex['kl_per_token']:.2e} nats/token, "
+                   f"top-1 agreement {ex['top1_agreement']:.1%}")
     if "evaluation" in report:
         ev = report["evaluation"]
-        typer.echo(f"perplexity: source {ev['source_perplexity']:.3f} -> converted {ev['perplexity']:.3f}")
+        via = f" (gtakit MLA {ev['gtakit_mla_perplexity']:.3f})" if "gtakit_mla_perplexity" in ev else ""
+        typer.echo(f"perplexity: source {ev['source_perplexity']:.3f} -> converted {ev['perplexity']:.3f}{via}")
 
 
 convert.__signature__ = _convert_signature()  # type: ignore[attr-defined]
 app.command()(convert)
+
+
+@app.command()
+def export(
+    folder: Path = typer.Argument(..., help="A gtakit MLA folder (gtakit convert --to mla, maybe uptrained)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (must be empty unless --force)."),
+    output_format: str = typer.Option("deepseek-v3", "--format", help="Output format: deepseek-v3."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Text the latent norm is fitted on (required)."),
+    latent_norm: str = typer.Option("refit", "--latent-norm", help=_option_help("latent_norm")),
+    norm_tokens: int = typer.Option(16384, "--norm-tokens", help=_option_help("norm_tokens")),
+    calib_seq_len: int = typer.Option(2048, "--calib-seq-len", help="Tokens per calibration sequence."),
+    dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the folder's), float32, bfloat16, float16."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
+) -> None:
+    """Write a converted (or uptrained) MLA folder as a native DeepSeek-V3 checkpoint: transformers loads it without
+    trust_remote_code, and vLLM and llama.cpp serve it (see the card for which variant runs where).
+
+    \b
+    gtakit export OUT_MLA --format deepseek-v3 --calib wiki.txt -o OUT_DS"""
+    from gtakit.convert.export import export_folder
+
+    options = ConvertOptions(target="mla", output_format=output_format, calib=calib, latent_norm=latent_norm,
+                             norm_tokens=norm_tokens, calib_seq_len=calib_seq_len, dtype=dtype,
+                             max_shard_size=max_shard_size)
+    with _one_line_errors():
+        report = export_folder(folder, out, options, force=force, log=lambda m: typer.echo(m, err=True))
+    ex = report["export"]
+    typer.echo(f"{out}: deepseek-v3 ({ex['latent_norm']}), KL to gtakit's MLA {ex['kl_per_token']:.2e} nats/token, "
+               f"top-1 agreement {ex['top1_agreement']:.1%}")
 
 
 def _numbers(value: str, kind: type, option: str) -> tuple:

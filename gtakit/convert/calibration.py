@@ -98,10 +98,14 @@ def load_calibration_text(spec: str, max_chars: int) -> str:
 
 def calibration_ids(source: SourceModel, path: str, num_tokens: int, seq_len: int) -> torch.Tensor:
     """Token ids `[num_sequences, seq_len]` from a text file (plain or JSON lines) or a datasets name."""
+    return text_ids(source.load_tokenizer(), path, num_tokens, seq_len)
+
+
+def text_ids(tokenizer, path: str, num_tokens: int, seq_len: int) -> torch.Tensor:
+    """`calibration_ids` with a given tokenizer."""
     if seq_len < 16:
         raise GtakitError(f"--calib-seq-len {seq_len} is too short; use at least 16 tokens")
     text = load_calibration_text(path, max_chars=num_tokens * 8)
-    tokenizer = source.load_tokenizer()
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][:num_tokens]
     seq_len = min(seq_len, len(ids))
     rows = len(ids) // seq_len if seq_len else 0

@@ -39,6 +39,10 @@ class ConvertOptions:
     ghla_query: str = option(
         "auto", "GHLA map query: auto (better of mean and central, measured on --calib), mean (least squares), "
         "central head, or fit (members' queries combined to fit their attention maps; needs --calib; slow).")
+    rope_grid: str = option(
+        "auto", "GLA/MLA: RoPE frequencies the shared key may use: none (any, chosen per layer), spread (every "
+        "(d/r)-th from the fastest; one global table, as DeepSeek-V3 needs), fastest (the r/2 fastest; one global "
+        "table). auto: none, or spread for --format deepseek-v3.")
     gta_state: str = option("joint", "GTA tied state: joint (key/value subspace) or value (exact values).")
     key_norm: str = option(
         "cached", "QK-norm sources (Qwen3, Gemma 3, OLMo-2): cached (each token's key norm scalar cached beside the "
@@ -53,6 +57,14 @@ class ConvertOptions:
     calib_tokens: int = option(262144, "Calibration tokens.")
     calib_seq_len: int = option(2048, "Calibration sequence length.")
     calib_device: str = option("auto", "Device for calibration: auto (cuda if available), cpu, cuda.")
+    output_format: str = option(
+        "gtakit", "Output format: gtakit (a folder loaded with gtakit or trust_remote_code) or deepseek-v3 (--to mla "
+        "as a native DeepSeek-V3 checkpoint for transformers, vLLM and llama.cpp; needs --calib).", flag="--format")
+    latent_norm: str = option(
+        "refit", "deepseek-v3: how the format's RMSNorm on the latent is met: refit (the latent up-projection "
+        "refitted by least squares on normalised latents, no biases: every engine) or anchor (exact with a constant "
+        "bias coordinate; transformers only, as vLLM and llama.cpp drop biases).")
+    norm_tokens: int = option(16384, "deepseek-v3: calibration tokens for the latent norm's fit.")
     dtype: str = option("auto", "Output dtype: auto (the source's), float32, bfloat16 or float16.")
     max_shard_size: str = option("5GB", "Largest safetensors shard.")
     eval_text: str | None = option(None, "Measure source and converted perplexity on this text.")

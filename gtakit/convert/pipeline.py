@@ -16,7 +16,8 @@ import gtakit
 from gtakit.errors import GtakitError
 from gtakit.families import FamilyAdapter, FamilyChecks, family_of
 from gtakit.forms import qk_norm
-from gtakit.formats import FolderSink, MemorySink, Sink, check_shard_size
+from gtakit.formats import FolderSink, MemorySink, Sink, check_shard_size, deepseek_v3
+from gtakit.formats.deepseek_v3 import DeepSeekV3Sink
 from gtakit.io import DTYPES
 from gtakit.io.output import OutputFolder
 from gtakit.io.source import SourceModel, check_tokenizer, open_source
@@ -25,6 +26,7 @@ from gtakit.models import SOURCE_FORM
 
 from .calibration import check_calib_device, is_local_text
 from .methods import get_init_method, resolve_init
+from .export import check_export_options, export_model, norm_ids, write_report
 from .options import ConvertOptions
 from .plan import ConversionPlan, plan_conversion
 
@@ -149,12 +151,18 @@ def convert(
     check_calib_device(options.calib_device)
     if options.calib is not None and is_local_text(options.calib):
         check_text_file(options.calib, "--calib")
+    check_export_options(options)
     eval_text = _read_eval_text(options)  # before minutes of calibration, not after
     source = open_convertible(src)
     family = family_of(source.config)
-    if method.needs_calibration or eval_text is not None:
+    exporting = options.output_format == DeepSeekV3Sink.name
+    if method.needs_calibration or eval_text is not None or exporting:
         check_tokenizer(source)
-    plan = plan_conversion(source, family, options, FolderSink.constraints, FolderSink.name)
+    sink_class = DeepSeekV3Sink if exporting else FolderSink
+    plan = plan_conversion(source, family, options, sink_class.constraints, sink_class.name,
+                           getattr(sink_class, "hint", "choose another form or format"))
+    if exporting:
+        deepseek_v3.check_layers(plan.config())
     dtype = DTYPES[options.dtype] if options.dtype != "auto" else source.weights.get(family.embedding_name).dtype
     before, after = plan.source_elements_per_token, plan.target_elements_per_token
     if options.init == "svd":
@@ -162,6 +170,16 @@ def convert(
     log(f"KV cache per token: {before} -> {after} elements ({after / before:.1%}), {_summary(plan)}")
 
     stats_for_layer = _calibrator(source, family, options, progress) if method.needs_calibration else None
+
+    if exporting:
+        with output.staging() as tmp:
+            report = _convert_and_export(source, plan, options, dtype, method, stats_for_layer, tmp, eval_text,
+                                         progress, log)
+            report["wall_time_s"] = round(time.time() - started, 2)
+            report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+            write_report(tmp, report)
+        log(f"wrote {out} in {report['wall_time_s']:.1f}s (peak RSS {report['peak_rss_mb']:.0f} MB)")
+        return report
 
     with output.staging() as tmp:
         sink = FolderSink(tmp, options.max_shard_size)
@@ -178,6 +196,46 @@ def convert(
         sink.write_report(report)
     log(f"wrote {out} in {report['wall_time_s']:.1f}s (peak RSS {report['peak_rss_mb']:.0f} MB)")
     return report
+
+
+def _convert_and_export(source: SourceModel, plan: ConversionPlan, options: ConvertOptions, dtype: torch.dtype,
+                        method, stats_for_layer, folder: Path, eval_text: str | None, progress: bool,
+                        log: Callable[[str], None]) -> dict:
+    """--format deepseek-v3: convert into memory, then write and check the DeepSeek-V3 folder."""
+    sink = DeepSeekV3Sink()
+    layer_reports = stream(source, plan, sink, torch.float32, method, stats_for_layer, progress)
+    model = sink.finish(plan.config(), {})
+    tokenizer = source.load_tokenizer()
+    report = _report(source, plan, options, dtype, layer_reports)
+    report["export"] = export_model(model, folder, norm_ids(tokenizer, options), options, dtype, log)
+    tokenizer.save_pretrained(folder)
+    generation_config = source.generation_config()
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    if eval_text is not None:
+        report["evaluation"] = _evaluate_export(source, model, folder, tokenizer, eval_text, options, progress)
+    return report
+
+
+def _evaluate_export(source: SourceModel, model, folder: Path, tokenizer, text: str, options: ConvertOptions,
+                     progress: bool) -> dict:
+    """Perplexity of the export (loaded natively), of gtakit's MLA it came from, and of the source."""
+    from transformers import AutoModelForCausalLM
+
+    from gtakit.evaluate import perplexity
+
+    def measure(candidate) -> dict:
+        return perplexity(candidate, tokenizer, text, options.eval_tokens, window=options.eval_window,
+                          progress=progress)
+
+    gtakit_result = measure(model)
+    native = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    result = measure(native)
+    del native
+    source_result = measure(source.load_model(torch.float32))
+    return {"text": str(options.eval_text), "tokens": result["tokens"], "window": result["window"],
+            "perplexity": result["perplexity"], "gtakit_mla_perplexity": gtakit_result["perplexity"],
+            "source_perplexity": source_result["perplexity"]}
 
 
 def _copy_tokenizer_files(source: SourceModel, folder: Path, log: Callable[[str], None]) -> None:

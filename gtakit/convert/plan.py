@@ -9,6 +9,7 @@ from typing import Any
 from gtakit.errors import GtakitError
 from gtakit.families import FamilyAdapter, SourceShape
 from gtakit.forms import FormConverter, form_owning, get_form
+from gtakit.forms.gla import DEFAULT_GRID, GRIDS
 from gtakit.forms.qk_norm import KEY_SCALE_MODES, qk_norm_spec
 from gtakit.io.source import SourceModel
 from gtakit.models import SOURCE_FORM, GtakitConfig, layer_cache_elements
@@ -77,11 +78,13 @@ def check_form_options(options: ConvertOptions, target: str, where: str = "") ->
 
 
 def plan_conversion(source: SourceModel, family: FamilyAdapter, options: ConvertOptions,
-                    constraints: frozenset[str] = frozenset(), format_name: str = "gtakit") -> ConversionPlan:
+                    constraints: frozenset[str] = frozenset(), format_name: str = "gtakit",
+                    hint: str = "choose another form or format") -> ConversionPlan:
     """Per-layer forms and widths. `constraints` are what the output format requires (`Sink.constraints`);
-    every converted layer's form must honour them."""
+    every layer's form must honour them (`hint`: what to do when one does not)."""
     get_form(options.target)
     check_form_options(options, options.target)
+    options = replace(options, rope_grid=_rope_grid(options.rope_grid, constraints, format_name))
     shape = family.shape(source.config, source.weights)
     overrides = parse_layer_overrides(options.layers, shape.num_layers)
     layers = []
@@ -90,14 +93,25 @@ def plan_conversion(source: SourceModel, family: FamilyAdapter, options: Convert
         layer_shape = shape if family.layer_has_rope(source.config, index) else replace(shape, rope_free=True)
         layers.append(_plan_layer(layer_shape, options, override, index))
     for index, layer in enumerate(layers):
-        missing = sorted(constraints - layer.form.honours) if layer.form is not None else []
+        missing = sorted(constraints - (layer.form.honours if layer.form is not None else frozenset()))
         if missing:
-            raise GtakitError(f"the {format_name} format needs {', '.join(missing)}, which --to {layer.name} "
-                              f"(layer {index}) cannot provide; choose another form or format")
+            what = f"--to {layer.name}" if layer.form is not None else "a layer kept in source form"
+            raise GtakitError(f"the {format_name} format needs {', '.join(missing)}, which {what} (layer {index}) "
+                              f"cannot provide; {hint}")
     plan = ConversionPlan(family, shape, layers, source.config)
     if all(layer.form is None for layer in layers):
         raise GtakitError("every layer is kept in source form (--layer ...:source); nothing would be converted")
     return plan
+
+
+def _rope_grid(grid: str, constraints: frozenset[str], format_name: str) -> str:
+    """`auto` made concrete: the measured default where the format needs one global RoPE table, else none."""
+    if grid == "auto":
+        return DEFAULT_GRID if "global-rope-grid" in constraints else "none"
+    if grid == "none" and "global-rope-grid" in constraints:
+        raise GtakitError(f"the {format_name} format needs one global RoPE table: use --rope-grid "
+                          f"{' or '.join(g for g in GRIDS if g != 'none')}, not none")
+    return grid
 
 
 def _plan_layer(shape: SourceShape, options: ConvertOptions, override: dict, index: int) -> LayerPlan:

@@ -60,6 +60,8 @@ def build_card(report: dict) -> ModelCard:
         if evaluation.get("source_perplexity") is not None:
             lines.append(f"| source | {evaluation['source_perplexity']:.3f} |")
         lines += [f"| converted | {evaluation['perplexity']:.3f} |", ""]
+    if report.get("format") == "deepseek-v3":
+        lines += deepseek_v3_section(report["export"])
     lines += [
         "## Conversion settings",
         "",
@@ -73,23 +75,59 @@ def build_card(report: dict) -> ModelCard:
         "|---|---|",
         arch,
         "",
-        "## Usage",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO", trust_remote_code=True)',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
-        "```",
-        "",
-        "With gtakit installed, `import gtakit` registers the architecture and `trust_remote_code` is not needed.",
-        "Per-layer reconstruction errors and timings are in `conversion.json`.",
-        "",
+        *usage_lines(report),
     ]
     extra = report.get("card_sections") or []
     for title, body in extra:
         lines += [f"## {title}", "", body, ""]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
     return ModelCard(content)
+
+
+def usage_lines(report: dict) -> list[str]:
+    native = report.get("format") == "deepseek-v3"
+    remote = "" if native else ", trust_remote_code=True"
+    lines = [
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO"{remote})',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
+        "```",
+        "",
+    ]
+    if native:
+        lines.append("A native DeepSeek-V3 checkpoint (`model_type: deepseek_v3`): no remote code, no gtakit.")
+    else:
+        lines.append("With gtakit installed, `import gtakit` registers the architecture and `trust_remote_code` is "
+                     "not needed.")
+    return lines + ["Per-layer errors and timings are in `conversion.json`.", ""]
+
+
+def deepseek_v3_section(export: dict) -> list[str]:
+    """What the DeepSeek-V3 export changed, where it runs, and how far it is from gtakit's MLA."""
+    rows = "\n".join(f"| {layer['layer']} | {layer['latent_rms_cv']:.3f} | {layer['attention_rel_error']:.2e} |"
+                     for layer in export["layers"])
+    return [
+        "## DeepSeek-V3 format",
+        "",
+        f"Latent norm: `{export['latent_norm']}`; latent {export['kv_lora_rank']} + RoPE {export['qk_rope_head_dim']}"
+        f" elements per token and layer; RoPE table theta' = {export['rope_theta']:.6g} (every "
+        f"{export['rope_grid_stride']}-th source frequency); query scale {export['query_scale_folded']:.4f} folded "
+        "into the query rows.",
+        "",
+        f"Runs in: {export['engines']}.",
+        "",
+        f"Against gtakit's MLA on {export['check_tokens']} held-out tokens: KL {export['kl_per_token']:.2e} "
+        f"nats/token, top-1 agreement {export['top1_agreement']:.1%}, max logit difference "
+        f"{export['logits_max_abs_diff']:.2e} (max logit {export['logits_max_abs']:.1f}).",
+        "",
+        "| layer | latent RMS spread (CV) | attention output relative error |",
+        "|---|---|---|",
+        rows,
+        "",
+    ]
 
 
 def dump_json(report: dict) -> str:

@@ -14,18 +14,23 @@ from gtakit.families.base import SourceAttention, SourceShape
 
 from .base import ConvertedLayer, FormConverter, as_width, check_rope_dim, divisors
 from .linalg import LayerMetric, _fold_value_bias, _moment, _rel_err, _sqrt_psd, _top_basis, _weighted
-from .rope import nope_query, select_shared_rope
+from .rope import nope_query, rope_grid, select_shared_rope
+
+GRIDS = ("none", "spread", "fastest")
+DEFAULT_GRID = "spread"  # where one global RoPE table is needed (benchmarks/convert_quality.py --rope-grids)
 
 
 class GLAConverter(FormConverter):
     model_form = "gla"
-    options = ("latent_heads", "kv_rank")
+    options = ("latent_heads", "kv_rank", "rope_grid")
     takes_qk_norm = True
     takes_rope_free = True
     report_fields = ("num_latent_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
     def __init__(self, name: str = "gla") -> None:
         self.name = name
+        # Only MLA is a DeepSeek-V3 attention; GLA's latents would share one latent norm there.
+        self.honours = frozenset({"global-rope-grid", "one-latent"} if name == "mla" else {"global-rope-grid"})
         self.title = ("MLA (multi-head latent attention, GLA with one latent head)" if name == "mla"
                       else "GLA (grouped latent attention)")
 
@@ -57,6 +62,12 @@ class GLAConverter(FormConverter):
             rope_dim = max_rope
         if not shape.rope_free:
             check_rope_dim(rope_dim, max_rope)
+        grid = getattr(options, "rope_grid", "none")
+        if grid not in GRIDS:
+            raise GtakitError(f"--rope-grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+        if grid != "none" and rope_dim > d:
+            raise GtakitError(f"--rope-dim {rope_dim}: one global RoPE table (--rope-grid {grid}) has at most one "
+                              f"component per frequency, so at most {d}; lower --rope-dim")
         nope_dim = 0 if rope_dim == G * d else d  # every key dim rotates and is in the RoPE key: no position-free part
         per_latent, per_kv = H // latents, H // G
         latent_kv = [{h // per_kv for h in range(j * per_latent, (j + 1) * per_latent)} for j in range(latents)]
@@ -79,8 +90,10 @@ class GLAConverter(FormConverter):
 
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
                       options: Any) -> ConvertedLayer:
-        return convert_gla_layer(attn, spec["num_latent_heads"], spec["kv_lora_rank"],
-                                 spec["qk_rope_head_dim"] // 2, metric)
+        pairs = spec["qk_rope_head_dim"] // 2
+        grid = getattr(options, "rope_grid", "none")
+        return convert_gla_layer(attn, spec["num_latent_heads"], spec["kv_lora_rank"], pairs, metric,
+                                 rope_grid(attn.head_dim, pairs, grid) if grid != "none" and pairs else None)
 
 
 def default_rope_dim(budget: int, head_dim: int) -> int:
@@ -103,11 +116,13 @@ def convert_gla_layer(
     kv_rank: int,
     rope_pairs: int,
     metric: LayerMetric,
+    grid: list[int] | None = None,
 ) -> ConvertedLayer:
-    """GLA/MLA weights. The no-RoPE head dim is d, or 0 when every RoPE component is kept."""
+    """GLA/MLA weights. The no-RoPE head dim is d, or 0 when every RoPE component is kept. `grid`: the RoPE key
+    keeps only these frequencies, one component each (see `select_shared_rope`)."""
     H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
     cov = metric.input_cov
-    rope = select_shared_rope(src, rope_pairs, cov, metric.query_cov, metric.rotation)
+    rope = select_shared_rope(src, rope_pairs, cov, metric.query_cov, metric.rotation, grid)
     nope_dim = 0 if rope_pairs == G * d // 2 else d
     groups = src.group_of_head
     per_latent = H // num_latents

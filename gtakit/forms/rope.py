@@ -57,6 +57,7 @@ def select_shared_rope(
     input_cov: torch.Tensor | None = None,
     query_cov: torch.Tensor | None = None,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    grid: list[int] | None = None,
 ) -> RopeSelection:
     """Pick `num_pairs` mixed (frequency, component) pairs for the shared RoPE key.
 
@@ -65,6 +66,8 @@ def select_shared_rope(
     `rotation` ([H, d/2] attention-weighted E[cos], E[sin] of each frequency), if given, ranks components by the
     score energy that their mean rotation cannot reproduce: a slowly rotating component loses little when it
     becomes position-free, a fast one loses everything.
+    `grid`, if given, lists the only frequencies the key may use, at most one component each (the best-scoring):
+    what an output format with one global RoPE table (DeepSeek-V3) can hold.
     """
     H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
     half = d // 2
@@ -100,6 +103,8 @@ def select_shared_rope(
         if num_pairs > G * src.rotary_pairs:
             raise ValueError(f"num_pairs must be at most {G * src.rotary_pairs} (rotating pairs), got {num_pairs}")
         score[src.rotary_pairs :] = -1.0
+    if grid is not None:
+        score = on_grid(score, grid, num_pairs)
     flat = torch.argsort(score.flatten(), descending=True)[:num_pairs]
     kept = sorted((int(f) // G, int(f) % G) for f in flat)  # high frequencies first, like standard RoPE
     total = float(score.sum())
@@ -145,6 +150,29 @@ def select_shared_rope(
         residual_key=residual,
         score_energy_kept=kept_score / total if total > 0 else 1.0,
     )
+
+
+def on_grid(score: torch.Tensor, grid: list[int], num_pairs: int) -> torch.Tensor:
+    """`score` [d/2, G] with every pair off `grid`, and all but the best component of each grid frequency, ruled
+    out (-1, below any real score)."""
+    if num_pairs > len(grid):
+        raise ValueError(f"num_pairs {num_pairs} exceeds the {len(grid)} frequencies of the RoPE grid")
+    allowed = torch.full_like(score, -1.0)
+    for i in grid:
+        best = int(torch.argmax(score[i]))
+        allowed[i, best] = score[i, best].clamp(min=0.0)
+    return allowed
+
+
+def rope_grid(head_dim: int, pairs: int, kind: str) -> list[int]:
+    """The source frequency indices of a global RoPE table of `pairs` slots: `fastest` takes the first `pairs`,
+    `spread` every (d/2 / pairs)-th from index 0 (every other one when the key is half a head wide). Slot j's
+    frequency theta^(-2kj/d) is the table theta'^(-2j/r) of width r = 2 pairs with theta' = theta^(k r / d)."""
+    half = head_dim // 2
+    if not 1 <= pairs <= half:
+        raise ValueError(f"a RoPE grid of {pairs} pairs does not fit {half} source frequencies")
+    stride = 1 if kind == "fastest" else half // pairs
+    return [stride * j for j in range(pairs)]
 
 
 def nope_query(
