@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="128+64,160+32", help="latent+RoPE widths per layer, comma-separated")
     parser.add_argument("--grids", default="none,spread,fastest")
     parser.add_argument("--latent-norms", default="refit,anchor")
+    parser.add_argument("--export-budgets", default=None, help="budgets whose grid rows are exported (default: all)")
     parser.add_argument("--norm-tokens", type=int, default=16384)
     parser.add_argument("--keep", default="benchmarks/out/deepseek", help="folder for the exported checkpoints")
     parser.add_argument("--json", default="benchmarks/out/deepseek_export.json")
@@ -78,7 +79,7 @@ def main() -> None:
                          "ppl": round(mla, 3), "ratio": f"{mla / base:.2f}x",
                          "seconds": round(time.time() - started, 1)})
             print(markdown_table(rows[-1:], COLUMNS), flush=True)
-            if grid != "none":
+            if grid != "none" and budget in (args.export_budgets or budget).split(","):
                 for variant in args.latent_norms.split(","):
                     rows.append(export_row(model, budget, grid, variant, fit_ids, ppl, base, mla, args.keep))
                     print(markdown_table(rows[-1:], COLUMNS), flush=True)

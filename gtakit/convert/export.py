@@ -65,14 +65,19 @@ def export_model(model, folder: Path, ids: torch.Tensor, options: ConvertOptions
     """Write `model` (a gtakit MLA, float32) into `folder` as DeepSeek-V3; returns the report's `export` section."""
     started = time.time()
     geo = deepseek_v3.geometry(model.config)
+    if options.latent_norm == "anchor" and dtype == torch.float16:
+        raise GtakitError("--latent-norm anchor needs a bias far above any latent norm, beyond float16's range; "
+                          "use --dtype bfloat16 or float32")
     fit, held_out = ids[:-CHECK_ROWS], ids[-CHECK_ROWS:]
     moments = deepseek_v3.collect_moments(model, fit, options.latent_norm, log)
-    ds_config = deepseek_v3.write_deepseek_v3(model, folder, dtype, options.latent_norm, moments,
-                                              options.max_shard_size)
+    ds_config, fits = deepseek_v3.write_deepseek_v3(model, folder, dtype, options.latent_norm, moments,
+                                                    options.max_shard_size)
     log("checking the export in transformers' DeepseekV3ForCausalLM")
     check = compare_with_native(model, folder, held_out)
     layers = [{"layer": i, "latent_rms_cv": round(m.rms_spread, 4),
                "attention_rel_error": float(f"{check['attention_rel_error'][i]:.4g}")} for i, m in enumerate(moments)]
+    for layer, refit in zip(layers, fits):
+        layer.update(ballast_weight=refit.weight, kv_fit_rel_error=float(f"{refit.residual:.4g}"))
     return {
         "format": "deepseek-v3",
         "latent_norm": options.latent_norm,

@@ -127,7 +127,7 @@ def deepseek_config(config: GtakitConfig, geo: Geometry, variant: str, q_anchor:
     fields = dict(
         vocab_size=config.vocab_size, hidden_size=hidden, intermediate_size=config.intermediate_size,
         num_hidden_layers=layers, num_attention_heads=geo.heads, num_key_value_heads=geo.heads,
-        q_lora_rank=hidden + 1 if q_anchor else None, kv_lora_rank=geo.kv_rank + anchored,
+        q_lora_rank=hidden + 1 if q_anchor else None, kv_lora_rank=geo.kv_rank + 1,
         qk_nope_head_dim=geo.nope, qk_rope_head_dim=geo.rope, v_head_dim=geo.value, rope_interleave=True,
         rope_parameters=rope, max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps, hidden_act="silu", attention_bias=anchored,
@@ -169,11 +169,14 @@ def collect_moments(model: GtakitForCausalLM, ids: torch.Tensor, variant: str,
     modules = attention_modules(model)
     moments = [LatentMoments() for _ in modules]
     absorbed: list[torch.Tensor | None] = [None] * len(modules)
-    if variant == "refit" and needs_input_moments(model):
-        progress("latent norm: input moments (bias absorption)")
-        _run_hooks(model, ids, modules, lambda i, x, c: moments[i].add_inputs(x))
-        absorbed = [latent_norm.absorb_bias(m.kv_down_proj.weight.double(), _bias(m.kv_down_proj), moments[i])
-                    for i, m in enumerate(modules)]
+    if variant == "refit":
+        progress("latent norm: input moments (ballast direction, bias absorption)")
+        _run_hooks(model, ids, modules, lambda i, x, c: moments[i].add_inputs(x, c))
+        for m in moments:
+            m.finish_inputs()
+        if needs_input_moments(model):
+            absorbed = [latent_norm.absorb_bias(m.kv_down_proj.weight.double(), _bias(m.kv_down_proj), moments[i])
+                        for i, m in enumerate(modules)]
     progress("latent norm: latent moments")
     _run_hooks(model, ids, modules, lambda i, x, c: moments[i].add_latents(x, c, absorbed[i]))
     return moments
@@ -206,8 +209,13 @@ def interleave_rows(rows: torch.Tensor, pairs: int) -> torch.Tensor:
 
 
 def attention_tensors(attn: torch.nn.Module, geo: Geometry, moments: LatentMoments, variant: str,
-                      q_anchor: bool) -> dict[str, torch.Tensor]:
-    """One layer's DeepSeek-V3 attention tensors (float64), names relative to `self_attn`."""
+                      q_anchor: bool, fits: list) -> dict[str, torch.Tensor]:
+    """One layer's DeepSeek-V3 attention tensors (float64), names relative to `self_attn`; the refit variant
+    appends its `latent_norm.Refit` to `fits`.
+
+    Both variants add one latent coordinate that keeps the norm nearly constant: refit, a "ballast" row along the
+    input direction whose projection varies least from token to token (no bias, so portable); anchor, a zero row
+    with a large constant bias (exact where biases are honoured)."""
     H, n, r, v, c = geo.heads, geo.nope, geo.rope, geo.value, geo.kv_rank
     refit = variant == "refit"
     q_w = attn.q_proj.weight.double()
@@ -220,13 +228,16 @@ def attention_tensors(attn: torch.nn.Module, geo: Geometry, moments: LatentMomen
         q_b = down_b = rope_b = None
     query = _query_rows(q_w, H, n, r) * geo.query_scale
     up = _kv_up(attn, H, n, v, c)  # [H (n + v), c]: per head [k_nope; v]
-    out: dict[str, torch.Tensor] = {"kv_a_layernorm.weight": torch.ones(c + (not refit), dtype=torch.float64)}
+    out: dict[str, torch.Tensor] = {"kv_a_layernorm.weight": torch.ones(c + 1, dtype=torch.float64)}
     o_w, o_b = attn.o_proj.weight.double(), _bias(attn.o_proj)
     if refit:
-        scale = latent_norm.latent_scale(moments)
         offset = _value_offset(o_w, o_b, H, n, v) if o_b is not None else None
-        out["kv_a_proj_with_mqa.weight"] = torch.cat([scale * down_w, interleave_rows(rope_w, r // 2)])
-        out["kv_b_proj.weight"] = latent_norm.refit_up(up, offset, moments)
+        fit = latent_norm.refit(up, offset, moments)
+        ballast = (fit.weight * moments.latent_scale * moments.ballast)[None, :]
+        out["kv_a_proj_with_mqa.weight"] = torch.cat([fit.scale * down_w, fit.scale * ballast,
+                                                      interleave_rows(rope_w, r // 2)])
+        out["kv_b_proj.weight"] = fit.up
+        fits.append(fit)
     else:
         big = latent_norm.anchor_bias(moments)
         zero_row = down_w.new_zeros(1, down_w.shape[1])
@@ -299,7 +310,7 @@ def q_anchor_needed(model: GtakitForCausalLM, variant: str) -> bool:
 def write_deepseek_v3(model: GtakitForCausalLM, folder, dtype: torch.dtype, variant: str,
                       moments: list[LatentMoments], max_shard_size: str | int = "5GB"):
     """Stream the DeepSeek-V3 tensors of `model` into sharded safetensors and config.json in `folder`; returns
-    the written `DeepseekV3Config`."""
+    the written `DeepseekV3Config` and the refit variant's per-layer fits."""
     from transformers import DeepseekV3ForCausalLM
 
     from .shards import StreamingShardWriter
@@ -317,10 +328,11 @@ def write_deepseek_v3(model: GtakitForCausalLM, folder, dtype: torch.dtype, vari
             writer.add(name, tensor)  # embeddings, MLPs and norms keep their names (Llama's are DeepSeek's)
     if config.tie_word_embeddings:  # vLLM reads lm_head.weight even for a tied source
         writer.add("lm_head.weight", model.get_input_embeddings().weight.clone())
+    fits: list[latent_norm.Refit] = []
     for index, attn in enumerate(attention_modules(model)):
         prefix = f"{attention_prefix}{index}.{config.gtakit_attention_name}."
-        for name, tensor in attention_tensors(attn, geo, moments[index], variant, q_anchor).items():
+        for name, tensor in attention_tensors(attn, geo, moments[index], variant, q_anchor, fits).items():
             writer.add(prefix + name, tensor)
     writer.finish()
     ds_config.save_pretrained(folder)
-    return ds_config
+    return ds_config, fits

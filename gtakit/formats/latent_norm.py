@@ -15,43 +15,81 @@ factor 1/rms(c_t). Two ways to meet it, both fitted on the converted model's own
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 ANCHOR_MARGIN = 1e3  # B / (largest calibration latent norm): relative error below 1e-6
 RIDGE = 1e-8  # relative ridge on normal equations (a latent direction calibration never excites)
+# Weights of the ballast coordinate relative to the latent's typical norm; each layer keeps the one whose refit
+# leaves the least key/value error (0: no ballast, the plain refit).
+BALLAST_WEIGHTS = (0.0, 1.0, 4.0, 16.0)
 
 
 @dataclass
 class LatentMoments:
-    """Per-layer sums over calibration tokens (float64)."""
+    """Per-layer sums over calibration tokens (float64). Pass 1 (`add_inputs`): the attention input's moments,
+    for bias absorption and the ballast direction; pass 2 (`add_latents`): the normalised latents' moments."""
 
-    tokens: int = 0
+    tokens: float = 0.0  # weighted count
+    input_tokens: int = 0
     input_sum: torch.Tensor | None = None  # [D]
-    input_moment: torch.Tensor | None = None  # [D, D] sum x x^T (only when a bias must be absorbed)
-    normed_moment: torch.Tensor | None = None  # [c, c] sum n n^T, n = c' / rms(c')
-    latent_normed: torch.Tensor | None = None  # [c, c] sum c n^T (c: gtakit's latent, bias included)
-    normed_sum: torch.Tensor | None = None  # [c]
-    mean_square_sum: float = 0.0  # sum of ms(c')
+    input_moment: torch.Tensor | None = None  # [D, D] sum x x^T
+    latent_square_sum: float = 0.0  # sum |c|^2 (pass 1)
+    ballast: torch.Tensor | None = None  # [D] u with E[u x] = 1 and the least relative spread of u x
+    latent_moment: torch.Tensor | None = None  # [c, c] sum c c^T (c: gtakit's latent, bias included)
+    latent_sum: torch.Tensor | None = None  # [c]
+    # per ballast weight: sums over tokens of n n^T, c n^T, n and ms(z), z = [c'; w R u x], n = z / rms(z)
+    normed_moment: dict = field(default_factory=dict)
+    latent_normed: dict = field(default_factory=dict)
+    normed_sum: dict = field(default_factory=dict)
+    mean_square_sum: dict = field(default_factory=dict)
     rms_values: list[float] = field(default_factory=list)  # a sample of rms(c') for the spread
     max_latent_norm: float = 0.0  # of gtakit's latent
     max_input_norm: float = 0.0
 
-    def add_inputs(self, x: torch.Tensor) -> None:
+    def add_inputs(self, x: torch.Tensor, latent: torch.Tensor) -> None:
+        self.input_tokens += x.shape[0]
         self.input_sum = _acc(self.input_sum, x.sum(0))
         self.input_moment = _acc(self.input_moment, x.T @ x)
+        self.latent_square_sum += float(latent.pow(2).sum())
+
+    def finish_inputs(self) -> None:
+        """The ballast direction: u minimising Var(u x) / E[u x]^2 is C^-1 m (C the covariance, m the mean)."""
+        n = max(self.input_tokens, 1)
+        mean = self.input_sum / n
+        cov = self.input_moment / n - torch.outer(mean, mean)
+        u = _solve(cov, mean[None, :])[0]
+        self.ballast = u / float(u @ mean)
+
+    @property
+    def latent_scale(self) -> float:
+        """R: the latent's typical norm (the unit of the ballast weights)."""
+        return (self.latent_square_sum / max(self.input_tokens, 1)) ** 0.5 or 1.0
 
     def add_latents(self, x: torch.Tensor, latent: torch.Tensor, absorbed_down: torch.Tensor | None) -> None:
+        """One sequence's tokens. Its first token (the attention sink most heads attend to, whose hidden state is
+        unlike any other) counts as much as a quarter of the sequence in the fits."""
         fitted = latent if absorbed_down is None else x @ absorbed_down.T  # c' (what the export computes)
-        mean_square = fitted.pow(2).mean(-1)
-        normed = fitted * mean_square.clamp(min=1e-30).rsqrt()[:, None]
-        self.tokens += x.shape[0]
-        self.normed_moment = _acc(self.normed_moment, normed.T @ normed)
-        self.latent_normed = _acc(self.latent_normed, latent.T @ normed)
-        self.normed_sum = _acc(self.normed_sum, normed.sum(0))
-        self.mean_square_sum += float(mean_square.sum())
-        self.rms_values += mean_square.sqrt()[:: max(1, x.shape[0] // 256)].tolist()
+        weight_of = torch.ones(x.shape[0], 1, dtype=x.dtype)
+        weight_of[0] = max(1.0, x.shape[0] / 4)
+        self.tokens += float(weight_of.sum())
+        self.latent_moment = _acc(self.latent_moment, (weight_of * latent).T @ latent)
+        self.latent_sum = _acc(self.latent_sum, (weight_of * latent).sum(0))
+        weights = BALLAST_WEIGHTS if self.ballast is not None else (0.0,)
+        extra = x @ self.ballast if self.ballast is not None else torch.zeros_like(fitted[:, 0])
+        for weight in weights:
+            z = torch.cat([fitted, (weight * self.latent_scale * extra)[:, None]], dim=1)
+            mean_square = z.pow(2).mean(-1)
+            normed = z * mean_square.clamp(min=1e-30).rsqrt()[:, None]
+            weighted = weight_of * normed
+            self.normed_moment[weight] = _acc(self.normed_moment.get(weight), weighted.T @ normed)
+            self.latent_normed[weight] = _acc(self.latent_normed.get(weight), latent.T @ weighted)
+            self.normed_sum[weight] = _acc(self.normed_sum.get(weight), weighted.sum(0))
+            self.mean_square_sum[weight] = self.mean_square_sum.get(weight, 0.0) + float(
+                (weight_of[:, 0] * mean_square).sum())
+        self.rms_values += fitted.pow(2).mean(-1).sqrt()[:: max(1, x.shape[0] // 256)].tolist()
         self.max_latent_norm = max(self.max_latent_norm, float(latent.norm(dim=-1).max()))
         self.max_input_norm = max(self.max_input_norm, float(x.norm(dim=-1).max()))
 
@@ -77,27 +115,51 @@ def absorb_bias(weight: torch.Tensor, bias: torch.Tensor | None, moments: Latent
     """W' minimising E|W'x - (Wx + b)|^2 over calibration inputs: W + b E[x]^T E[x x^T]^-1."""
     if bias is None or not bool(bias.any()):
         return weight
-    n = moments.tokens or 1
+    n = moments.input_tokens or 1
     mean = moments.input_sum / n
     return weight + _solve(moments.input_moment / n, bias[:, None] * mean[None, :])
 
 
-def latent_scale(moments: LatentMoments) -> float:
-    """The factor that brings the fitted latent's mean square to 1."""
-    return (moments.mean_square_sum / max(moments.tokens, 1)) ** -0.5 if moments.mean_square_sum > 0 else 1.0
+@dataclass
+class Refit:
+    weight: float  # the ballast weight kept
+    scale: float  # multiplies the latent rows (and the ballast row) so the normalised vector's input has ms ~1
+    up: torch.Tensor  # [rows, c + 1]: kv_b_proj
+    residual: float  # relative key/value error left on the calibration tokens
 
 
-def refit_up(up: torch.Tensor, offset: torch.Tensor | None, moments: LatentMoments) -> torch.Tensor:
-    """`W_b` [rows, c] minimising sum_t |W_b n_t - (up c_t + offset)|^2, n_t the normalised latent."""
-    rhs = up @ moments.latent_normed
+def refit(up: torch.Tensor, offset: torch.Tensor | None, moments: LatentMoments) -> Refit:
+    """For each ballast weight, `W_b` minimising sum_t |W_b n_t - (up c_t + offset)|^2; the best one."""
+    best = None
+    for weight in moments.normed_moment:
+        rhs = up @ moments.latent_normed[weight]
+        if offset is not None:
+            rhs = rhs + offset[:, None] * moments.normed_sum[weight][None, :]
+        solution = _solve(moments.normed_moment[weight], rhs)
+        residual = _relative_residual(up, offset, moments, solution, rhs, weight)
+        if best is None or residual < best.residual:
+            scale = (moments.mean_square_sum[weight] / max(moments.tokens, 1)) ** -0.5
+            best = Refit(weight, scale, solution, residual)
+    return best
+
+
+def _relative_residual(up, offset, moments: LatentMoments, solution, rhs, weight) -> float:
+    """sum |t - W n|^2 / sum |t|^2 from the moments (t = up c + offset, W the least-squares solution)."""
+    target = torch.trace(up @ moments.latent_moment @ up.T)
     if offset is not None:
-        rhs = rhs + offset[:, None] * moments.normed_sum[None, :]
-    return _solve(moments.normed_moment, rhs)
+        target = target + 2 * float(offset @ (up @ moments.latent_sum)) + moments.tokens * float(offset @ offset)
+    explained = torch.trace(solution @ rhs.T)
+    return float((target - explained) / target) if target > 0 else 0.0
 
 
 def anchor_bias(moments: LatentMoments) -> float:
-    return ANCHOR_MARGIN * max(moments.max_latent_norm, 1e-3)
+    return _power_of_two(ANCHOR_MARGIN * max(moments.max_latent_norm, 1e-3))
 
 
 def anchored_input_bias(moments: LatentMoments) -> float:
-    return ANCHOR_MARGIN * max(moments.max_input_norm, 1e-3)
+    return _power_of_two(ANCHOR_MARGIN * max(moments.max_input_norm, 1e-3))
+
+
+def _power_of_two(value: float) -> float:
+    """The next power of two: stored exactly in bf16/fp16, so the folded 1/B matches the bias the engine reads."""
+    return float(2.0 ** math.ceil(math.log2(value)))
