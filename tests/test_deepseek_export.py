@@ -21,8 +21,8 @@ from gtakit.formats.deepseek_v3 import grid_stride
 from gtakit.forms.rope import rope_grid, select_shared_rope
 
 # Measured on the tiny random Llama below (refit variant, 2,048 fitting tokens): attention output error 0.07-0.10
-# per layer, KL 2e-5 nats/token; random weights give latents of very uneven norm, real models less so
-# (benchmarks/RESULTS.md has SmolLM2's).
+# per layer, KL 2e-5 nats/token; random weights give latents of very uneven norm and no input direction of
+# nearly constant projection for the ballast coordinate (benchmarks/RESULTS.md has SmolLM2's).
 REFIT_ATTENTION_BOUND = 0.2
 REFIT_KL_BOUND = 1e-3
 
@@ -132,7 +132,8 @@ def test_refit_export_has_no_biases_and_a_measured_error(sources, tmp_path):
     export = export_model(model, tmp_path, _ids(33, 64), options, torch.float32)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["attention_bias"] is False and config["q_lora_rank"] is None
-    assert config["kv_lora_rank"] == model.config.gtakit_layers[0]["kv_lora_rank"]
+    assert config["kv_lora_rank"] == model.config.gtakit_layers[0]["kv_lora_rank"] + 1  # + the ballast coordinate
+    assert config["n_routed_experts"] == 2 and config["first_k_dense_replace"] == config["num_hidden_layers"]
     assert 0 < max(layer["attention_rel_error"] for layer in export["layers"]) < REFIT_ATTENTION_BOUND
     assert export["kl_per_token"] < REFIT_KL_BOUND
     assert "llama.cpp" in export["engines"] and "vLLM" in export["engines"]

@@ -131,7 +131,8 @@ def deepseek_config(config: GtakitConfig, geo: Geometry, variant: str, q_anchor:
         qk_nope_head_dim=geo.nope, qk_rope_head_dim=geo.rope, v_head_dim=geo.value, rope_interleave=True,
         rope_parameters=rope, max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps, hidden_act="silu", attention_bias=anchored,
-        first_k_dense_replace=layers, n_routed_experts=1, n_shared_experts=1,
+        # Two routed experts that no layer uses (all dense): llama.cpp asserts expert groups < experts.
+        first_k_dense_replace=layers, n_routed_experts=2, n_shared_experts=1,
         moe_intermediate_size=config.intermediate_size, num_experts_per_tok=1, n_group=1, topk_group=1,
         routed_scaling_factor=1.0, num_nextn_predict_layers=0, tie_word_embeddings=False,
         initializer_range=getattr(config, "initializer_range", 0.02),
