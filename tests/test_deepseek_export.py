@@ -82,7 +82,7 @@ def _native(folder, ids, tmp_path) -> dict:
 
 
 def _gtakit_mla(source, **options):
-    options = {"target": "mla", "init": "svd", "rope_grid": "spread", **options}
+    options = {"target": "mla", "init": "svd", "rope_grid": "fastest", **options}
     return convert_in_memory(open_convertible(source), ConvertOptions(**options))[0]
 
 
@@ -179,7 +179,7 @@ def test_refusals_outside_the_format(sources, tmp_path):
     assert _convert(sources / "llama-gqa-llama3rope", folder, "--init", "svd").exit_code == 0
     off_grid = runner.invoke(app, ["export", str(folder), "-o", str(tmp_path / "c"), "--calib",
                                    str(sources / "calib.txt")])
-    assert off_grid.exit_code == 2 and "--rope-grid spread" in off_grid.output
+    assert off_grid.exit_code == 2 and "--rope-grid fastest" in off_grid.output
 
 
 def test_grid_selection_keeps_one_component_per_grid_frequency(sources):

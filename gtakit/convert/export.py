@@ -106,7 +106,8 @@ def engines(variant: str, ds_config: Any) -> str:
     if variant == "anchor":
         return "transformers only (the anchor is a bias; vLLM and llama.cpp drop attention biases)"
     vllm = ("vLLM MLA (GPU and CPU_MLA backends take 512 + 64)" if width == 576 else
-            f"vLLM only with VLLM_MLA_DISABLE=1 (its MLA kernels take 512 + 64, this is {width})")
+            f"vLLM only with VLLM_MLA_DISABLE=1 (its MLA kernels take latent 512 + RoPE 64, i.e. --kv-rank 511 "
+            f"--rope-dim 64 as the export adds one latent coordinate; this is {width})")
     llama_cpp = "llama.cpp" + ("" if ds_config.q_lora_rank or ds_config.num_hidden_layers in (26, 27) else
                                " (after writing q_lora_rank = 0 into the GGUF: benchmarks/llama_cpp_check.py)")
     return f"transformers, {llama_cpp}, {vllm}"

@@ -42,7 +42,7 @@ class ConvertOptions:
     rope_grid: str = option(
         "auto", "GLA/MLA: RoPE frequencies the shared key may use: none (any, chosen per layer), spread (every "
         "(d/r)-th from the fastest; one global table, as DeepSeek-V3 needs), fastest (the r/2 fastest; one global "
-        "table). auto: none, or spread for --format deepseek-v3.")
+        "table; measured better). auto: none, or fastest for --format deepseek-v3.")
     gta_state: str = option("joint", "GTA tied state: joint (key/value subspace) or value (exact values).")
     key_norm: str = option(
         "cached", "QK-norm sources (Qwen3, Gemma 3, OLMo-2): cached (each token's key norm scalar cached beside the "

@@ -113,7 +113,7 @@ def _grid_stride(indices: list[list[int]]) -> int:
     stride = grid_stride(list(indices[0]))
     if stride is None or any(list(index) != list(indices[0]) for index in indices):
         raise GtakitError("this MLA keeps different RoPE frequencies than one global table holds; convert it with "
-                          "--rope-grid spread (or --format deepseek-v3), then uptrain and export")
+                          "--rope-grid fastest (or --format deepseek-v3), then uptrain and export")
     return stride
 
 

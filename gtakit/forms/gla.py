@@ -17,7 +17,7 @@ from .linalg import LayerMetric, _fold_value_bias, _moment, _rel_err, _sqrt_psd,
 from .rope import nope_query, rope_grid, select_shared_rope
 
 GRIDS = ("none", "spread", "fastest")
-DEFAULT_GRID = "spread"  # where one global RoPE table is needed (benchmarks/convert_quality.py --rope-grids)
+DEFAULT_GRID = "fastest"  # where one global RoPE table is needed; measured: benchmarks/deepseek_export.py
 
 
 class GLAConverter(FormConverter):
