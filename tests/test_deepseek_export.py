@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 from sources import VOCAB, random_text, write_source
+from test_save_load import HIDE_GTAKIT
 from typer.testing import CliRunner
 
 from gtakit.cli.main import app
@@ -26,15 +27,8 @@ from gtakit.forms.rope import rope_grid, select_shared_rope
 REFIT_ATTENTION_BOUND = 0.2
 REFIT_KL_BOUND = 1e-3
 
-NATIVE_LOAD = textwrap.dedent(
+NATIVE_LOAD = HIDE_GTAKIT + textwrap.dedent(
     """
-    import sys, importlib.abc
-    class _Hide(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "gtakit" or name.startswith("gtakit."):
-                raise ModuleNotFoundError("gtakit hidden for this test")
-            return None
-    sys.meta_path.insert(0, _Hide())
     import torch
     from transformers import AutoModelForCausalLM
     folder, ids_path, out_path = sys.argv[1:4]
@@ -75,7 +69,7 @@ def _native(folder, ids, tmp_path) -> dict:
     (tmp_path / "load.py").write_text(NATIVE_LOAD)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
     result = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(folder), str(tmp_path / "ids.pt"),
-                             str(tmp_path / "out.pt")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             str(tmp_path / "out.pt")], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(tmp_path / "out.pt", weights_only=True)
@@ -89,8 +83,12 @@ def _gtakit_mla(source, **options):
 @torch.no_grad()
 def test_anchor_export_loads_natively_and_equals_gtakit_mla(sources, tmp_path):
     source, out = sources / "llama-gqa-llama3rope", tmp_path / "ds"
-    result = _convert(source, out, "--format", "deepseek-v3", "--latent-norm", "anchor", "--init", "svd")
+    result = _convert(source, out, "--format", "deepseek-v3", "--latent-norm", "anchor", "--init", "svd",
+                      "--eval-text", source.parent / "calib.txt", "--eval-tokens", "256", "--eval-window", "64")
     assert result.exit_code == 0, result.output
+    evaluation = json.loads((out / "conversion.json").read_text())["evaluation"]
+    assert abs(evaluation["perplexity"] - evaluation["gtakit_mla_perplexity"]) < 1e-3 * evaluation["perplexity"]
+    assert "gtakit MLA" in result.output
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and "auto_map" not in config
     assert config["architectures"] == ["DeepseekV3ForCausalLM"]

@@ -13,8 +13,8 @@ import torch
 from conftest import TINY_CONFIGS, build_model, layer_spec
 from transformers import AutoModelForCausalLM
 
-# A child process in which `import gtakit` fails, however the package was installed.
-LOAD_WITHOUT_GTAKIT = textwrap.dedent(
+# The start of a child process in which `import gtakit` fails, however the package was installed.
+HIDE_GTAKIT = textwrap.dedent(
     """
     import sys, importlib.abc
     class _Hide(importlib.abc.MetaPathFinder):
@@ -29,6 +29,10 @@ LOAD_WITHOUT_GTAKIT = textwrap.dedent(
         raise SystemExit("gtakit was importable")
     except ModuleNotFoundError:
         pass
+    """
+)
+LOAD_WITHOUT_GTAKIT = HIDE_GTAKIT + textwrap.dedent(
+    """
     import torch
     from transformers import AutoModelForCausalLM
     folder, ids_path, out_path = sys.argv[1:4]
