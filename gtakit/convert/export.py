@@ -48,8 +48,6 @@ def check_export_options(options: ConvertOptions) -> None:
         raise GtakitError("--format deepseek-v3 fits the format's latent norm on text: pass --calib FILE")
     if options.norm_tokens < 1024:
         raise GtakitError(f"--norm-tokens {options.norm_tokens} is too few; use at least 1024")
-    if is_local_text(options.calib):
-        check_text_file(options.calib, "--calib")
 
 
 def norm_ids(tokenizer, options: ConvertOptions) -> torch.Tensor:
@@ -189,6 +187,8 @@ def export_folder(folder: str | Path, out: str | Path, options: ConvertOptions, 
     if options.output_format == "gtakit":
         raise GtakitError("gtakit export writes another format: pass --format deepseek-v3")
     check_export_options(options)
+    if is_local_text(options.calib):  # `gtakit convert` checks its --calib itself
+        check_text_file(options.calib, "--calib")
     if not (folder / "config.json").is_file():
         raise GtakitError(f"{folder} is not a converted folder (no config.json)")
     if json.loads((folder / "config.json").read_text()).get("model_type") != "gtakit":

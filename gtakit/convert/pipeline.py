@@ -159,8 +159,7 @@ def convert(
     if method.needs_calibration or eval_text is not None or exporting:
         check_tokenizer(source)
     sink_class = DeepSeekV3Sink if exporting else FolderSink
-    plan = plan_conversion(source, family, options, sink_class.constraints, sink_class.name,
-                           getattr(sink_class, "hint", "choose another form or format"))
+    plan = plan_conversion(source, family, options, sink_class.constraints, sink_class.name, sink_class.hint)
     if exporting:
         deepseek_v3.check_layers(plan.config())
     dtype = DTYPES[options.dtype] if options.dtype != "auto" else source.weights.get(family.embedding_name).dtype

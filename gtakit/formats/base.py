@@ -18,6 +18,7 @@ from gtakit.models import GtakitConfig, GtakitForCausalLM
 class Sink:
     name = ""
     constraints: frozenset[str] = frozenset()
+    hint = "choose another form or format"  # what to do when a form cannot meet `constraints`
 
     def start(self, config: GtakitConfig, dtype: torch.dtype) -> None:
         raise NotImplementedError

@@ -136,14 +136,14 @@ def refit(up: torch.Tensor, offset: torch.Tensor | None, moments: LatentMoments)
         if offset is not None:
             rhs = rhs + offset[:, None] * moments.normed_sum[weight][None, :]
         solution = _solve(moments.normed_moment[weight], rhs)
-        residual = _relative_residual(up, offset, moments, solution, rhs, weight)
+        residual = _relative_residual(up, offset, moments, solution, rhs)
         if best is None or residual < best.residual:
             scale = (moments.mean_square_sum[weight] / max(moments.tokens, 1)) ** -0.5
             best = Refit(weight, scale, solution, residual)
     return best
 
 
-def _relative_residual(up, offset, moments: LatentMoments, solution, rhs, weight) -> float:
+def _relative_residual(up, offset, moments: LatentMoments, solution, rhs) -> float:
     """sum |t - W n|^2 / sum |t|^2 from the moments (t = up c + offset, W the least-squares solution)."""
     target = torch.trace(up @ moments.latent_moment @ up.T)
     if offset is not None:
