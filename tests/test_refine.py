@@ -1,0 +1,111 @@
+"""Refinement after the closed-form conversion: the output refit and sequential calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sources import VOCAB, random_text, write_source
+
+from gtakit.convert import ConvertOptions
+from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids
+from gtakit.convert.pipeline import convert_in_memory
+from gtakit.convert.refine import OutputMoments, refit_output_weight
+from gtakit.errors import GtakitError
+from gtakit.io.source import open_source
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refine")
+    models = {name: write_source(name, root / name) for name in ("llama-gqa-llama3rope", "qwen2-bias")}
+    text = root / "calib.txt"
+    text.write_text(random_text(4000, seed=3))
+    return root, models, text
+
+
+def calibrator(root, name, text):
+    source = open_source(str(root / name))
+    if name == "qwen2-bias":  # Qwen2's tokenizer class ignores the tiny word-level vocabulary: random ids
+        ids = torch.randint(3, VOCAB, (16, 128), generator=torch.Generator().manual_seed(9))
+    else:
+        ids = calibration_ids(source, str(text), 2048, 128)
+    return source, LayerwiseCalibrator(source, ids)
+
+
+# GHLA's lossless case (tied queries) is checked with the default refit in test_ghla.py.
+FULL = {"gla": dict(kv_rank="full", rope_dim="full"), "mla": dict(kv_rank="full", rope_dim="full")}
+
+
+@pytest.mark.parametrize("target", sorted(FULL))
+@pytest.mark.parametrize("name", ["llama-gqa-llama3rope", "qwen2-bias"])
+def test_refit_and_sequential_keep_a_full_budget_conversion_exact(setup, target, name):
+    root, models, text = setup
+    source, live = calibrator(root, name, text)
+    options = ConvertOptions(target=target, init="aware", refit="output", sequential=True, **FULL[target])
+    converted, report = convert_in_memory(source, options, stats_for_layer=live)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (converted(ids).logits - models[name](ids).logits).abs().max().item() < 1e-4
+    assert all(layer["output_rel_error"] < 1e-8 for layer in report["layers"])
+
+
+@pytest.mark.parametrize("target,widths", [("gta", {}), ("gla", {"kv_rank": 8}), ("mla", {"kv_rank": 12}),
+                                           ("ghla", {"latent_dim": 16})])
+def test_output_refit_lowers_the_output_error_on_calibration_text(setup, target, widths):
+    root, _, text = setup
+    source, live = calibrator(root, "llama-gqa-llama3rope", text)
+    options = ConvertOptions(target=target, init="aware", refit="output", **widths)
+    _, report = convert_in_memory(source, options, stats_for_layer=live)
+    for layer in report["layers"]:
+        assert 0 <= layer["output_rel_error"] < layer["output_rel_error_before_refit"]
+    assert options.refit == "output"
+
+
+def test_sequential_calibration_sees_the_converted_layers(setup):
+    """With a lossy layer 0, layer 1's input moment differs from the source's; the source path is unchanged."""
+    root, _, text = setup
+    moments = {}
+    for sequential in (False, True):
+        source, live = calibrator(root, "llama-gqa-llama3rope", text)
+        seen = []
+
+        def record(index, live=live, seen=seen):
+            stats = live(index)
+            seen.append(stats.input_cov)
+            return stats
+
+        record.attention_pairs = live.attention_pairs
+        record.use_attention = live.use_attention
+        options = ConvertOptions(target="mla", kv_rank=8, init="aware", refit="none", sequential=sequential)
+        convert_in_memory(source, options, stats_for_layer=record)
+        moments[sequential] = seen
+    assert torch.equal(moments[False][0], moments[True][0])
+    assert not torch.allclose(moments[False][1], moments[True][1], rtol=1e-3)
+
+
+def test_refinement_needs_live_calibration(setup):
+    root, _, text = setup
+    source, live = calibrator(root, "llama-gqa-llama3rope", text)
+    stats = [live(i) for i in range(source.config.num_hidden_layers)]
+    # Precomputed statistics: auto resolves to no refit; asking for one is refused in one line.
+    options = ConvertOptions(target="mla", kv_rank=8, init="aware")
+    convert_in_memory(source, options, stats_for_layer=lambda i: stats[i])
+    assert options.refit == "none"
+    for bad in (dict(refit="output"), dict(sequential=True)):
+        with pytest.raises(GtakitError, match="--calib"):
+            convert_in_memory(source, ConvertOptions(target="mla", kv_rank=8, init="aware", **bad),
+                              stats_for_layer=lambda i: stats[i])
+    with pytest.raises(GtakitError, match="--refit must be one of"):
+        convert_in_memory(source, ConvertOptions(target="mla", refit="weights"), stats_for_layer=None)
+
+
+def test_output_refit_solves_the_least_squares_problem():
+    torch.manual_seed(0)
+    u = torch.randn(500, 6, dtype=torch.float64)
+    true = torch.randn(4, 6, dtype=torch.float64)
+    y = u @ true.T + 0.01 * torch.randn(500, 4, dtype=torch.float64)
+    moments = OutputMoments(u.T @ u, y.T @ u, float((y**2).sum()))
+    fitted = refit_output_weight(moments, torch.zeros(4, 6, dtype=torch.float64))
+    least_squares = torch.linalg.lstsq(u, y).solution.T
+    assert torch.allclose(fitted, least_squares, atol=1e-3)
+    assert moments.error(fitted) < moments.error(torch.zeros(4, 6, dtype=torch.float64))
