@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .cache_gtakit import is_compressed_cache_layer, pick_cache
+from .cache_gtakit import append, is_compressed_cache_layer, pick_cache
 
 # Query lengths up to this use the absorbed decode path against a non-empty cache (speculative decoding
 # verifies a few tokens at once); longer chunks are prefill and use the plain path.
@@ -232,9 +232,9 @@ class GtakitAttention(nn.Module):
         key scales has nothing for the cache's second slot, so its state's two halves fill the two slots (no
         empty tensor in the cache); they are joined again for attention."""
         if rope_key.shape[-1]:
-            return cache.update(state, rope_key, self.layer_idx)
+            return append(cache, self.layer_idx, state, rope_key)
         half = state.shape[-1] // 2
-        first, second = cache.update(state[..., :half].contiguous(), state[..., half:].contiguous(), self.layer_idx)
+        first, second = append(cache, self.layer_idx, state[..., :half].contiguous(), state[..., half:].contiguous())
         return torch.cat((first, second), dim=-1), rope_key.new_zeros(*first.shape[:-1], 0)[:, :1]
 
     def split_key_scale(self, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

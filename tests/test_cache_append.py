@@ -1,0 +1,62 @@
+"""In-place cache appends: decode steps write their token into a buffer instead of concatenating the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model, gla_config, gta_config
+from transformers.cache_utils import DynamicCache
+
+from gtakit.models import CACHE_FIELD, output_cache
+from gtakit.models.cache_gtakit import GROWTH_TOKENS, append
+
+
+def test_append_matches_concatenation_and_reuses_its_buffer():
+    cache, reference = DynamicCache(), DynamicCache()
+    torch.manual_seed(0)
+    first = (torch.randn(2, 3, 5, 8), torch.randn(2, 1, 5, 4))
+    append(cache, 0, *first)
+    reference.update(*first, 0)
+    pointers = set()
+    for _ in range(GROWTH_TOKENS + 10):
+        step = (torch.randn(2, 3, 1, 8), torch.randn(2, 1, 1, 4))
+        got = append(cache, 0, *step)
+        expected = reference.update(*step, 0)
+        pointers.add(got[0].data_ptr())
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert len(pointers) == 2  # one buffer, grown once past GROWTH_TOKENS
+    assert cache.get_seq_length() == reference.get_seq_length() == 5 + GROWTH_TOKENS + 10
+
+
+def test_append_after_crop_and_batch_selection():
+    cache, reference = DynamicCache(), DynamicCache()
+    torch.manual_seed(1)
+    for length in (6, 1, 1):
+        step = (torch.randn(3, 2, length, 8), torch.randn(3, 1, length, 4))
+        append(cache, 0, *step)
+        reference.update(*step, 0)
+    for current in (cache, reference):
+        current.crop(-3)  # drop the last 3 of 8 tokens (a negative count works in every supported release)
+    step = (torch.randn(3, 2, 1, 8), torch.randn(3, 1, 1, 4))
+    assert all(torch.equal(a, b) for a, b in zip(append(cache, 0, *step), reference.update(*step, 0)))
+    for current in (cache, reference):
+        current.reorder_cache(torch.tensor([2, 0, 0]))
+    step = (torch.randn(3, 2, 1, 8), torch.randn(3, 1, 1, 4))
+    assert all(torch.equal(a, b) for a, b in zip(append(cache, 0, *step), reference.update(*step, 0)))
+
+
+@pytest.mark.parametrize("make_config", [gta_config, lambda: gla_config(num_latent_heads=1, kv_lora_rank=32)],
+                         ids=["gta", "mla"])
+def test_decode_with_in_place_cache_equals_full_forward_and_beam_search_runs(make_config):
+    model = build_model(make_config())
+    ids = torch.randint(3, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :12], use_cache=True)
+        cache, steps = output_cache(out), [out.logits]
+        for position in range(12, 20):
+            out = model(ids[:, position : position + 1], use_cache=True, **{CACHE_FIELD: cache})
+            steps.append(out.logits)
+        assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+        beams = model.generate(ids[:, :6], max_new_tokens=6, num_beams=3, do_sample=False)
+    assert beams.shape == (2, 12)
