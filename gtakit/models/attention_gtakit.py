@@ -20,7 +20,7 @@ mask transformers built (None = plain causal, else a 4-D boolean or additive mas
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,45 @@ def shared_matmul(x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
     (50 ms instead of 0.7 ms per layer at 8192 tokens, batch 4, on one CPU thread)."""
     batch, heads, q_len, width = x.shape
     return (x.reshape(batch, 1, heads * q_len, width) @ shared).view(batch, heads, q_len, -1)
+
+
+# A decode step reads the cache twice (scores, then the weighted sum of the same rows); in chunks of about this
+# many bytes both reads of a chunk come from the CPU's caches instead of memory (flash-decoding's online softmax).
+# Measured on this project's 2-core CPU: GTA's attention at 8192 tokens x 4 rows 5.0 -> 3.6 ms per layer.
+CHUNK_BYTES = 4 << 20
+MIN_CHUNK_TOKENS = 1024
+
+
+def chunk_tokens(row_bytes: int) -> int:
+    """Tokens per chunk for a cache of `row_bytes` per token (all rows of the batch)."""
+    return max(MIN_CHUNK_TOKENS, CHUNK_BYTES // max(1, row_bytes))
+
+
+def online_softmax(
+    scores_of: Callable[[int, int], torch.Tensor],
+    attend: Callable[[torch.Tensor, int, int], torch.Tensor],
+    total: int,
+    chunk: int,
+) -> torch.Tensor:
+    """softmax(scores) @ values over `total` keys taken `chunk` at a time. `scores_of(start, stop)` gives the
+    scaled fp32 scores `[..., stop - start]` of those keys, `attend(probs, start, stop)` the fp32 sum of their values
+    weighted by `probs` `[..., width]`; the chunks are combined with running maxima."""
+    maximum = denominator = out = None
+    for start in range(0, total, chunk):
+        stop = min(start + chunk, total)
+        scores = scores_of(start, stop)
+        chunk_max = scores.amax(dim=-1, keepdim=True)
+        new_max = chunk_max if maximum is None else torch.maximum(maximum, chunk_max)
+        probs = torch.exp(scores - new_max)
+        part = attend(probs, start, stop)
+        if maximum is None:
+            denominator, out = probs.sum(dim=-1, keepdim=True), part
+        else:
+            correction = torch.exp(maximum - new_max)
+            denominator = denominator * correction + probs.sum(dim=-1, keepdim=True)
+            out = out * correction + part
+        maximum = new_max
+    return out / denominator
 
 
 def causal_additive_mask(q_len: int, total: int, device: torch.device) -> torch.Tensor | None:

@@ -21,6 +21,8 @@ from .attention_gtakit import (
     apply_rope,
     check_positive,
     check_rope_index,
+    chunk_tokens,
+    online_softmax,
     shared_matmul,
     source_head_dim,
 )
@@ -120,21 +122,35 @@ class GLAAttention(GtakitAttention):
         return out.reshape(batch, self.num_heads, q_len, self.v_dim)
 
     def absorbed_attention(self, query, latent, rope_key, mask, key_scale=None):
-        """Weight absorption: W_uk folds into the query, W_uv is applied after attending over the latents."""
+        """Weight absorption: W_uk folds into the query, W_uv is applied after attending over the latents.
+        Without a mask (a decode step over the whole cache), long caches are read in chunks (`online_softmax`)."""
         batch, _, q_len, _ = query.shape
         total = latent.shape[2]
         q_latent = self._absorbed_query(query)
         q_latent = q_latent.reshape(batch, self.num_latents, self.heads_per_latent * q_len, self.latent_dim)
-        scores = (q_latent @ latent.transpose(-1, -2)).view(batch, self.num_heads, q_len, total)
-        if key_scale is not None:  # QK-norm: the no-RoPE score of each token times its key's 1/rms
-            scores = scores * key_scale.unsqueeze(2)
-        scores = scores + shared_matmul(query[..., self.nope_dim :], rope_key.transpose(-1, -2))
-        scores = self.cap_scores(scores.float() * self.scale)
-        if mask is not None:
-            scores = scores + mask
-        probs = torch.softmax(scores, dim=-1).to(latent.dtype)
-        probs = probs.view(batch, self.num_latents, self.heads_per_latent * q_len, total)
-        attended = (probs @ latent).view(batch, self.num_latents, self.heads_per_latent, q_len, self.latent_dim)
+
+        def scores_of(start: int, stop: int) -> torch.Tensor:
+            cached = latent[:, :, start:stop]
+            scores = (q_latent @ cached.transpose(-1, -2)).view(batch, self.num_heads, q_len, -1)
+            if key_scale is not None:  # QK-norm: the no-RoPE score of each token times its key's 1/rms
+                scores = scores * key_scale[..., start:stop].unsqueeze(2)
+            scores = scores + shared_matmul(query[..., self.nope_dim :], rope_key[:, :, start:stop].transpose(-1, -2))
+            return self.cap_scores(scores.float() * self.scale)
+
+        def attend(probs: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            probs = probs.to(latent.dtype).view(batch, self.num_latents, self.heads_per_latent * q_len, -1)
+            return (probs @ latent[:, :, start:stop]).view(batch, self.num_heads, q_len, self.latent_dim).float()
+
+        chunk = chunk_tokens(batch * (latent.shape[1] * latent.shape[3] + rope_key.shape[-1]) * latent.element_size())
+        if mask is None and total > 2 * chunk:
+            attended = online_softmax(scores_of, attend, total, chunk).to(latent.dtype)
+        else:
+            scores = scores_of(0, total)
+            if mask is not None:
+                scores = scores + mask
+            probs = torch.softmax(scores, dim=-1).to(latent.dtype)
+            attended = attend(probs, 0, total).to(latent.dtype)
+        attended = attended.view(batch, self.num_latents, self.heads_per_latent, q_len, self.latent_dim)
         out = torch.einsum("bjhlc,jhvc->bjhlv", attended, self._up_weights()[1])
         return out.reshape(batch, self.num_heads, q_len, self.v_dim)
 

@@ -17,8 +17,10 @@ from torch import nn
 from .attention_gtakit import (
     GtakitAttention,
     apply_rope,
+    chunk_tokens,
     check_positive,
     check_rope_index,
+    online_softmax,
     shared_matmul,
     source_head_dim,
 )
@@ -90,17 +92,29 @@ class GTAAttention(GtakitAttention):
         return kernels.gta_decode(query, state, rope_key, scale=self.scale)
 
     def absorbed_attention(self, query, state, rope_key, mask, key_scale=None):
-        """Scores straight from the cache: q_nope . s_g[:d-r] + q_rope . k_r; output p @ s_g. No key is built."""
+        """Scores straight from the cache: q_nope . s_g[:d-r] + q_rope . k_r; output p @ s_g. No key is built.
+        Without a mask (a decode step over the whole cache), long caches are read in chunks (`online_softmax`)."""
         batch, _, q_len, _ = query.shape
         total = state.shape[2]
         rep = self.num_heads // self.num_groups
         grouped = query.reshape(batch, self.num_groups, rep * q_len, self.head_dim)
-        scores = grouped[..., : self.nope_dim] @ state[..., : self.nope_dim].transpose(-1, -2)
-        scores = scores.view(batch, self.num_heads, q_len, total)
-        if key_scale is not None:  # QK-norm: the no-RoPE score of each token times its key's 1/rms
-            scores = scores * key_scale.unsqueeze(2)
-        scores = scores + shared_matmul(query[..., self.nope_dim :], rope_key.transpose(-1, -2))
-        scores = self.cap_scores(scores.float() * self.scale)
+
+        def scores_of(start: int, stop: int) -> torch.Tensor:
+            cached = state[:, :, start:stop, : self.nope_dim]
+            scores = (grouped[..., : self.nope_dim] @ cached.transpose(-1, -2)).view(batch, self.num_heads, q_len, -1)
+            if key_scale is not None:  # QK-norm: the no-RoPE score of each token times its key's 1/rms
+                scores = scores * key_scale[..., start:stop].unsqueeze(2)
+            scores = scores + shared_matmul(query[..., self.nope_dim :], rope_key[:, :, start:stop].transpose(-1, -2))
+            return self.cap_scores(scores.float() * self.scale)
+
+        def attend(probs: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            probs = probs.to(state.dtype).view(batch, self.num_groups, rep * q_len, -1)
+            return (probs @ state[:, :, start:stop]).view(batch, self.num_heads, q_len, self.head_dim).float()
+
+        chunk = chunk_tokens(batch * (state.shape[1] * state.shape[3] + rope_key.shape[-1]) * state.element_size())
+        if mask is None and total > 2 * chunk:
+            return online_softmax(scores_of, attend, total, chunk).to(state.dtype)
+        scores = scores_of(0, total)
         if mask is not None:
             scores = scores + mask
         probs = torch.softmax(scores, dim=-1).to(state.dtype)

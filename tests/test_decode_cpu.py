@@ -1,13 +1,15 @@
-"""In-place cache appends: decode steps write their token into a buffer instead of concatenating the cache."""
+"""The CPU decode path: in-place cache appends (a step writes its token instead of concatenating the cache) and the
+absorbed attention read in chunks (online softmax)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_model, gla_config, gta_config
+from conftest import TINY_CONFIGS, build_model, gla_config, gta_config
 from transformers.cache_utils import DynamicCache
 
 from gtakit.models import CACHE_FIELD, output_cache
+from gtakit.models import attention_gtakit, form_gla, form_gta
 from gtakit.models.cache_gtakit import GROWTH_TOKENS, append
 
 
@@ -60,3 +62,30 @@ def test_decode_with_in_place_cache_equals_full_forward_and_beam_search_runs(mak
         assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
         beams = model.generate(ids[:, :6], max_new_tokens=6, num_beams=3, do_sample=False)
     assert beams.shape == (2, 12)
+
+
+@pytest.mark.parametrize("name", ["gta-g2", "gta-g4-mha-bias", "mla", "gla2-bias", "gla4"])
+def test_chunked_decode_equals_the_one_shot_softmax(name, monkeypatch):
+    """Decode steps over a 40-token cache read in chunks of 4 tokens give the unchunked result."""
+    model = build_model(TINY_CONFIGS[name]())
+    ids = torch.randint(3, model.config.vocab_size, (2, 44), generator=torch.Generator().manual_seed(4))
+
+    def decode_logits() -> torch.Tensor:
+        with torch.no_grad():
+            out = model(ids[:, :40], use_cache=True)
+            cache, steps = output_cache(out), []
+            for position in range(40, 44):
+                out = model(ids[:, position : position + 1], use_cache=True, **{CACHE_FIELD: cache})
+                steps.append(out.logits)
+        return torch.cat(steps, dim=1)
+
+    one_shot = decode_logits()
+    monkeypatch.setattr(attention_gtakit, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(attention_gtakit, "MIN_CHUNK_TOKENS", 4)
+    calls = []
+    for module in (form_gta, form_gla):
+        monkeypatch.setattr(module, "online_softmax", lambda *args, calls=calls: calls.append(1) or
+                            attention_gtakit.online_softmax(*args))
+    chunked = decode_logits()
+    assert torch.allclose(chunked, one_shot, atol=1e-5)
+    assert len(calls) == 4 * model.config.num_hidden_layers  # every decode step of every layer went in chunks
