@@ -109,3 +109,18 @@ def test_output_refit_solves_the_least_squares_problem():
     least_squares = torch.linalg.lstsq(u, y).solution.T
     assert torch.allclose(fitted, least_squares, atol=1e-3)
     assert moments.error(fitted) < moments.error(torch.zeros(4, 6, dtype=torch.float64))
+
+
+def test_layer_local_fitting_lowers_its_loss_and_is_reproducible(setup):
+    root, _, text = setup
+    results = []
+    for _ in range(2):
+        source, live = calibrator(root, "llama-gqa-llama3rope", text)
+        options = ConvertOptions(target="mla", kv_rank=8, init="aware", refit="none", refine_steps=5,
+                                 refine_tokens=512)
+        model, report = convert_in_memory(source, options, stats_for_layer=live)
+        results.append((model.state_dict(), report["layers"]))
+    for layer in results[0][1]:
+        assert layer["refine_loss_last"] < layer["refine_loss_first"]
+    assert results[0][1] == results[1][1]
+    assert all(torch.equal(results[0][0][name], results[1][0][name]) for name in results[0][0])

@@ -61,6 +61,10 @@ class ConvertOptions:
         "auto", "Refit after the closed-form conversion, on --calib: output (o_proj refitted by least squares so "
         "each converted attention's output matches the source's on the calibration inputs) or none. auto: output "
         "with --calib, none without.")
+    refine_steps: int = option(
+        0, "Layer-local fitting: Adam steps per converted layer on its source attention's inputs and outputs "
+        "(--refine-tokens of --calib), before the refit; 0: none.")
+    refine_tokens: int = option(16384, "Calibration tokens the layer-local fitting uses per layer.")
     sequential: bool = option(
         False, "Calibrate each layer on the hidden states of the layers already converted (error feedback, as in "
         "GPTQ) instead of the source's; needs --calib.")

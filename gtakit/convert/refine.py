@@ -7,6 +7,9 @@ receives (`LayerwiseCalibrator.attention_pairs`) and:
   source attention's output, with the converted layer's own attention weights (the value path is linear in
   `o_proj`). The fit is pulled towards the converted `o_proj` by a small ridge, so a lossless conversion (whose
   output already matches) keeps its `o_proj` exactly.
+* `--refine-steps N`: before the refit, a short optimisation (Adam, full batch) of all the converted attention's
+  parameters on (source attention input, source attention output) pairs of `--refine-tokens` calibration tokens,
+  minimising the relative squared output error. Deterministic (no sampling), so a rerun gives the same weights.
 * `--sequential`: the hidden states passed on to the next layer come from the converted attention, so every later
   layer is calibrated (and refitted) on what the converted model computes (error feedback, as in GPTQ).
 """
@@ -96,21 +99,71 @@ def refit_output_weight(moments: OutputMoments, weight: torch.Tensor) -> torch.T
     return torch.linalg.solve(gram + ridge * torch.eye(n, dtype=gram.dtype), rhs.T).T
 
 
+REFINE_LR = 1e-4  # Adam step on the converted attention's weights (measured: benchmarks/RESULTS.md)
+
+
+def fixed_pairs(pairs: Iterable[tuple[tuple, dict, torch.Tensor]], tokens: int) -> list[tuple[tuple, dict, torch.Tensor]]:
+    """The first micro-batches of `pairs` holding at least `tokens` tokens, kept for repeated passes."""
+    kept, seen = [], 0
+    for args, kwargs, target in pairs:
+        kept.append((args, kwargs, target))
+        seen += target.shape[0] * target.shape[1]
+        if seen >= tokens:
+            break
+    return kept
+
+
+def fit_locally(module: torch.nn.Module, pairs: list[tuple[tuple, dict, torch.Tensor]], steps: int,
+                lr: float = REFINE_LR) -> list[float]:
+    """`steps` Adam steps on the relative squared error of `module`'s output over all `pairs`; returns the loss
+    before each step."""
+    params = [p for p in module.parameters() if p.numel()]
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    energy = sum(float((target.double() ** 2).sum()) for _, _, target in pairs)
+    losses = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for args, kwargs, target in pairs:
+                out = module(*args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                loss = ((out - target) ** 2).sum() / energy
+                loss.backward()
+                total += float(loss.detach())
+            losses.append(total)
+            optimizer.step()
+    for param in params:
+        param.requires_grad_(False)
+    return losses
+
+
 class LayerRefiner:
     """Refines each converted layer right after its conversion, with the calibrator's inputs for that layer."""
 
-    def __init__(self, calibrator: Any, source_config: Any, refit: str, sequential: bool) -> None:
+    def __init__(self, calibrator: Any, source_config: Any, refit: str, sequential: bool, steps: int = 0,
+                 tokens: int = 0) -> None:
         self.calibrator = calibrator
         self.source_config = source_config
         self.refit = refit
         self.sequential = sequential
+        self.steps = steps
+        self.tokens = tokens
 
     @property
     def active(self) -> bool:
-        return self.refit != "none" or self.sequential
+        return self.refit != "none" or self.sequential or self.steps > 0
 
     def __call__(self, index: int, spec: dict, converted: ConvertedLayer) -> ConvertedLayer:
         module = build_attention(self.source_config, spec, index, converted.tensors)
+        if self.steps:
+            losses = fit_locally(module, fixed_pairs(self.calibrator.attention_pairs(index), self.tokens), self.steps)
+            state = module.state_dict()
+            for name, tensor in converted.tensors.items():
+                converted.tensors[name] = state[name].detach().to(tensor.dtype)
+            converted.metrics["refine_loss_first"], converted.metrics["refine_loss_last"] = losses[0], losses[-1]
         if self.refit == "output":
             moments = output_moments(module, self.calibrator.attention_pairs(index))
             before = moments.error(module.o_proj.weight.detach())
@@ -124,4 +177,5 @@ class LayerRefiner:
         return converted
 
 
-__all__ = ["REFITS", "LayerRefiner", "build_attention", "output_moments", "refit_output_weight", "resolve_refit"]
+__all__ = ["REFITS", "LayerRefiner", "build_attention", "fit_locally", "fixed_pairs", "output_moments",
+           "refit_output_weight", "resolve_refit"]
