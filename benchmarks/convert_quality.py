@@ -87,8 +87,10 @@ def main() -> None:
                              "(default: the bundled SmolLM2-135M)")
     parser.add_argument("--key-norms", default="cached,mean", help="QK-norm sources: key scale modes to compare")
     parser.add_argument("--refines", default="none",
-                        help="refinements to compare per calibrated row: none, output (the o_proj refit), seq "
-                             "(sequential calibration), output+seq; each but none calibrates anew for its row")
+                        help="refinements to compare per calibrated row, parts joined by '+': none, output (the "
+                             "o_proj refit), seq (sequential calibration), fitN (N layer-local Adam steps), e.g. "
+                             "none,output,output+fit20; each but none calibrates anew for its row")
+    parser.add_argument("--refine-tokens", type=int, default=16384, help="tokens of the layer-local fitting")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -145,8 +147,11 @@ def main() -> None:
             k == "latent_heads" and setting["target"] == "mla")})
         if key_norm != "-":
             options.key_norm = key_norm
-        options.refit = "output" if "output" in refine else "none"
-        options.sequential = "seq" in refine
+        parts = refine.split("+")
+        options.refit = "output" if "output" in parts else "none"
+        options.sequential = "seq" in parts
+        options.refine_steps = sum(int(part[3:]) for part in parts if part.startswith("fit"))
+        options.refine_tokens = args.refine_tokens
         with PeakRSS() as mem:
             started = time.time()
             # Refinement runs the converted layers on the calibration inputs: a live calibrator per row.
