@@ -214,6 +214,10 @@ class LayerwiseCalibrator:
         layer.to("meta")  # release this layer's weights
         self.pending, self.replacement = None, None
 
+    def finish(self) -> None:
+        """Release the last layer and the hidden states once conversion is done with them."""
+        self._advance()
+
     def use_attention(self, index: int, attention: torch.nn.Module) -> None:
         """Sequential calibration: the hidden states passed on to layer `index + 1` come from `attention` (the
         converted one) instead of the source's, so later layers are calibrated on what the converted model

@@ -101,6 +101,8 @@ def stream(source: SourceModel, plan: ConversionPlan, sink: Sink, dtype: torch.d
     for name, tensor in iter_converted_tensors(source, plan, method, stats_for_layer, layer_reports, progress,
                                                refiner):
         sink.add(name, tensor)
+    if hasattr(stats_for_layer, "finish"):  # a live calibrator: its hidden states are no longer needed
+        stats_for_layer.finish()
     return layer_reports
 
 
