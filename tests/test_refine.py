@@ -124,3 +124,17 @@ def test_layer_local_fitting_lowers_its_loss_and_is_reproducible(setup):
         assert layer["refine_loss_last"] < layer["refine_loss_first"]
     assert results[0][1] == results[1][1]
     assert all(torch.equal(results[0][0][name], results[1][0][name]) for name in results[0][0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_refinement_on_gpu_matches_cpu(setup):
+    root, _, text = setup
+    reports = []
+    for device in ("cpu", "cuda"):
+        source = open_source(str(root / "llama-gqa-llama3rope"))
+        live = LayerwiseCalibrator(source, calibration_ids(source, str(text), 2048, 128), device=device)
+        options = ConvertOptions(target="mla", kv_rank=8, init="aware", refit="output", refine_steps=3,
+                                 refine_tokens=512)
+        reports.append(convert_in_memory(source, options, stats_for_layer=live)[1]["layers"])
+    for cpu, gpu in zip(*reports):
+        assert gpu["output_rel_error"] == pytest.approx(cpu["output_rel_error"], rel=1e-2, abs=1e-4)

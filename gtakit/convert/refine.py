@@ -157,12 +157,12 @@ class LayerRefiner:
         return self.refit != "none" or self.sequential or self.steps > 0
 
     def __call__(self, index: int, spec: dict, converted: ConvertedLayer) -> ConvertedLayer:
-        module = build_attention(self.source_config, spec, index, converted.tensors)
+        module = build_attention(self.source_config, spec, index, converted.tensors).to(self.calibrator.device)
         if self.steps:
             losses = fit_locally(module, fixed_pairs(self.calibrator.attention_pairs(index), self.tokens), self.steps)
             state = module.state_dict()
             for name, tensor in converted.tensors.items():
-                converted.tensors[name] = state[name].detach().to(tensor.dtype)
+                converted.tensors[name] = state[name].detach().to(device="cpu", dtype=tensor.dtype)
             converted.metrics["refine_loss_first"], converted.metrics["refine_loss_last"] = losses[0], losses[-1]
         if self.refit == "output":
             moments = output_moments(module, self.calibrator.attention_pairs(index))
