@@ -75,7 +75,7 @@ def test_sequential_calibration_sees_the_converted_layers(setup):
             return stats
 
         record.attention_pairs = live.attention_pairs
-        record.use_attention = live.use_attention
+        record.use_attention, record.device = live.use_attention, live.device
         options = ConvertOptions(target="mla", kv_rank=8, init="aware", refit="none", sequential=sequential)
         convert_in_memory(source, options, stats_for_layer=record)
         moments[sequential] = seen
