@@ -93,8 +93,8 @@ def online_softmax(
     chunk: int,
 ) -> torch.Tensor:
     """softmax(scores) @ values over `total` keys taken `chunk` at a time. `scores_of(start, stop)` gives the
-    scaled fp32 scores `[..., stop - start]` of those keys, `attend(probs, start, stop)` the fp32 sum of their values
-    weighted by `probs` `[..., width]`; the chunks are combined with running maxima."""
+    scaled fp32 scores `[..., stop - start]` of those keys, `attend(probs, start, stop)` the sum of their values
+    weighted by `probs` `[..., width]` (summed across chunks in fp32); the chunks are combined with running maxima."""
     maximum = denominator = out = None
     for start in range(0, total, chunk):
         stop = min(start + chunk, total)
@@ -102,7 +102,7 @@ def online_softmax(
         chunk_max = scores.amax(dim=-1, keepdim=True)
         new_max = chunk_max if maximum is None else torch.maximum(maximum, chunk_max)
         probs = torch.exp(scores - new_max)
-        part = attend(probs, start, stop)
+        part = attend(probs, start, stop).float()
         if maximum is None:
             denominator, out = probs.sum(dim=-1, keepdim=True), part
         else:
@@ -111,6 +111,26 @@ def online_softmax(
             out = out * correction + part
         maximum = new_max
     return out / denominator
+
+
+def attend_cache(
+    scores_of: Callable[[int, int], torch.Tensor],
+    attend: Callable[[torch.Tensor, int, int], torch.Tensor],
+    state: torch.Tensor,
+    rope_key: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The absorbed attention over a cache of `state` `[B, n, T, w]` and `rope_key` `[B, 1, T, r]`, in their dtype:
+    softmax(scores + mask) @ values at once, or, without a mask (a decode step over the whole cache), in chunks
+    (`online_softmax`) once the cache is longer than two chunks. `scores_of` and `attend` as for `online_softmax`."""
+    total = state.shape[2]
+    chunk = chunk_tokens(state.shape[0] * (state.shape[1] * state.shape[3] + rope_key.shape[-1]) * state.element_size())
+    if mask is None and total > 2 * chunk:
+        return online_softmax(scores_of, attend, total, chunk).to(state.dtype)
+    scores = scores_of(0, total)
+    if mask is not None:
+        scores = scores + mask
+    return attend(torch.softmax(scores, dim=-1), 0, total)
 
 
 def causal_additive_mask(q_len: int, total: int, device: torch.device) -> torch.Tensor | None:

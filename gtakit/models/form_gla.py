@@ -19,10 +19,9 @@ from torch import nn
 from .attention_gtakit import (
     GtakitAttention,
     apply_rope,
+    attend_cache,
     check_positive,
     check_rope_index,
-    chunk_tokens,
-    online_softmax,
     shared_matmul,
     source_head_dim,
 )
@@ -125,7 +124,6 @@ class GLAAttention(GtakitAttention):
         """Weight absorption: W_uk folds into the query, W_uv is applied after attending over the latents.
         Without a mask (a decode step over the whole cache), long caches are read in chunks (`online_softmax`)."""
         batch, _, q_len, _ = query.shape
-        total = latent.shape[2]
         q_latent = self._absorbed_query(query)
         q_latent = q_latent.reshape(batch, self.num_latents, self.heads_per_latent * q_len, self.latent_dim)
 
@@ -139,17 +137,9 @@ class GLAAttention(GtakitAttention):
 
         def attend(probs: torch.Tensor, start: int, stop: int) -> torch.Tensor:
             probs = probs.to(latent.dtype).view(batch, self.num_latents, self.heads_per_latent * q_len, -1)
-            return (probs @ latent[:, :, start:stop]).view(batch, self.num_heads, q_len, self.latent_dim).float()
+            return (probs @ latent[:, :, start:stop]).view(batch, self.num_heads, q_len, self.latent_dim)
 
-        chunk = chunk_tokens(batch * (latent.shape[1] * latent.shape[3] + rope_key.shape[-1]) * latent.element_size())
-        if mask is None and total > 2 * chunk:
-            attended = online_softmax(scores_of, attend, total, chunk).to(latent.dtype)
-        else:
-            scores = scores_of(0, total)
-            if mask is not None:
-                scores = scores + mask
-            probs = torch.softmax(scores, dim=-1).to(latent.dtype)
-            attended = attend(probs, 0, total).to(latent.dtype)
+        attended = attend_cache(scores_of, attend, latent, rope_key, mask)
         attended = attended.view(batch, self.num_latents, self.heads_per_latent, q_len, self.latent_dim)
         out = torch.einsum("bjhlc,jhvc->bjhlv", attended, self._up_weights()[1])
         return out.reshape(batch, self.num_heads, q_len, self.v_dim)

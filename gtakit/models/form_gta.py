@@ -17,10 +17,9 @@ from torch import nn
 from .attention_gtakit import (
     GtakitAttention,
     apply_rope,
-    chunk_tokens,
+    attend_cache,
     check_positive,
     check_rope_index,
-    online_softmax,
     shared_matmul,
     source_head_dim,
 )
@@ -95,7 +94,6 @@ class GTAAttention(GtakitAttention):
         """Scores straight from the cache: q_nope . s_g[:d-r] + q_rope . k_r; output p @ s_g. No key is built.
         Without a mask (a decode step over the whole cache), long caches are read in chunks (`online_softmax`)."""
         batch, _, q_len, _ = query.shape
-        total = state.shape[2]
         rep = self.num_heads // self.num_groups
         grouped = query.reshape(batch, self.num_groups, rep * q_len, self.head_dim)
 
@@ -109,17 +107,9 @@ class GTAAttention(GtakitAttention):
 
         def attend(probs: torch.Tensor, start: int, stop: int) -> torch.Tensor:
             probs = probs.to(state.dtype).view(batch, self.num_groups, rep * q_len, -1)
-            return (probs @ state[:, :, start:stop]).view(batch, self.num_heads, q_len, self.head_dim).float()
+            return (probs @ state[:, :, start:stop]).view(batch, self.num_heads, q_len, self.head_dim)
 
-        chunk = chunk_tokens(batch * (state.shape[1] * state.shape[3] + rope_key.shape[-1]) * state.element_size())
-        if mask is None and total > 2 * chunk:
-            return online_softmax(scores_of, attend, total, chunk).to(state.dtype)
-        scores = scores_of(0, total)
-        if mask is not None:
-            scores = scores + mask
-        probs = torch.softmax(scores, dim=-1).to(state.dtype)
-        probs = probs.view(batch, self.num_groups, rep * q_len, total)
-        return (probs @ state).view(batch, self.num_heads, q_len, self.head_dim)
+        return attend_cache(scores_of, attend, state, rope_key, mask)
 
 
 __all__ = ["GTAAttention"]
