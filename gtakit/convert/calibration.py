@@ -167,11 +167,15 @@ class LayerwiseCalibrator:
         layer.load_state_dict(state, assign=True)
         return layer.eval()
 
+    def _micro_batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows on the calibration device) of each micro-batch of the hidden states."""
+        for start in range(0, self.hidden.shape[0], self.rows_per_batch):
+            yield start, self.hidden[start : start + self.rows_per_batch].to(self.device)
+
     @torch.no_grad()
-    def _moments(self, layer: torch.nn.Module, start: int) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """x^T x (fp32) of rows [start, start + rows_per_batch) after the input norm and, for QK-norm sources, the
-        sums of the query and key norm scalars."""
-        chunk = self.hidden[start : start + self.rows_per_batch].to(self.device)
+    def _moments(self, layer: torch.nn.Module, chunk: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """x^T x (fp32) of the rows `chunk` after the input norm and, for QK-norm sources, the sums of the query and
+        key norm scalars."""
         normed = self.family.input_norm(layer)(chunk)
         # One fp32 GEMM per micro-batch (a sum of a few thousand non-negative-definite terms loses ~1e-6),
         # accumulated in float64 across micro-batches: the float64 GEMM cost a tenth of the whole pass.
@@ -185,9 +189,8 @@ class LayerwiseCalibrator:
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
         return mask
 
-    def _forward(self, layer: torch.nn.Module, index: int, chunk: torch.Tensor):
-        out = layer(chunk, attention_mask=self._layer_mask(index), position_embeddings=self.cos_sin[index],
-                    use_cache=False)
+    def _forward(self, layer: torch.nn.Module, index: int, chunk: torch.Tensor, mask: torch.Tensor | None):
+        out = layer(chunk, attention_mask=mask, position_embeddings=self.cos_sin[index], use_cache=False)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
@@ -203,10 +206,10 @@ class LayerwiseCalibrator:
             if self.replacement is not None:
                 setattr(layer, name, self.replacement)
             try:
-                for start in range(0, self.hidden.shape[0], self.rows_per_batch):
-                    chunk = self.hidden[start : start + self.rows_per_batch].to(self.device)
-                    self.hidden[start : start + chunk.shape[0]] = self._forward(layer, index, chunk).to(
-                        self.hidden.device)
+                mask = self._layer_mask(index)
+                for start, chunk in self._micro_batches():
+                    out = self._forward(layer, index, chunk, mask)
+                    self.hidden[start : start + chunk.shape[0]] = out.to(self.hidden.device)
             finally:
                 setattr(layer, name, own)
         else:
@@ -243,12 +246,12 @@ class LayerwiseCalibrator:
             raise _StopLayer  # the rest of the layer (its MLP) is not needed
 
         handle = attention.register_forward_hook(capture, with_kwargs=True)
+        mask = self._layer_mask(index)
         try:
-            for start in range(0, self.hidden.shape[0], self.rows_per_batch):
-                chunk = self.hidden[start : start + self.rows_per_batch].to(self.device)
+            for _, chunk in self._micro_batches():
                 try:
                     with torch.no_grad():
-                        self._forward(layer, index, chunk)
+                        self._forward(layer, index, chunk, mask)
                 except _StopLayer:
                     pass
                 yield captured["args"], captured["kwargs"], captured["output"]
@@ -277,8 +280,8 @@ class LayerwiseCalibrator:
         dim = self.hidden.shape[-1]
         cov = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
         scale_sums = None
-        for start in range(0, self.hidden.shape[0], self.rows_per_batch):
-            moment, sums = self._moments(layer, start)
+        for _, chunk in self._micro_batches():
+            moment, sums = self._moments(layer, chunk)
             cov += moment.double()
             if sums is not None:
                 scale_sums = sums if scale_sums is None else [a + b for a, b in zip(scale_sums, sums)]
