@@ -105,3 +105,16 @@ def build_model(config, seed: int = 0):
             if name.endswith("bias"):
                 param.normal_(0, 0.1)
     return model
+
+
+@pytest.fixture(scope="session")
+def calib_setup(tmp_path_factory):
+    """Two tiny sources (Llama-3 RoPE GQA; Qwen2 with biases) and a calibration text, shared read-only by the
+    calibration and refinement tests."""
+    from sources import random_text, write_source
+
+    root = tmp_path_factory.mktemp("calib")
+    models = {name: write_source(name, root / name) for name in ("llama-gqa-llama3rope", "qwen2-bias")}
+    text = root / "calib.txt"
+    text.write_text(random_text(4000, seed=3))
+    return root, models, text

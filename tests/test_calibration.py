@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sources import VOCAB, random_text, write_source
+from sources import VOCAB, random_text
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -13,15 +13,6 @@ from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids
 from gtakit.io.source import open_source
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def calib_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("calib")
-    models = {name: write_source(name, root / name) for name in ("llama-gqa-llama3rope", "qwen2-bias")}
-    text = root / "calib.txt"
-    text.write_text(random_text(4000, seed=3))
-    return root, models, text
 
 
 @pytest.mark.parametrize("batch_tokens", [512, 8192], ids=["4-micro-batches", "1-micro-batch"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sources import VOCAB, random_text, write_source
+from sources import VOCAB
 
 from gtakit.convert import ConvertOptions
 from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids
@@ -12,15 +12,6 @@ from gtakit.convert.pipeline import convert_in_memory
 from gtakit.convert.refine import OutputMoments, refit_output_weight
 from gtakit.errors import GtakitError
 from gtakit.io.source import open_source
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refine")
-    models = {name: write_source(name, root / name) for name in ("llama-gqa-llama3rope", "qwen2-bias")}
-    text = root / "calib.txt"
-    text.write_text(random_text(4000, seed=3))
-    return root, models, text
 
 
 def calibrator(root, name, text):
@@ -38,8 +29,8 @@ FULL = {"gla": dict(kv_rank="full", rope_dim="full"), "mla": dict(kv_rank="full"
 
 @pytest.mark.parametrize("target", sorted(FULL))
 @pytest.mark.parametrize("name", ["llama-gqa-llama3rope", "qwen2-bias"])
-def test_refit_and_sequential_keep_a_full_budget_conversion_exact(setup, target, name):
-    root, models, text = setup
+def test_refit_and_sequential_keep_a_full_budget_conversion_exact(calib_setup, target, name):
+    root, models, text = calib_setup
     source, live = calibrator(root, name, text)
     options = ConvertOptions(target=target, init="aware", refit="output", sequential=True, **FULL[target])
     converted, report = convert_in_memory(source, options, stats_for_layer=live)
@@ -51,8 +42,8 @@ def test_refit_and_sequential_keep_a_full_budget_conversion_exact(setup, target,
 
 @pytest.mark.parametrize("target,widths", [("gta", {}), ("gla", {"kv_rank": 8}), ("mla", {"kv_rank": 12}),
                                            ("ghla", {"latent_dim": 16})])
-def test_output_refit_lowers_the_output_error_on_calibration_text(setup, target, widths):
-    root, _, text = setup
+def test_output_refit_lowers_the_output_error_on_calibration_text(calib_setup, target, widths):
+    root, _, text = calib_setup
     source, live = calibrator(root, "llama-gqa-llama3rope", text)
     options = ConvertOptions(target=target, init="aware", refit="output", **widths)
     _, report = convert_in_memory(source, options, stats_for_layer=live)
@@ -61,9 +52,9 @@ def test_output_refit_lowers_the_output_error_on_calibration_text(setup, target,
     assert options.refit == "output"
 
 
-def test_sequential_calibration_sees_the_converted_layers(setup):
+def test_sequential_calibration_sees_the_converted_layers(calib_setup):
     """With a lossy layer 0, layer 1's input moment differs from the source's; the source path is unchanged."""
-    root, _, text = setup
+    root, _, text = calib_setup
     moments = {}
     for sequential in (False, True):
         source, live = calibrator(root, "llama-gqa-llama3rope", text)
@@ -83,8 +74,8 @@ def test_sequential_calibration_sees_the_converted_layers(setup):
     assert not torch.allclose(moments[False][1], moments[True][1], rtol=1e-3)
 
 
-def test_refinement_needs_live_calibration(setup):
-    root, _, text = setup
+def test_refinement_needs_live_calibration(calib_setup):
+    root, _, text = calib_setup
     source, live = calibrator(root, "llama-gqa-llama3rope", text)
     stats = [live(i) for i in range(source.config.num_hidden_layers)]
     # Precomputed statistics: auto resolves to no refit; asking for one is refused in one line.
@@ -111,8 +102,8 @@ def test_output_refit_solves_the_least_squares_problem():
     assert moments.error(fitted) < moments.error(torch.zeros(4, 6, dtype=torch.float64))
 
 
-def test_layer_local_fitting_lowers_its_loss_and_is_reproducible(setup):
-    root, _, text = setup
+def test_layer_local_fitting_lowers_its_loss_and_is_reproducible(calib_setup):
+    root, _, text = calib_setup
     results = []
     for _ in range(2):
         source, live = calibrator(root, "llama-gqa-llama3rope", text)
@@ -127,8 +118,8 @@ def test_layer_local_fitting_lowers_its_loss_and_is_reproducible(setup):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_refinement_on_gpu_matches_cpu(setup):
-    root, _, text = setup
+def test_refinement_on_gpu_matches_cpu(calib_setup):
+    root, _, text = calib_setup
     reports = []
     for device in ("cpu", "cuda"):
         source = open_source(str(root / "llama-gqa-llama3rope"))
