@@ -89,8 +89,10 @@ def main() -> None:
     parser.add_argument("--refines", default="none",
                         help="refinements to compare per calibrated row, parts joined by '+': none, output (the "
                              "o_proj refit), seq (sequential calibration), fitN (N layer-local Adam steps), e.g. "
-                             "none,output,output+fit20; each but none calibrates anew for its row")
+                             "none,output,output+fit20; alloc: per-layer budget allocation (--allocate error); "
+                             "each but none calibrates anew for its row")
     parser.add_argument("--refine-tokens", type=int, default=16384, help="tokens of the layer-local fitting")
+    parser.add_argument("--allocate-tokens", type=int, default=8192, help="tokens of the per-layer allocation")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -152,6 +154,9 @@ def main() -> None:
         options.sequential = "seq" in parts
         options.refine_steps = sum(int(part[3:]) for part in parts if part.startswith("fit"))
         options.refine_tokens = args.refine_tokens
+        if "alloc" in parts:  # per-layer budget allocation measures the layers on calibration text of its own
+            options.allocate, options.allocate_tokens = "error", args.allocate_tokens
+            options.calib, options.calib_seq_len = str(calib_path), args.calib_seq_len
         with PeakRSS() as mem:
             started = time.time()
             # Refinement runs the converted layers on the calibration inputs: a live calibrator per row.
@@ -165,6 +170,7 @@ def main() -> None:
             "method": method if refine == "none" else f"{method} + {refine}",
             "settings": {k: v for k, v in setting.items() if k != "target"},
             "kv_per_layer": per_layer,
+            "layer_settings": (report.get("allocation") or {}).get("layer_settings"),
             "kv_ratio": f"{per_layer / source_elements:.1%}",
             "ppl": round(result["perplexity"], 3),
             "ppl_ratio": f"{result['perplexity'] / base['perplexity']:.2f}x",

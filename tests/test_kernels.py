@@ -174,6 +174,46 @@ def test_model_triton_backend_matches_torch(config_fn):
     assert torch.equal(tokens[0], tokens[1])
 
 
+def _per_layer_widths(backend: str):
+    """Four layers at different widths (what --layer and --allocate make), one kept in source form."""
+    from transformers import LlamaConfig
+
+    from gtakit.models import GtakitConfig
+
+    source = LlamaConfig(**dict(BASE, num_hidden_layers=4), num_key_value_heads=2, head_dim=16)
+    layers = [
+        {"form": "gla", "num_latent_heads": 2, "kv_lora_rank": 24, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+         "v_head_dim": 16},
+        {"form": "gla", "num_latent_heads": 1, "kv_lora_rank": 40, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16,
+         "v_head_dim": 16},
+        {"form": "source"},
+        {"form": "gta", "num_key_value_heads": 2, "head_dim": 16, "rope_dim": 8},
+    ]
+    return build_model(GtakitConfig.from_source(source, layers, decode_backend=backend)).to(DEVICE)
+
+
+@torch.no_grad()
+def test_per_layer_widths_decode_through_the_kernels_as_through_torch(monkeypatch):
+    from gtakit.models import attention_gtakit
+
+    kernels = attention_gtakit.decode_kernels()
+    calls = []
+    for name in ("gla_decode", "gta_decode"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    ids = torch.randint(3, BASE["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    logits = {}
+    for backend in ("torch", "triton"):
+        model = _per_layer_widths(backend)
+        cache = output_cache(model(ids[:, :6]))
+        two = model(ids[:, 6:8], cache=cache).logits  # a masked step: the kernels may hand it to PyTorch
+        calls.clear()
+        logits[backend] = torch.cat([two, model(ids[:, 8:], cache=cache).logits], 1)
+    assert _rel_err(logits["triton"], logits["torch"]) < 1e-4
+    # The one-token step went through the kernels of the three converted layers (two GLA widths and GTA).
+    assert sorted(calls) == ["gla_decode", "gla_decode", "gta_decode"]
+
+
 @torch.no_grad()
 def test_model_kernel_path_is_taken_and_padding_falls_back(monkeypatch):
     from gtakit.models import attention_gtakit

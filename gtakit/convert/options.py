@@ -68,6 +68,11 @@ class ConvertOptions:
     sequential: bool = option(
         False, "Calibrate each layer on the hidden states of the layers already converted (error feedback, as in "
         "GPTQ) instead of the source's; needs --calib.")
+    allocate: str = option(
+        "none", "Per-layer budget allocation: error (measure each layer's output error at several widths, and in "
+        "source form, on --allocate-tokens of --calib, then spend the same total KV cache where it lowers the summed "
+        "error most; layers named by --layer keep their settings) or none (every layer at the same widths).")
+    allocate_tokens: int = option(8192, "Calibration tokens on which --allocate error measures the layers.")
     output_format: str = option(
         "gtakit", "Output format: gtakit (a folder loaded with gtakit or trust_remote_code) or deepseek-v3 (--to mla "
         "as a native DeepSeek-V3 checkpoint for transformers, vLLM and llama.cpp; needs --calib).", flag="--format")

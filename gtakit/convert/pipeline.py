@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -15,7 +16,6 @@ from tqdm.auto import tqdm
 import gtakit
 from gtakit.errors import GtakitError
 from gtakit.families import FamilyAdapter, FamilyChecks, family_of
-from gtakit.forms import qk_norm
 from gtakit.formats import FolderSink, MemorySink, Sink, check_shard_size, deepseek_v3
 from gtakit.formats.deepseek_v3 import DeepSeekV3Sink
 from gtakit.io import DTYPES
@@ -24,7 +24,9 @@ from gtakit.io.source import SourceModel, check_tokenizer, open_source
 from gtakit.io.text import check_text_file, read_text
 from gtakit.models import SOURCE_FORM
 
+from .allocate import allocate_budget, check_allocation
 from .calibration import check_calib_device, is_local_text
+from .layer import convert_attention
 from .methods import get_init_method, resolve_init
 from .export import check_export_options, export_model, norm_ids, write_report
 from .options import ConvertOptions
@@ -71,18 +73,7 @@ def iter_converted_tensors(
 
 def _convert_layer(family: FamilyAdapter, source: SourceModel, index: int, layer, method, stats,
                    layer_reports: list[dict], refiner: LayerRefiner | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    source_attn = attn = family.read_attention(source.weights, source.config, index)
-    norm = layer.spec.get("qk_norm")
-    key_scale_mean = getattr(stats, "key_scale_mean", None)
-    if norm is not None:  # the converters see the norms folded in; `complete` makes the query (and keys) exact
-        if norm["key_scale"] == "mean" and key_scale_mean is None:
-            raise GtakitError("--key-norm mean folds the calibrated mean key scale: pass --calib FILE")
-        attn = qk_norm.folded(source_attn, getattr(stats, "query_scale_mean", None), key_scale_mean)
-    metric = method.build_metric(attn, stats)
-    converted = layer.form.convert_layer(attn, layer.spec, metric, stats, layer.options)
-    if norm is not None:
-        converted = qk_norm.complete(converted, source_attn, attn, norm["key_scale"],
-                                     layer.form.query_nope_width(layer.spec), key_scale_mean)
+    converted = convert_attention(family, source, index, layer, method, stats)
     layer.spec.update(converted.spec_updates)
     if refiner is not None:
         converted = refiner(index, layer.spec, converted)
@@ -122,6 +113,21 @@ def layer_refiner(source: SourceModel, options: ConvertOptions, stats_for_layer)
     return refiner if refiner.active else None
 
 
+def _allocate(source: SourceModel, plan: ConversionPlan, options: ConvertOptions, method, sink_class,
+              progress: bool) -> ConversionPlan:
+    """`--allocate`: the plan with the total cache spent unevenly across layers (what was measured in its
+    `allocation`)."""
+    check_allocation(options, bool(options.calib))
+    if options.allocate == "none":
+        return plan
+    # A layer kept in source form honours no output-format constraint.
+    settings, allocation = allocate_budget(source, plan, options, method, not sink_class.constraints, progress)
+    allocated = replace(options, layers=[*options.layers, *settings])
+    plan = plan_conversion(source, plan.family, allocated, sink_class.constraints, sink_class.name, sink_class.hint)
+    plan.allocation = allocation
+    return plan
+
+
 def _init_method(options: ConvertOptions, has_statistics: bool):
     """Resolve `auto` and check that a calibrated method has calibration text (or given statistics)."""
     options.init = resolve_init(options.init, bool(options.calib) or has_statistics)
@@ -145,12 +151,13 @@ def convert_in_memory(
     family.check_config(source.config)
     plan = plan_conversion(source, family, options, MemorySink.constraints, MemorySink.name)
     method = _init_method(options, has_statistics=stats_for_layer is not None)
+    plan = _allocate(source, plan, options, method, MemorySink, progress)
     if method.needs_calibration and stats_for_layer is None:
         stats_for_layer = _calibrator(source, family, options, progress)
     sink = MemorySink()
     refiner = layer_refiner(source, options, stats_for_layer)
     layer_reports = stream(source, plan, sink, torch.float32, method, stats_for_layer, progress, refiner)
-    return sink.finish(plan.config(), {}), {"layers": layer_reports, "plan": plan}
+    return sink.finish(plan.config(), {}), {"layers": layer_reports, "plan": plan, "allocation": plan.allocation}
 
 
 def convert(
@@ -184,6 +191,7 @@ def convert(
         check_tokenizer(source)
     sink_class = DeepSeekV3Sink if exporting else FolderSink
     plan = plan_conversion(source, family, options, sink_class.constraints, sink_class.name, sink_class.hint)
+    plan = _allocate(source, plan, options, method, sink_class, progress)
     if exporting:
         deepseek_v3.check_layers(plan.config())
     dtype = DTYPES[options.dtype] if options.dtype != "auto" else source.weights.get(family.embedding_name).dtype
@@ -300,6 +308,7 @@ def _report(source: SourceModel, plan: ConversionPlan, options: ConvertOptions, 
             "ratio": after / before,
         },
         "layers": layer_reports,
+        **({"allocation": plan.allocation} if plan.allocation is not None else {}),
     }
 
 

@@ -34,6 +34,7 @@ class ConversionPlan:
     shape: SourceShape
     layers: list[LayerPlan]
     source_config: Any
+    allocation: dict | None = None  # --allocate: what was measured (see allocate.py)
 
     def config(self, **kwargs: Any) -> GtakitConfig:
         return GtakitConfig.from_source(self.source_config, [layer.spec for layer in self.layers],
@@ -57,6 +58,11 @@ class ConversionPlan:
         titles = list(dict.fromkeys(layer.form.title for layer in self.layers if layer.form is not None))
         kept = sum(layer.form is None for layer in self.layers)
         return " + ".join(titles) + (f" ({kept} of {len(self.layers)} layers kept as they were)" if kept else "")
+
+    def layer_shape(self, index: int) -> SourceShape:
+        """The source shape as layer `index` sees it (without RoPE where the family's layer has none)."""
+        rope = self.family.layer_has_rope(self.source_config, index)
+        return self.shape if rope else replace(self.shape, rope_free=True)
 
     @property
     def targets(self) -> list[str]:
@@ -87,18 +93,16 @@ def plan_conversion(source: SourceModel, family: FamilyAdapter, options: Convert
     options = replace(options, rope_grid=_rope_grid(options.rope_grid, constraints, format_name))
     shape = family.shape(source.config, source.weights)
     overrides = parse_layer_overrides(options.layers, shape.num_layers)
-    layers = []
+    plan = ConversionPlan(family, shape, [], source.config)
+    layers = plan.layers
     for index in range(shape.num_layers):
-        override = overrides.get(index, {})
-        layer_shape = shape if family.layer_has_rope(source.config, index) else replace(shape, rope_free=True)
-        layers.append(_plan_layer(layer_shape, options, override, index))
+        layers.append(plan_layer(plan.layer_shape(index), options, overrides.get(index, {}), index))
     for index, layer in enumerate(layers):
         missing = sorted(constraints - (layer.form.honours if layer.form is not None else frozenset()))
         if missing:
             what = f"--to {layer.name}" if layer.form is not None else "a layer kept in source form"
             raise GtakitError(f"the {format_name} format needs {', '.join(missing)}, which {what} (layer {index}) "
                               f"cannot provide; {hint}")
-    plan = ConversionPlan(family, shape, layers, source.config)
     if all(layer.form is None for layer in layers):
         raise GtakitError("every layer is kept in source form (--layer ...:source); nothing would be converted")
     return plan
@@ -114,7 +118,8 @@ def _rope_grid(grid: str, constraints: frozenset[str], format_name: str) -> str:
     return grid
 
 
-def _plan_layer(shape: SourceShape, options: ConvertOptions, override: dict, index: int) -> LayerPlan:
+def plan_layer(shape: SourceShape, options: ConvertOptions, override: dict, index: int) -> LayerPlan:
+    """One layer's plan: `options` with the `--layer` settings `override` applied."""
     target = override.get("target", options.target)
     if target == SOURCE_FORM:
         return LayerPlan(None, {"form": SOURCE_FORM}, options)
@@ -136,4 +141,4 @@ def _plan_layer(shape: SourceShape, options: ConvertOptions, override: dict, ind
     return LayerPlan(form, spec, effective)
 
 
-__all__ = ["ConversionPlan", "LayerPlan", "check_form_options", "plan_conversion"]
+__all__ = ["ConversionPlan", "LayerPlan", "check_form_options", "plan_conversion", "plan_layer"]

@@ -48,6 +48,11 @@ class FormConverter:
         """Leading query dims per head that score the position-free key (the part a cached key scale multiplies)."""
         raise NotImplementedError
 
+    def width_candidates(self, shape: SourceShape, spec: dict) -> list[dict[str, Any]]:
+        """`--layer` settings that make a layer planned as `spec` narrower or wider, for per-layer budget allocation
+        (settings a layer cannot take are dropped when planned); none: the form's widths are not allocated."""
+        return []
+
     def summary(self, spec: dict) -> str:
         return ", ".join(f"{name}={spec[name]}" for name in self.report_fields)
 
@@ -68,6 +73,19 @@ def as_width(value: Any, option: str) -> int | str | None:
         return int(value)
     except (TypeError, ValueError):
         raise GtakitError(f"--{option} must be an integer or 'full', got {value!r}") from None
+
+
+WIDTH_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # widths per-layer budget allocation tries, times the uniform one
+
+
+def scaled_widths(width: int) -> list[int]:
+    """`width` itself and `width` times each other of `WIDTH_SCALES`, in multiples of 8 from 16 on (kernels and
+    GEMMs like them)."""
+    widths = {width}
+    for scale in WIDTH_SCALES:
+        value = max(1, round(width * scale))
+        widths.add(max(8, round(value / 8) * 8) if value >= 16 else value)
+    return sorted(widths)
 
 
 def divisors(n: int) -> list[int]:

@@ -28,7 +28,7 @@ from gtakit.errors import GtakitError
 from gtakit.families.base import SourceAttention, SourceShape
 from gtakit.models.attention_gtakit import apply_rope, rotate_half
 
-from .base import ConvertedLayer, FormConverter, as_width, check_rope_dim, divisors
+from .base import ConvertedLayer, FormConverter, as_width, check_rope_dim, divisors, scaled_widths
 from .linalg import LayerMetric, _fold_value_bias, _moment, _sqrt_psd, _top_basis
 from .rope import select_shared_rope
 
@@ -402,6 +402,9 @@ class GHLAConverter(FormConverter):
             raise GtakitError(f"--ghla-query must be auto, mean, central or fit; got {options.ghla_query!r}")
         return {**self.common_spec(shape), "num_maps": maps, "num_key_heads": key_heads, "head_dim": rope_dim,
                 "latent_dim": latent, "v_head_dim": d}
+
+    def width_candidates(self, shape: SourceShape, spec: dict) -> list[dict[str, Any]]:
+        return [{"latent_dim": width} for width in scaled_widths(spec["latent_dim"])]
 
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
                       options: Any) -> ConvertedLayer:

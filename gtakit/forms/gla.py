@@ -12,7 +12,7 @@ import torch
 from gtakit.errors import GtakitError
 from gtakit.families.base import SourceAttention, SourceShape
 
-from .base import ConvertedLayer, FormConverter, as_width, check_rope_dim, divisors
+from .base import ConvertedLayer, FormConverter, as_width, check_rope_dim, divisors, scaled_widths
 from .linalg import LayerMetric, _fold_value_bias, _moment, _rel_err, _sqrt_psd, _top_basis, _weighted
 from .rope import nope_query, rope_grid, select_shared_rope
 
@@ -87,6 +87,9 @@ class GLAConverter(FormConverter):
 
     def query_nope_width(self, spec: dict) -> int:
         return spec["qk_nope_head_dim"]
+
+    def width_candidates(self, shape: SourceShape, spec: dict) -> list[dict[str, Any]]:
+        return [{"kv_rank": width} for width in scaled_widths(spec["kv_lora_rank"])]
 
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
                       options: Any) -> ConvertedLayer:

@@ -47,6 +47,9 @@ class GTAConverter(FormConverter):
     def query_nope_width(self, spec: dict) -> int:
         return spec["head_dim"] - spec["rope_dim"]
 
+    def width_candidates(self, shape: SourceShape, spec: dict) -> list[dict[str, Any]]:
+        return [{"groups": groups} for groups in divisors(shape.num_heads)]
+
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
                       options: Any) -> ConvertedLayer:
         metric.gta_state = options.gta_state
