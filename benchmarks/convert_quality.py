@@ -92,6 +92,8 @@ def main() -> None:
                              "none,output,output+fit20; alloc: per-layer budget allocation (--allocate error); "
                              "each but none calibrates anew for its row")
     parser.add_argument("--refine-tokens", type=int, default=16384, help="tokens of the layer-local fitting")
+    parser.add_argument("--ghla-maps", default=None,
+                        help="GHLA rows: comma-separated attention-map counts (default: the source's KV heads)")
     parser.add_argument("--allocate-tokens", type=int, default=8192, help="tokens of the per-layer allocation")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -139,7 +141,8 @@ def main() -> None:
         if "mla" in forms:
             settings.append((f"MLA {fraction:.1%}", budget_settings("mla", budget, 1, d, args.rope_dim)))
         if "ghla" in forms:
-            settings.append((f"GHLA-{G}map {fraction:.1%}", ghla_budget_settings(budget, G, d)))
+            for maps in [int(m) for m in args.ghla_maps.split(",")] if args.ghla_maps else [G]:
+                settings.append((f"GHLA-{maps}map {fraction:.1%}", ghla_budget_settings(budget, maps, d)))
     refines = [r for r in args.refines.split(",") if r]
     runs = [(label, setting, method, key_norm, refine) for label, setting in settings
             for method in args.methods.split(",") for key_norm in key_norms for refine in refines

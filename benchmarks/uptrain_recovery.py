@@ -44,6 +44,9 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test
 FORMS = {
     "gla3": ({"target": "gla", "latent_heads": 3, "kv_rank": 21, "rope_dim": 32, "init": "aware"}, "GLA-3",
              "--to gla --latent-heads 3 --kv-rank 21 --rope-dim 32"),
+    # The README's default `--to gla` at half the cache: 3 x 42 + 64 = 190 of 384.
+    "gla3-50": ({"target": "gla", "latent_heads": 3, "kv_rank": 42, "rope_dim": 64, "init": "aware"}, "GLA-3",
+                "--to gla --latent-heads 3 --kv-rank 42 --rope-dim 64"),
     "ghla": ({"target": "ghla", "maps": 3, "key_heads": 1, "rope_dim": 48, "latent_dim": 48, "init": "aware"},
              "GHLA-3map", "--to ghla --maps 3 --key-heads 1 --rope-dim 48 --latent-dim 48"),
 }
@@ -64,7 +67,9 @@ def split_text(text: str, tokenizer, calib_chars: int, eval_from: int, windows: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--form", default="gla3", choices=sorted(FORMS), help="target form at ~25%% of the KV cache")
+    parser.add_argument("--form", default="gla3", choices=sorted(FORMS),
+                        help="target form: gla3 and ghla at ~25%% of the KV cache, gla3-50 at 50%%")
+    parser.add_argument("--refit", default="auto", help="gtakit convert --refit: auto (output), output or none")
     parser.add_argument("--text", default=str(DATA))
     parser.add_argument("--calib-chars", type=int, default=300_000)
     parser.add_argument("--eval-from-char", type=int, default=400_000)
@@ -110,8 +115,8 @@ def main() -> None:
     converted = work / "converted"
     convert_settings, form_label, convert_flags = FORMS[args.form]
     options = ConvertOptions(**convert_settings, calib=str(work / "calib.txt"), calib_tokens=args.calib_tokens,
-                             calib_seq_len=min(2048, args.calib_tokens))
-    convert_command = (f"gtakit convert {convert_flags} --init aware "
+                             calib_seq_len=min(2048, args.calib_tokens), refit=args.refit)
+    convert_command = (f"gtakit convert {convert_flags} --init aware --refit {args.refit} "
                        f"--calib {work / 'calib.txt'} --calib-tokens {args.calib_tokens} -o {converted} --force")
     previous = converted / "conversion.json"
     if previous.exists() and json.loads(previous.read_text())["settings"] == options.to_dict():
@@ -174,7 +179,8 @@ def main() -> None:
                                             ("seconds", "training s"), ("rate", "training tokens/s")])
     kv = json.loads((converted / "conversion.json").read_text())["kv_cache"]
     kv_share = kv["elements_per_token_after"] / kv["elements_per_token_before"]
-    header = (f"SmolLM2-135M -> {form_label} at {kv_share:.1%} KV (aware init, {args.calib_tokens} calibration tokens), "
+    header = (f"SmolLM2-135M -> {form_label} at {kv_share:.1%} KV (aware init, refit {options.refit}, "
+              f"{args.calib_tokens} calibration tokens), "
               f"`{args.mode}` training, {steps} steps x {tokens_per_step} tokens, lr {args.lr}. Perplexity on "
               f"{base['windows']} windows of {base['window']} tokens from character {args.eval_from_char} on. "
               f"Source (GQA): {base['perplexity']:.3f}; zero-shot conversion: {zero_shot:.3f}.")

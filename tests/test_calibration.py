@@ -161,3 +161,61 @@ def test_calibration_on_gpu_matches_cpu(calib_setup):
         assert b.input_cov.device.type == "cpu"
         assert torch.allclose(a.input_cov, b.input_cov, rtol=1e-3, atol=1e-5)
         assert torch.allclose(a.rotation_cos, b.rotation_cos, atol=1e-3)
+
+
+def test_rotation_moments_are_the_attention_weighted_mean_over_distances():
+    """The GEMM form equals the definition: sum over query i, key j of p_ij cos((i - j) theta), per head."""
+    from types import SimpleNamespace
+
+    from gtakit.convert.calibration import attention_rotation_moments
+
+    heads, length, dim = 2, 12, 4
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(1, length, (heads + 1) * dim, generator=generator)
+    family = SimpleNamespace(
+        rotated_queries_keys=lambda layer, x, cos_sin, config: (
+            x[..., : heads * dim].reshape(1, length, heads, dim).transpose(1, 2), x[..., None, heads * dim :].transpose(1, 2)),
+        attention_scale=lambda config: 0.5)
+    inv_freq = torch.tensor([1.0, 0.1])
+    window = torch.ones(length, length, dtype=torch.bool).tril().triu(-4)[None, None]
+    for mask in (None, window):
+        mean_cos, mean_sin = attention_rotation_moments(family, None, x, None, None, inv_freq, mask)
+        q, k = family.rotated_queries_keys(None, x, None, None)
+        allowed = torch.ones(length, length, dtype=torch.bool).tril() if mask is None else mask[0, 0]
+        probs = torch.softmax((q @ k.transpose(-1, -2) * 0.5).masked_fill(~allowed, float("-inf")), dim=-1)[0]
+        distance = (torch.arange(length)[:, None] - torch.arange(length)[None, :]).double()
+        for h in range(heads):
+            for f, theta in enumerate(inv_freq.double()):
+                expected_cos = (probs[h].double() * (distance * theta).cos()).sum() / length
+                expected_sin = (probs[h].double() * (distance * theta).sin()).sum() / length
+                assert abs(float(mean_cos[h, f] - expected_cos)) < 1e-6
+                assert abs(float(mean_sin[h, f] - expected_sin)) < 1e-6
+
+
+@torch.no_grad()
+def test_an_advancing_pairs_pass_gives_the_next_layer_the_same_inputs(calib_setup, monkeypatch):
+    from gtakit.convert import calibration
+
+    monkeypatch.setitem(calibration.MICRO_BATCH_TOKENS, "cpu", 512)  # several micro-batches
+    root, _, text = calib_setup
+    source = open_source(str(root / "llama-gqa-llama3rope"))
+    ids = calibration_ids(source, str(text), num_tokens=2048, seq_len=256)
+    plain, advancing, broken = (LayerwiseCalibrator(source, ids) for _ in range(3))
+    for calibrator in (plain, advancing, broken):
+        calibrator(0)
+    expected = list(plain.attention_pairs(0))
+    got = list(advancing.attention_pairs(0, advance=True))  # kept: no argument may change as the pass advances
+    assert len(got) == 4
+    for (args, kwargs, target), (args2, kwargs2, target2) in zip(expected, got):
+        assert torch.equal(target, target2)
+        inputs, inputs2 = (list(a) + [v for v in k.values() if isinstance(v, torch.Tensor)] for a, k in
+                           ((args, kwargs), (args2, kwargs2)))
+        assert all(torch.equal(a, b) for a, b in zip(inputs, inputs2))
+    with pytest.raises(RuntimeError, match="replaced by its outputs"):
+        next(advancing.attention_pairs(0))
+    with pytest.raises(RuntimeError, match="replaced by its outputs"):
+        advancing.use_attention(0, torch.nn.Identity())
+    assert torch.equal(advancing(1).input_cov, plain(1).input_cov)
+    next(broken.attention_pairs(0, advance=True))  # one micro-batch of four, then abandoned
+    with pytest.raises(RuntimeError, match="stopped early"):
+        broken(1)

@@ -113,8 +113,8 @@ def cheapest_allocation(elements: list[list[int]], errors: list[list[float]], bu
 def measure_candidates(plan: ConversionPlan, source: SourceModel, method, calibrator, index: int, stats,
                        candidates: list[tuple[Candidate, LayerPlan | None]], refit: bool) -> None:
     """Fill in each candidate's error (see the module's docstring) on the calibrator's tokens for layer `index`."""
-    pairs = list(calibrator.attention_pairs(index))
     residual = float(calibrator.hidden.double().pow(2).sum())
+    pairs = list(calibrator.attention_pairs(index, advance=True))  # also advances the calibrator
     for candidate, candidate_plan in candidates:
         if candidate_plan is None:  # the source's own attention
             continue

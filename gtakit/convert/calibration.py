@@ -58,19 +58,21 @@ def attention_rotation_moments(
     q, k = family.rotated_queries_keys(layer, x, cos_sin, config)
     heads, kv_heads = q.shape[1], k.shape[1]
     k = k.repeat_interleave(heads // kv_heads, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * family.attention_scale(config)
-    causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril() if mask is None else mask[0, 0]
-    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=0)  # [H, L, L]
-    # hist[h, dt] = attention mass at distance dt, summed over queries
-    positions = torch.arange(length, device=x.device)
-    distance = (positions[:, None] - positions[None, :]).clamp(min=0).flatten()
-    # Summed in fp32 (3x faster than float64 here; ~1e-5 relative), normalised in float64.
-    hist = torch.zeros(heads, length, dtype=probs.dtype, device=x.device)
-    hist.index_add_(1, distance, probs.reshape(heads, -1))
-    hist = hist.double()
-    hist = hist / hist.sum(dim=1, keepdim=True)
-    angles = positions.double()[:, None] * inv_freq.double()[None, :]  # [L, d/2]
-    return hist @ angles.cos(), hist @ angles.sin()
+    positions = torch.arange(length, device=x.device, dtype=torch.float64)
+    angles = positions[:, None] * inv_freq.double().to(x.device)[None, :]  # [L, d/2]
+    cos, sin = angles.cos(), angles.sin()
+    pairs = cos.shape[1]
+    # mean over query i and key j of p_ij cos((i - j) theta) = mean_i [cos(i theta) sum_j p_ij cos(j theta) +
+    # sin(i theta) sum_j p_ij sin(j theta)] (and the like for sin): the sums over j are an attention whose values
+    # are the cos/sin tables, which SDPA's fused kernel computes without the L x L probabilities.
+    table = torch.cat([cos, sin], dim=1).to(q.dtype).expand(batch, heads, length, 2 * pairs).contiguous()
+    weighted = torch.nn.functional.scaled_dot_product_attention(
+        q, k, table, attn_mask=mask, is_causal=mask is None, scale=family.attention_scale(config)).double()
+    by_cos, by_sin = weighted[..., :pairs], weighted[..., pairs:]
+    count = batch * length  # every query's probabilities sum to one
+    mean_cos = (cos * by_cos + sin * by_sin).sum(dim=(0, 2)) / count
+    mean_sin = (sin * by_cos - cos * by_sin).sum(dim=(0, 2)) / count
+    return mean_cos.clamp(-1.0, 1.0), mean_sin.clamp(-1.0, 1.0)  # means of cosines; fp32 sums round past 1
 
 
 def is_local_text(spec: str) -> bool:
@@ -153,6 +155,9 @@ class LayerwiseCalibrator:
         self.next_layer = 0
         self.pending: tuple[int, torch.nn.Module] | None = None  # layer whose statistics were last taken
         self.replacement: torch.nn.Module | None = None  # its converted attention (sequential calibration)
+        # The pending layer's output already replaced the hidden states (`attention_pairs(advance=True)`), or an
+        # advancing pass is under way.
+        self.advanced = self.advancing = False
         batch_tokens = MICRO_BATCH_TOKENS.get(self.device.type, MICRO_BATCH_TOKENS["cpu"])
         self.rows_per_batch = max(1, batch_tokens // seq_len)
         self.progress = tqdm(total=config.num_hidden_layers, desc="calibrating", disable=not progress)
@@ -200,7 +205,12 @@ class LayerwiseCalibrator:
         if self.pending is None:
             return
         index, layer = self.pending
-        if index < len(self.layers) - 1:  # the last layer's output is never needed
+        if self.advancing:
+            raise RuntimeError(f"an advancing pass over layer {index}'s attention pairs stopped early: the hidden "
+                               "states are half replaced")
+        if index == len(self.layers) - 1:  # the last layer's output is never needed
+            self.hidden = None
+        elif not self.advanced:
             name = self.family.attention_name
             own = getattr(layer, name)
             if self.replacement is not None:
@@ -212,10 +222,8 @@ class LayerwiseCalibrator:
                     self.hidden[start : start + chunk.shape[0]] = out.to(self.hidden.device)
             finally:
                 setattr(layer, name, own)
-        else:
-            self.hidden = None
         layer.to("meta")  # release this layer's weights
-        self.pending, self.replacement = None, None
+        self.pending, self.replacement, self.advanced = None, None, False
 
     def finish(self) -> None:
         """Release the last layer and the hidden states once conversion is done with them."""
@@ -231,31 +239,45 @@ class LayerwiseCalibrator:
     def _check_pending(self, index: int) -> None:
         if self.pending is None or self.pending[0] != index:
             raise RuntimeError(f"layer {index} is not the layer being calibrated")
+        if self.advanced or self.advancing:
+            raise RuntimeError(f"layer {index}'s inputs were replaced by its outputs (attention_pairs(advance=True))")
 
-    def attention_pairs(self, index: int) -> Iterator[tuple[tuple, dict, torch.Tensor]]:
+    def attention_pairs(self, index: int, advance: bool = False) -> Iterator[tuple[tuple, dict, torch.Tensor]]:
         """For layer `index` (the one statistics were last taken for): per micro-batch, the arguments its attention
         receives inside the decoder layer (positional, keyword) and the source attention's output. A converted
-        attention called with the same arguments is compared with the source's on exactly its inputs."""
+        attention called with the same arguments is compared with the source's on exactly its inputs.
+
+        `advance`: run the whole layer and keep its output as the next layer's input, the pass that advancing to
+        the next layer would make (the layer then runs once for both). The pairs must be consumed to the end; no
+        other pass over this layer may follow, and `use_attention` cannot apply to it."""
         self._check_pending(index)
         layer = self.pending[1]
+        advance = advance and index < len(self.layers) - 1  # the last layer's output is never needed
         attention = getattr(layer, self.family.attention_name)
         captured: dict = {}
 
         def capture(module, args, kwargs, output):
             captured.update(args=args, kwargs=kwargs, output=output[0] if isinstance(output, tuple) else output)
-            raise _StopLayer  # the rest of the layer (its MLP) is not needed
+            if not advance:
+                raise _StopLayer  # the rest of the layer (its MLP) is not needed
 
         handle = attention.register_forward_hook(capture, with_kwargs=True)
         mask = self._layer_mask(index)
+        self.advancing = advance
         try:
-            for _, chunk in self._micro_batches():
+            for start, chunk in self._micro_batches():
+                if advance:  # the attention's arguments may be views of the rows the output replaces (post-norm)
+                    chunk = chunk.clone()
                 try:
                     with torch.no_grad():
-                        self._forward(layer, index, chunk, mask)
+                        out = self._forward(layer, index, chunk, mask)
+                    if advance:
+                        self.hidden[start : start + chunk.shape[0]] = out.to(self.hidden.device)
                 except _StopLayer:
                     pass
                 yield captured["args"], captured["kwargs"], captured["output"]
                 captured.clear()
+            self.advanced, self.advancing = advance, False
         finally:
             handle.remove()
 

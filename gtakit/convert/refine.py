@@ -165,7 +165,8 @@ class LayerRefiner:
                 converted.tensors[name] = state[name].detach().to(device="cpu", dtype=tensor.dtype)
             converted.metrics["refine_loss_first"], converted.metrics["refine_loss_last"] = losses[0], losses[-1]
         if self.refit == "output":
-            moments = output_moments(module, self.calibrator.attention_pairs(index))
+            # Without sequential calibration the same pass advances the calibrator to the next layer.
+            moments = output_moments(module, self.calibrator.attention_pairs(index, advance=not self.sequential))
             before = moments.error(module.o_proj.weight.detach())
             weight = refit_output_weight(moments, converted.tensors["o_proj.weight"])
             converted.tensors["o_proj.weight"] = weight.to(converted.tensors["o_proj.weight"].dtype)
