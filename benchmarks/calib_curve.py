@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="16384,32768,65536,131072,262144")
     parser.add_argument("--target", default="gla")
     parser.add_argument("--calib-seq-len", type=int, default=2048)
-    parser.add_argument("--json", default="benchmarks/out/calib_curve.json")
+    parser.add_argument("--json", default="benchmarks/out/calib_curve/calib_curve.json")
     args = parser.parse_args()
     torch.manual_seed(0)
 

@@ -119,12 +119,6 @@ def main() -> None:
     print(markdown_table(rows[-1:], COLUMNS), flush=True)
 
     ids = calibration_ids(source, str(calib_path), args.calib_tokens, args.calib_seq_len)
-    with PeakRSS() as mem:
-        started = time.time()
-        calibrator = LayerwiseCalibrator(source, ids)
-        stats = [calibrator(i) for i in range(cfg.num_hidden_layers)]
-        calib_seconds = time.time() - started
-    print(f"calibration: {ids.numel()} tokens in {calib_seconds:.1f}s, peak {mem.peak_mb:.0f} MB", flush=True)
 
     forms = set(args.forms.split(","))
     settings = [] if args.no_gta or "gta" not in forms else [
@@ -147,6 +141,14 @@ def main() -> None:
     runs = [(label, setting, method, key_norm, refine) for label, setting in settings
             for method in args.methods.split(",") for key_norm in key_norms for refine in refines
             if not (key_norm == "mean" and method == "svd") and not (refine != "none" and method == "svd")]
+    stats, calib_seconds = [], 0.0
+    if any(refine == "none" for *_, refine in runs):  # rows without refinement share one calibration pass
+        with PeakRSS() as mem:
+            started = time.time()
+            calibrator = LayerwiseCalibrator(source, ids)
+            stats = [calibrator(i) for i in range(cfg.num_hidden_layers)]
+            calib_seconds = time.time() - started
+        print(f"calibration: {ids.numel()} tokens in {calib_seconds:.1f}s, peak {mem.peak_mb:.0f} MB", flush=True)
     for label, setting, method, key_norm, refine in runs:
         options = ConvertOptions(init=method, **{k: v for k, v in setting.items() if not (
             k == "latent_heads" and setting["target"] == "mla")})

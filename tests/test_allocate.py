@@ -122,3 +122,16 @@ def test_bad_allocation_settings_are_refused_in_one_line(sources, extra, fragmen
         options.init = "svd"
     with pytest.raises(GtakitError, match=fragment):
         convert_in_memory(open_convertible(sources / "plain"), options)
+
+
+@pytest.mark.parametrize("widths", [dict(target="gta"), dict(target="mla", kv_rank=24, rope_dim=8),
+                                    dict(target="ghla", latent_dim=16)], ids=["gta", "mla", "ghla"])
+def test_every_form_with_a_width_setting_is_allocated_within_the_budget(sources, widths):
+    options = ConvertOptions(**widths, calib=str(sources / "calib.txt"), calib_tokens=2048, calib_seq_len=128,
+                             allocate="error", allocate_tokens=2048)
+    model, report = convert_in_memory(open_convertible(sources / "loud"), options)
+    allocation = report["allocation"]
+    assert model.kv_cache_elements_per_token() == allocation["elements_per_token"]
+    assert allocation["elements_per_token"] <= allocation["budget_elements_per_token"]
+    assert allocation["error_allocated"] <= allocation["error_uniform"]
+    assert all(len(layer["errors"]) >= 2 for layer in allocation["layers"])  # a choice was measured everywhere
