@@ -55,6 +55,7 @@ def main() -> None:
     parser.set_defaults(calib_chars=1_200_000, eval_from_char=1_210_000)
     parser.add_argument("--tokens", default="16384,32768,65536,131072,262144")
     parser.add_argument("--target", default="gla")
+    parser.add_argument("--refit", default="auto", help="--refit of the conversions (auto: output)")
     parser.add_argument("--calib-seq-len", type=int, default=2048)
     parser.add_argument("--json", default="benchmarks/out/calib_curve/calib_curve.json")
     args = parser.parse_args()
@@ -74,7 +75,7 @@ def main() -> None:
         ids = calibration_ids(source, str(calib_path), tokens, args.calib_seq_len)
         forward_s = source_forward_seconds(model, ids)
         options = ConvertOptions(target=args.target, calib=str(calib_path), calib_tokens=tokens,
-                                 calib_seq_len=args.calib_seq_len)
+                                 calib_seq_len=args.calib_seq_len, refit=args.refit)
         with PeakRSS() as mem:
             started = time.time()
             converted, _ = convert_in_memory(source, options)

@@ -54,7 +54,8 @@ class ConvertOptions:
         flag="--layer")
     init: str = option("auto", "Initialisation: auto (aware with --calib, else svd), svd, pca or aware.")
     calib: str | None = option(None, "Calibration text (plain text or JSON lines with 'text').")
-    calib_tokens: int = option(262144, "Calibration tokens.")
+    calib_tokens: int = option(
+        65536, "Calibration tokens (quality flattens from here on SmolLM2: benchmarks/RESULTS.md, calibration size).")
     calib_seq_len: int = option(2048, "Calibration sequence length.")
     calib_device: str = option("auto", "Device for calibration: auto (cuda if available), cpu, cuda.")
     refit: str = option(
