@@ -79,8 +79,8 @@ WIDTH_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # widths per-layer budget alloc
 
 
 def scaled_widths(width: int) -> list[int]:
-    """`width` itself and `width` times each other of `WIDTH_SCALES`, in multiples of 8 from 16 on (kernels and
-    GEMMs like them)."""
+    """`width` itself and `width` times each of `WIDTH_SCALES`, those in multiples of 8 from 16 on (kernels and
+    GEMMs like them; so a width off that grid also appears rounded onto it)."""
     widths = {width}
     for scale in WIDTH_SCALES:
         value = max(1, round(width * scale))
