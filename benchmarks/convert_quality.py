@@ -8,7 +8,7 @@
 Calibrates on the first 300,000 characters of ../shared/data/wikitext2-test.txt and measures perplexity on
 windows of 1024 tokens taken from character 400,000 on (calibration and evaluation never overlap). Rows: the
 source; GTA at its default; GLA-3 and MLA at 50%, 25% and 12.5% of the source's KV elements per token (the
-closest integer settings not above the budget); GHLA (maps = source KV heads, one key head) at the same budgets;
+closest integer settings not above the budget); GHLA (the converter's default maps, one key head) at the same budgets;
 each with the svd, pca and aware initialisations. `--forms` picks which forms get rows. GLA uses 3 latent heads
 when 3 divides the query heads, else 2. For QK-norm sources (Gemma 3) every row is repeated per `--key-norms`
 (cached key scale: exact at full budget; mean: folded, no extra cache).
@@ -93,7 +93,7 @@ def main() -> None:
                              "each but none calibrates anew for its row")
     parser.add_argument("--refine-tokens", type=int, default=16384, help="tokens of the layer-local fitting")
     parser.add_argument("--ghla-maps", default=None,
-                        help="GHLA rows: comma-separated attention-map counts (default: the source's KV heads)")
+                        help="GHLA rows: comma-separated attention-map counts (default: one per query head, the converter's default)")
     parser.add_argument("--allocate-tokens", type=int, default=8192, help="tokens of the per-layer allocation")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def main() -> None:
         if "mla" in forms:
             settings.append((f"MLA {fraction:.1%}", budget_settings("mla", budget, 1, d, args.rope_dim)))
         if "ghla" in forms:
-            for maps in [int(m) for m in args.ghla_maps.split(",")] if args.ghla_maps else [G]:
+            for maps in [int(m) for m in args.ghla_maps.split(",")] if args.ghla_maps else [cfg.num_attention_heads]:
                 settings.append((f"GHLA-{maps}map {fraction:.1%}", ghla_budget_settings(budget, maps, d)))
     refines = [r for r in args.refines.split(",") if r]
     runs = [(label, setting, method, key_norm, refine) for label, setting in settings

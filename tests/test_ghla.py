@@ -117,7 +117,7 @@ def test_lossless_special_case_reproduces_source(sources, tmp_path, name, args, 
 @pytest.mark.parametrize(
     "args, per_layer",
     [
-        ([], 16 + 16),  # defaults: maps = KV heads, one key head of d, latent = half the cache minus the key
+        ([], 16 + 16),  # defaults: one map per query head, one key head of d, latent = half the cache minus the key
         (["--maps", "1", "--rope-dim", "8", "--latent-dim", "12"], 8 + 12),
         (["--maps", "4", "--key-heads", "2", "--latent-dim", "8"], 2 * 16 + 8),
         (["--maps", "2", "--key-heads", "1", "--rope-dim", "full", "--latent-dim", "20"], 32 + 20),
@@ -133,6 +133,9 @@ def test_reduced_budget_loads_generates_and_has_requested_cache(sources, tmp_pat
     assert report["target"] == "ghla" and report["architecture"]["model_type"] == "gtakit"
     for layer in report["layers"]:
         assert 0 <= layer["value_rel_error"] <= 1 and 0 < layer["map_agreement"] <= 1 + 1e-9
+    if not args:
+        source_config = json.loads((root / "llama-gqa-llama3rope" / "config.json").read_text())
+        assert report["architecture"]["num_maps"] == source_config["num_attention_heads"]
     assert "GHLA" in (out / "README.md").read_text()
     assert (out / "form_ghla.py").exists()
 

@@ -377,7 +377,9 @@ class GHLAConverter(FormConverter):
     def plan(self, shape: SourceShape, options: Any) -> dict:
         """`--maps` maps sharing `--key-heads` fully rotary keys of width `--rope-dim`, one latent value."""
         H, G, d, D = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size
-        maps = options.maps if options.maps is not None else (G if G < H else (H // 4 if H % 4 == 0 else H))
+        # One map per head by default: zero-shot, shared maps cost far more than the budget does (SmolLM2 at 50%:
+        # 78x the source perplexity with 3 maps, 2.3x with 9, same cache; benchmarks/RESULTS.md).
+        maps = options.maps if options.maps is not None else H
         if maps < 1 or H % maps:
             raise GtakitError(f"--maps {maps} must divide the {H} query heads; valid: {divisors(H)}")
         key_heads = options.key_heads if options.key_heads is not None else 1
