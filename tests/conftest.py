@@ -77,6 +77,8 @@ TINY_CONFIGS = {
     "gla4": lambda: gla_config(num_latent_heads=4, kv_lora_rank=12, qk_nope_head_dim=4, v_head_dim=12),
     "gla2-no-nope-wide-rope": lambda: gla_config(qk_nope_head_dim=0, qk_rope_head_dim=40, softmax_scale=0.25),
     "gla-llama3-rope": lambda: gla_config(rope_parameters=LLAMA3_ROPE),
+    # Latent narrower than the no-RoPE key: prefill runs in the latent space.
+    "gla2-narrow-latent": lambda: gla_config(kv_lora_rank=6, qk_nope_head_dim=12, attention_bias=True),
     # Dynamic NTK rescales frequencies once a sequence outgrows the trained length, so a cached decode and a
     # full forward differ past it by design (as in transformers); here the tests stay inside that length.
     "gta-dynamic-rope": lambda: gta_config(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)),

@@ -144,6 +144,31 @@ def test_absorbed_prefill_equals_plain_prefill(tiny_config):
     assert ((absorbed - plain).norm() / plain.norm()).item() < 1e-5
 
 
+
+@torch.no_grad()
+@pytest.mark.parametrize("masked", [False, True])
+def test_latent_space_prefill_equals_upprojected_prefill(masked):
+    """GLA prefill in the latent space (c < n) is the same attention as with per-head keys and values."""
+    from gtakit.models import GLAAttention
+
+    config = gla_config(kv_lora_rank=6, qk_nope_head_dim=12, num_latent_heads=2)
+    torch.manual_seed(0)
+    attn = GLAAttention(config.source_config(), layer_spec(config), layer_idx=0).eval()
+    batch, length, heads = 2, 11, attn.num_heads
+    query = torch.randn(batch, heads, length, attn.nope_dim + attn.rope_dim)
+    latent = torch.randn(batch, attn.num_latents, length, attn.latent_dim)
+    rope_key = torch.randn(batch, 1, length, attn.rope_dim)
+    mask = None
+    if masked:  # left padding of the second row, as transformers' boolean 4-D mask
+        mask = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).clone()
+        mask[1, :, :, :3] = False
+        mask[1, :, :3, :3] = torch.eye(3, dtype=torch.bool)
+    latent_space = attn.latent_space_attention(query, latent, rope_key, mask, length)
+    upprojected = attn.upprojected_attention(query, latent, rope_key, mask, length)
+    assert latent_space.shape == upprojected.shape == (batch, heads, length, attn.v_dim)
+    assert (latent_space - upprojected).abs().max().item() < 1e-5
+    assert torch.equal(attn.plain_attention(query, latent, rope_key, mask, length), latent_space)
+
 @torch.no_grad()
 def test_cache_bytes_per_token_match_formula(tiny_config):
     model = build_model(tiny_config)

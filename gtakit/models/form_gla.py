@@ -95,6 +95,27 @@ class GLAAttention(GtakitAttention):
         return query, latent, self.rotated_rope_key(x, cos, sin)
 
     def plain_attention(self, query, latent, rope_key, mask, q_len, key_scale=None):
+        """Prefill: SDPA in whichever space is narrower, the latent's (c + r) or the per-head keys' (n + r)."""
+        if key_scale is None and self.latent_dim < self.nope_dim:
+            return self.latent_space_attention(query, latent, rope_key, mask, q_len)
+        return self.upprojected_attention(query, latent, rope_key, mask, q_len, key_scale)
+
+    def latent_space_attention(self, query, latent, rope_key, mask, q_len):
+        """SDPA over keys [c_j ; k_r] and values c_j with W_uk folded into the query and W_uv applied after: the
+        same attention at width c + r instead of n + r (GLA-3 at 50% of SmolLM2's cache: 106 instead of 128),
+        and no per-head keys and values are materialised."""
+        batch, _, total, _ = latent.shape
+        q_latent = self._absorbed_query(query).reshape(batch, self.num_heads, q_len, self.latent_dim)
+        q = torch.cat((q_latent, query[..., self.nope_dim :]), dim=-1)
+        key = torch.cat((latent, rope_key.expand(batch, self.num_latents, total, -1)), dim=-1)
+        key = key.repeat_interleave(self.heads_per_latent, dim=1)
+        value = latent.repeat_interleave(self.heads_per_latent, dim=1)
+        attended = self.sdpa(q, key, value, mask, q_len)
+        attended = attended.view(batch, self.num_latents, self.heads_per_latent, q_len, self.latent_dim)
+        out = torch.einsum("bjhlc,jhvc->bjhlv", attended, self._up_weights()[1])
+        return out.reshape(batch, self.num_heads, q_len, self.v_dim)
+
+    def upprojected_attention(self, query, latent, rope_key, mask, q_len, key_scale=None):
         """Up-project every cached latent to per-head keys and values, then SDPA."""
         batch, _, total, _ = latent.shape
         w_uk, w_uv = self._up_weights()
