@@ -83,6 +83,8 @@ TINY_CONFIGS = {
     # full forward differ past it by design (as in transformers); here the tests stay inside that length.
     "gta-dynamic-rope": lambda: gta_config(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)),
     "ghla-m2-k1": lambda: ghla_config(),
+    # One map per head (the converter's default): prefill decodes values per head before attending.
+    "ghla-m4-k1": lambda: ghla_config(num_maps=4),
     # Latent narrower than a head's value (zero-padded residual), two key heads, biases everywhere.
     "ghla-m4-k2-bias": lambda: ghla_config(num_maps=4, num_key_heads=2, latent_dim=12, attention_bias=True,
                                            o_proj_bias=True),

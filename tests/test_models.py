@@ -169,6 +169,26 @@ def test_latent_space_prefill_equals_upprojected_prefill(masked):
     assert (latent_space - upprojected).abs().max().item() < 1e-5
     assert torch.equal(attn.plain_attention(query, latent, rope_key, mask, length), latent_space)
 
+
+@torch.no_grad()
+def test_ghla_per_head_prefill_equals_per_map_prefill():
+    """GHLA with one map per head decodes values before attending; the output equals decoding after."""
+    from gtakit.models import GHLAAttention
+
+    config = ghla_config(num_maps=4, attention_bias=True)
+    torch.manual_seed(0)
+    attn = GHLAAttention(config.source_config(), layer_spec(config), layer_idx=0).eval()
+    torch.nn.init.normal_(attn.value_decoder.weight, std=0.2)
+    batch, length = 2, 10
+    hidden = torch.randn(batch, length, config.hidden_size)
+    query = torch.randn(batch, attn.num_maps, length, attn.head_dim)
+    key = torch.randn(batch, attn.num_key_heads, length, attn.head_dim)
+    latent = torch.randn(batch, 1, length, attn.latent_dim)
+    per_head = attn.output(hidden, attn.per_head_attention(query, key, latent, None, length))
+    per_map = attn.output(hidden, attn.latent_attention(query, key, latent, None, length))
+    assert (per_head - per_map).abs().max().item() < 1e-5
+    assert attn.plain_attention(query, key, latent, None, length).shape == (batch, length, attn.num_heads * attn.v_dim)
+
 @torch.no_grad()
 def test_cache_bytes_per_token_match_formula(tiny_config):
     model = build_model(tiny_config)
@@ -357,7 +377,8 @@ print(json.dumps({"growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxr
 """
 
 
-@pytest.mark.parametrize("name", ["gla2-no-nope-wide-rope", "ghla-m2-k1", "mla-narrow-value", "gta-g2"])
+@pytest.mark.parametrize("name", ["gla2-no-nope-wide-rope", "gla2-narrow-latent", "ghla-m2-k1", "ghla-m4-k1",
+                                  "mla-narrow-value", "gta-g2"])
 def test_long_forward_memory_is_linear_in_the_sequence(name, tmp_path):
     """A causal forward of 8192 tokens stays far below what one layer's 4 x T x T fp32 score matrix takes (1 GiB):
     prefill runs SDPA's fused kernels also when the key and value widths differ (GLA/MLA, GHLA)."""

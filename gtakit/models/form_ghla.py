@@ -102,6 +102,24 @@ class GHLAAttention(GtakitAttention):
         return query, key, latent
 
     def plain_attention(self, query, key, latent, mask, q_len, key_scale=None):
+        """Prefill: SDPA per map over the latent (`[B, M, L, c]`, decoded in `output`) or, when that is the wider
+        of the two, per head over values decoded before attending (`[B, L, H * v]`, already decoded): the decoder
+        is linear, so both give the same output. With one map per head (the default) the per-head SDPA is as wide
+        as the source's (d_k = v = d), where the latent one would be c wide."""
+        if self.num_heads * max(self.head_dim, self.v_dim) < self.num_maps * max(self.head_dim, self.latent_dim):
+            return self.per_head_attention(query, key, latent, mask, q_len)
+        return self.latent_attention(query, key, latent, mask, q_len)
+
+    def per_head_attention(self, query, key, latent, mask, q_len):
+        batch, _, total, _ = key.shape
+        query = query.repeat_interleave(self.heads_per_map, dim=1)
+        key = key.repeat_interleave(self.maps_per_key * self.heads_per_map, dim=1)
+        values = self.decode(latent.expand(batch, self.num_maps, total, self.latent_dim))
+        values = values.view(batch, total, self.num_heads, self.v_dim).transpose(1, 2)
+        attended = self.sdpa(query, key, values, mask, q_len)
+        return attended.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.v_dim)
+
+    def latent_attention(self, query, key, latent, mask, q_len):
         """SDPA with keys repeated per map and the latent as every map's value: `[B, M, L, c]`."""
         batch, _, total, _ = key.shape
         key = key.repeat_interleave(self.maps_per_key, dim=1)
@@ -133,8 +151,10 @@ class GHLAAttention(GtakitAttention):
         return decoded.reshape(batch, q_len, self.num_heads * self.v_dim)
 
     def output(self, hidden_states: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """`attended`: the maps' attended latents `[B, M, L, c]`, or per-head values `[B, L, H * v]` already
+        decoded (`per_head_attention`)."""
         gate = torch.sigmoid(self.gate_proj(hidden_states))
-        return self.o_proj(gate * self.decode(attended))
+        return self.o_proj(gate * (attended if attended.dim() == 3 else self.decode(attended)))
 
 
 __all__ = ["GHLAAttention"]
