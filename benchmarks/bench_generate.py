@@ -42,7 +42,7 @@ def _ints(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default=None, help="HF folder, .gguf or Hub id; default: the bundled SmolLM2-135M")
-    p.add_argument("--targets", default="source,gta,gla", help="comma-separated: source, gta, gla, mla")
+    p.add_argument("--targets", default="source,gta,gla", help="comma-separated: source, gta, gla, mla, ghla (converter defaults)")
     p.add_argument("--batch", type=_ints, default=[1, 16, 64])
     p.add_argument("--context", type=_ints, default=[4096, 16384])
     p.add_argument("--new-tokens", type=int, default=64)

@@ -46,14 +46,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="512,2048")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--targets", default="gta,gla,mla,ghla", help="conversions to time beside the source")
     parser.add_argument("--json", default="benchmarks/out/prefill_cpu.json")
     args = parser.parse_args()
     source = open_source(None)
     d, G = source.config.head_dim, source.config.num_key_value_heads
     models = {"source (GQA)": source.load_model()}
-    settings = {"GTA default": {"target": "gta"}, "GLA-3 50%": budget_settings("gla", G * d, 3, d),
-                "MLA 50%": budget_settings("mla", G * d, 1, d)}
-    for label, setting in settings.items():
+    settings = {"gta": ("GTA default", {"target": "gta"}),
+                "gla": ("GLA-3 50%", budget_settings("gla", G * d, 3, d)),
+                "mla": ("MLA 50%", budget_settings("mla", G * d, 1, d)),
+                "ghla": ("GHLA default (50%)", {"target": "ghla"})}
+    for label, setting in (settings[target] for target in args.targets.split(",") if target):
         options = ConvertOptions(init="svd", **{k: v for k, v in setting.items() if not (
             k == "latent_heads" and setting["target"] == "mla")})
         models[label] = convert_in_memory(source, options)[0]
