@@ -1,6 +1,7 @@
 """How much calibration is enough: zero-shot quality and conversion time against --calib-tokens.
 
     python benchmarks/calib_curve.py --tokens 16384,32768,65536,131072,262144 --windows 16
+    python benchmarks/calib_curve.py --tokens 65536 --refit-tokens 0,16384,4096 --windows 16   # a cheaper refit
 
 Converts the bundled SmolLM2-135M with the command line's defaults for `--to gla` (or `--target`) at each
 calibration size, in memory, and measures perplexity on `--windows` windows of 1024 tokens. The calibration text is
@@ -30,6 +31,7 @@ from gtakit.evaluate import perplexity  # noqa: E402
 
 COLUMNS = [
     ("calib_tokens", "calibration tokens"),
+    ("refit_tokens", "refit tokens"),
     ("ppl", "perplexity"),
     ("ppl_ratio", "ppl vs source"),
     ("convert_s", "conversion s"),
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("--tokens", default="16384,32768,65536,131072,262144")
     parser.add_argument("--target", default="gla")
     parser.add_argument("--refit", default="auto", help="--refit of the conversions (auto: output)")
+    parser.add_argument("--refit-tokens", default="0",
+                        help="comma-separated --refit-tokens to compare at each --tokens (0: all of them)")
     parser.add_argument("--calib-seq-len", type=int, default=2048)
     parser.add_argument("--json", default="benchmarks/out/calib_curve/calib_curve.json")
     args = parser.parse_args()
@@ -74,20 +78,11 @@ def main() -> None:
     for tokens in [int(t) for t in args.tokens.split(",") if t]:
         ids = calibration_ids(source, str(calib_path), tokens, args.calib_seq_len)
         forward_s = source_forward_seconds(model, ids)
-        options = ConvertOptions(target=args.target, calib=str(calib_path), calib_tokens=tokens,
-                                 calib_seq_len=args.calib_seq_len, refit=args.refit)
-        with PeakRSS() as mem:
+        for refit_tokens in [int(t) for t in args.refit_tokens.split(",") if t]:
+            rows.append(convert_and_measure(source, args, calib_path, tokens, refit_tokens, forward_s, ids.numel(),
+                                            tokenizer, eval_text, eval_tokens, base))
+            print(markdown_table(rows[-1:], COLUMNS), flush=True)
             started = time.time()
-            converted, _ = convert_in_memory(source, options)
-            convert_s = time.time() - started
-        result = perplexity(converted, tokenizer, eval_text, eval_tokens, window=args.window)
-        del converted
-        rows.append({"calib_tokens": int(ids.numel()), "ppl": round(result["perplexity"], 3),
-                     "ppl_ratio": f"{result['perplexity'] / base['perplexity']:.3f}x",
-                     "convert_s": round(convert_s, 1), "forward_s": round(forward_s, 1),
-                     "time_ratio": f"{convert_s / forward_s:.2f}x", "peak_mb": round(mem.peak_mb),
-                     "settings": options.to_dict()})
-        print(markdown_table(rows[-1:], COLUMNS), flush=True)
     table = markdown_table(rows, COLUMNS)
     print("\n" + table)
     Path(args.json).write_text(json.dumps({
@@ -98,6 +93,22 @@ def main() -> None:
         "rows": rows,
         "table": table,
     }, indent=2))
+
+
+def convert_and_measure(source, args, calib_path, tokens: int, refit_tokens: int, forward_s: float,
+                        calib_tokens: int, tokenizer, eval_text: str, eval_tokens: int, base: dict) -> dict:
+    options = ConvertOptions(target=args.target, calib=str(calib_path), calib_tokens=tokens,
+                             calib_seq_len=args.calib_seq_len, refit=args.refit, refit_tokens=refit_tokens)
+    with PeakRSS() as mem:
+        started = time.time()
+        converted, _ = convert_in_memory(source, options)
+        convert_s = time.time() - started
+    result = perplexity(converted, tokenizer, eval_text, eval_tokens, window=args.window)
+    return {"calib_tokens": int(calib_tokens), "refit_tokens": refit_tokens or "all",
+            "ppl": round(result["perplexity"], 3), "ppl_ratio": f"{result['perplexity'] / base['perplexity']:.3f}x",
+            "convert_s": round(convert_s, 1), "forward_s": round(forward_s, 1),
+            "time_ratio": f"{convert_s / forward_s:.2f}x", "peak_mb": round(mem.peak_mb),
+            "settings": options.to_dict()}
 
 
 if __name__ == "__main__":

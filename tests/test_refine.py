@@ -9,7 +9,7 @@ from sources import VOCAB
 from gtakit.convert import ConvertOptions
 from gtakit.convert.calibration import LayerwiseCalibrator, calibration_ids
 from gtakit.convert.pipeline import convert_in_memory
-from gtakit.convert.refine import OutputMoments, refit_output_weight
+from gtakit.convert.refine import OutputMoments, output_moments, refit_output_weight
 from gtakit.errors import GtakitError
 from gtakit.io.source import open_source
 
@@ -86,6 +86,8 @@ def test_refinement_needs_live_calibration(calib_setup):
         with pytest.raises(GtakitError, match="--calib"):
             convert_in_memory(source, ConvertOptions(target="mla", kv_rank=8, init="aware", **bad),
                               stats_for_layer=lambda i: stats[i])
+    with pytest.raises(GtakitError, match="--refit-tokens must be >= 0"):
+        convert_in_memory(source, ConvertOptions(target="mla", refit_tokens=-1), stats_for_layer=live)
     with pytest.raises(GtakitError, match="--refit must be one of"):
         convert_in_memory(source, ConvertOptions(target="mla", refit="weights"), stats_for_layer=None)
 
@@ -101,6 +103,53 @@ def test_output_refit_solves_the_least_squares_problem():
     assert torch.allclose(fitted, least_squares, atol=1e-3)
     assert moments.error(fitted) < moments.error(torch.zeros(4, 6, dtype=torch.float64))
 
+
+
+def test_refit_on_the_first_tokens_consumes_every_pair():
+    """`refit_tokens`: the converted attention runs on the first micro-batches only, yet the pass is consumed to
+    its end (it advances the calibrator)."""
+    o_proj = torch.nn.Linear(6, 4, bias=False)
+    calls = []
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.o_proj = o_proj
+
+        def forward(self, x):
+            calls.append(x.shape)
+            return self.o_proj(x)
+
+    consumed = []
+
+    def pairs():
+        for i in range(5):
+            consumed.append(i)
+            x = torch.randn(2, 100, 6, generator=torch.Generator().manual_seed(i))
+            yield (x,), {}, torch.randn(2, 100, 4)
+
+    limited = output_moments(Attention(), pairs(), tokens=300)
+    assert len(calls) == 2 and consumed == [0, 1, 2, 3, 4]  # 2 x 200 tokens reach 300
+    calls.clear()
+    consumed.clear()
+    full = output_moments(Attention(), pairs())
+    assert len(calls) == 5 and full.target_energy > limited.target_energy
+
+
+@pytest.mark.parametrize("target", sorted(FULL))
+def test_refit_on_fewer_tokens_stays_exact_and_still_lowers_the_error(calib_setup, target):
+    root, models, text = calib_setup
+    source, live = calibrator(root, "llama-gqa-llama3rope", text)
+    options = ConvertOptions(target=target, init="aware", refit="output", refit_tokens=512, **FULL[target])
+    converted, _ = convert_in_memory(source, options, stats_for_layer=live)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (converted(ids).logits - models["llama-gqa-llama3rope"](ids).logits).abs().max().item() < 1e-4
+    source, live = calibrator(root, "llama-gqa-llama3rope", text)
+    options = ConvertOptions(target=target, init="aware", refit="output", refit_tokens=512, kv_rank=8)
+    _, report = convert_in_memory(source, options, stats_for_layer=live)
+    for layer in report["layers"]:
+        assert 0 <= layer["output_rel_error"] < layer["output_rel_error_before_refit"]
 
 def test_layer_local_fitting_lowers_its_loss_and_is_reproducible(calib_setup):
     root, _, text = calib_setup

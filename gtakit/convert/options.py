@@ -62,6 +62,9 @@ class ConvertOptions:
         "auto", "Refit after the closed-form conversion, on --calib: output (o_proj refitted by least squares so "
         "each converted attention's output matches the source's on the calibration inputs) or none. auto: output "
         "with --calib, none without.")
+    refit_tokens: int = option(
+        0, "Calibration tokens the output refit runs the converted attention on, per layer (the first ones); 0: all "
+        "of them. Fewer make the conversion quicker (the refit's pass is about a third of it).")
     refine_steps: int = option(
         0, "Layer-local fitting: Adam steps per converted layer on its source attention's inputs and outputs "
         "(--refine-tokens of --calib), before the refit; 0: none.")

@@ -64,16 +64,22 @@ class OutputMoments:
 
 
 @torch.no_grad()
-def output_moments(module: torch.nn.Module, pairs: Iterable[tuple[tuple, dict, torch.Tensor]]) -> OutputMoments:
-    """Run `module` on every (args, kwargs, source output) of `pairs` and accumulate the moments of the fit."""
+def output_moments(module: torch.nn.Module, pairs: Iterable[tuple[tuple, dict, torch.Tensor]],
+                   tokens: int = 0) -> OutputMoments:
+    """Run `module` on the (args, kwargs, source output) of `pairs` and accumulate the moments of the fit: on all of
+    them, or (`tokens` > 0) on the first micro-batches holding at least `tokens` tokens. The rest of `pairs` is
+    still consumed: a pass that advances the calibrator must run to its end."""
     o_proj = module.o_proj
     captured: list[torch.Tensor] = []
     handle = o_proj.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
     gram = torch.zeros(o_proj.in_features, o_proj.in_features, dtype=torch.float64)
     cross = torch.zeros(o_proj.out_features, o_proj.in_features, dtype=torch.float64)
-    energy = 0.0
+    energy, seen = 0.0, 0
     try:
         for args, kwargs, target in pairs:
+            if tokens and seen >= tokens:
+                continue
+            seen += target.shape[0] * target.shape[1]
             module(*args, **kwargs)
             u = captured.pop().reshape(-1, o_proj.in_features).float()
             y = target.reshape(-1, o_proj.out_features).float()
@@ -144,13 +150,14 @@ class LayerRefiner:
     """Refines each converted layer right after its conversion, with the calibrator's inputs for that layer."""
 
     def __init__(self, calibrator: Any, source_config: Any, refit: str, sequential: bool, steps: int = 0,
-                 tokens: int = 0) -> None:
+                 tokens: int = 0, refit_tokens: int = 0) -> None:
         self.calibrator = calibrator
         self.source_config = source_config
         self.refit = refit
         self.sequential = sequential
         self.steps = steps
         self.tokens = tokens
+        self.refit_tokens = refit_tokens
 
     @property
     def active(self) -> bool:
@@ -166,7 +173,8 @@ class LayerRefiner:
             converted.metrics["refine_loss_first"], converted.metrics["refine_loss_last"] = losses[0], losses[-1]
         if self.refit == "output":
             # Without sequential calibration the same pass advances the calibrator to the next layer.
-            moments = output_moments(module, self.calibrator.attention_pairs(index, advance=not self.sequential))
+            moments = output_moments(module, self.calibrator.attention_pairs(index, advance=not self.sequential),
+                                     self.refit_tokens)
             before = moments.error(module.o_proj.weight.detach())
             weight = refit_output_weight(moments, converted.tensors["o_proj.weight"])
             converted.tensors["o_proj.weight"] = weight.to(converted.tensors["o_proj.weight"].dtype)
