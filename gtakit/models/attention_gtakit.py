@@ -133,6 +133,35 @@ def attend_cache(
     return attend(torch.softmax(scores, dim=-1), 0, total)
 
 
+def fused_cache_attention(
+    rows: torch.Tensor,
+    cached: torch.Tensor,
+    rope_query: torch.Tensor,
+    rope_key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """softmax(scale * (rows . cached + rope_query . rope_key) + mask) @ cached through SDPA's fused kernel, for
+    caches whose one tensor is both key and value (GTA's tied state, GLA's latents).
+
+    `rows` `[B, n, R, w]`: per cached head n, its R = (heads per cached head) x q_len query rows, heads outer;
+    `cached` `[B, n, T, w]`; the RoPE part of the scores `[B, H, q_len, T]` (H = n x heads per cached head) from
+    `rope_query` `[B, H, q_len, r]` and `rope_key` `[B, 1, T, r]` enters as an additive bias, with `mask`. The
+    heads of a cached head are query rows of one SDPA call, so the cache is read once per cached head and never
+    copied (measured on this project's 2-core CPU, GTA at 8192 tokens x 4 rows: 8.9 -> 5.8 ms per layer, one
+    thread, against the chunked bmm path)."""
+    batch, heads, q_len, _ = rope_query.shape
+    total = cached.shape[2]
+    bias = None
+    if rope_query.shape[-1]:
+        bias = shared_matmul(rope_query, rope_key.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        bias = mask.float().expand(batch, heads, q_len, total) if bias is None else bias + mask
+    if bias is not None:
+        bias = bias.reshape(batch, cached.shape[1], rows.shape[2], total).to(rows.dtype)
+    return F.scaled_dot_product_attention(rows, cached, cached, attn_mask=bias, scale=scale)
+
+
 def causal_additive_mask(q_len: int, total: int, device: torch.device) -> torch.Tensor | None:
     """Additive float mask `[1, 1, q_len, total]` of queries at the last `q_len` of `total` positions."""
     if q_len == 1:

@@ -22,6 +22,7 @@ from .attention_gtakit import (
     attend_cache,
     check_positive,
     check_rope_index,
+    fused_cache_attention,
     shared_matmul,
     source_head_dim,
 )
@@ -110,10 +111,7 @@ class GLAAttention(GtakitAttention):
         key = torch.cat((latent, rope_key.expand(batch, self.num_latents, total, -1)), dim=-1)
         key = key.repeat_interleave(self.heads_per_latent, dim=1)
         value = latent.repeat_interleave(self.heads_per_latent, dim=1)
-        attended = self.sdpa(q, key, value, mask, q_len)
-        attended = attended.view(batch, self.num_latents, self.heads_per_latent, q_len, self.latent_dim)
-        out = torch.einsum("bjhlc,jhvc->bjhlv", attended, self._up_weights()[1])
-        return out.reshape(batch, self.num_heads, q_len, self.v_dim)
+        return self._up_project(self.sdpa(q, key, value, mask, q_len), q_len)
 
     def upprojected_attention(self, query, latent, rope_key, mask, q_len, key_scale=None):
         """Up-project every cached latent to per-head keys and values, then SDPA."""
@@ -137,9 +135,7 @@ class GLAAttention(GtakitAttention):
         batch, _, q_len, _ = query.shape
         q_latent = self._absorbed_query(query).reshape(batch, self.num_heads, q_len, self.latent_dim).contiguous()
         attended = kernels.gla_decode(q_latent, query[..., self.nope_dim :], latent, rope_key, scale=self.scale)
-        attended = attended.view(batch, self.num_latents, self.heads_per_latent, q_len, self.latent_dim)
-        out = torch.einsum("bjhlc,jhvc->bjhlv", attended, self._up_weights()[1])
-        return out.reshape(batch, self.num_heads, q_len, self.v_dim)
+        return self._up_project(attended, q_len)
 
     def absorbed_attention(self, query, latent, rope_key, mask, key_scale=None):
         """Weight absorption: W_uk folds into the query, W_uv is applied after attending over the latents.
@@ -147,6 +143,9 @@ class GLAAttention(GtakitAttention):
         batch, _, q_len, _ = query.shape
         q_latent = self._absorbed_query(query)
         q_latent = q_latent.reshape(batch, self.num_latents, self.heads_per_latent * q_len, self.latent_dim)
+        if key_scale is None and self.softcap is None:
+            attended = fused_cache_attention(q_latent, latent, query[..., self.nope_dim :], rope_key, mask, self.scale)
+            return self._up_project(attended, q_len)
 
         def scores_of(start: int, stop: int) -> torch.Tensor:
             cached = latent[:, :, start:stop]
@@ -160,10 +159,13 @@ class GLAAttention(GtakitAttention):
             probs = probs.to(latent.dtype).view(batch, self.num_latents, self.heads_per_latent * q_len, -1)
             return (probs @ latent[:, :, start:stop]).view(batch, self.num_heads, q_len, self.latent_dim)
 
-        attended = attend_cache(scores_of, attend, latent, rope_key, mask)
-        attended = attended.view(batch, self.num_latents, self.heads_per_latent, q_len, self.latent_dim)
+        return self._up_project(attend_cache(scores_of, attend, latent, rope_key, mask), q_len)
+
+    def _up_project(self, attended: torch.Tensor, q_len: int) -> torch.Tensor:
+        """Attended latents (any shape holding `[B, J, Hb, L, c]` in order) -> per-head values `[B, H, L, v]`."""
+        attended = attended.reshape(-1, self.num_latents, self.heads_per_latent, q_len, self.latent_dim)
         out = torch.einsum("bjhlc,jhvc->bjhlv", attended, self._up_weights()[1])
-        return out.reshape(batch, self.num_heads, q_len, self.v_dim)
+        return out.reshape(-1, self.num_heads, q_len, self.v_dim)
 
 
 __all__ = ["GLAAttention"]

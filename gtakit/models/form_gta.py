@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention_gtakit import (
@@ -20,6 +21,7 @@ from .attention_gtakit import (
     attend_cache,
     check_positive,
     check_rope_index,
+    fused_cache_attention,
     shared_matmul,
     source_head_dim,
 )
@@ -95,6 +97,12 @@ class GTAAttention(GtakitAttention):
         Without a mask (a decode step over the whole cache), long caches are read in chunks (`online_softmax`)."""
         batch, _, q_len, _ = query.shape
         rep = self.num_heads // self.num_groups
+        if key_scale is None and self.softcap is None:
+            # Zeroing the query's RoPE columns leaves q_nope . s_g[:d-r] as the state's part of the scores.
+            rows = F.pad(query[..., : self.nope_dim], (0, self.head_dim - self.nope_dim))
+            rows = rows.reshape(batch, self.num_groups, rep * q_len, self.head_dim)
+            out = fused_cache_attention(rows, state, query[..., self.nope_dim :], rope_key, mask, self.scale)
+            return out.view(batch, self.num_heads, q_len, self.head_dim)
         grouped = query.reshape(batch, self.num_groups, rep * q_len, self.head_dim)
 
         def scores_of(start: int, stop: int) -> torch.Tensor:
