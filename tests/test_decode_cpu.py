@@ -92,3 +92,26 @@ def test_chunked_decode_equals_the_one_shot_softmax(name, monkeypatch):
     chunked = decode_logits()
     assert torch.allclose(chunked, one_shot, atol=1e-5)
     assert len(calls) == 4 * model.config.num_hidden_layers  # every decode step of every layer went in chunks
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["gta-g2", "gta-g1-mqa", "mla", "gla4", "gla2-no-nope-wide-rope"])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_fused_absorbed_attention_equals_the_explicit_one(name, q_len):
+    """The fused SDPA decode (heads as query rows, RoPE scores as a bias) against the explicit softmax path, which
+    a key scale of ones selects without changing the scores; with the causal mask of a q_len block."""
+    model = build_model(TINY_CONFIGS[name]())
+    attn = model.model.layers[0].self_attn
+    total, batch = 37, 2
+    torch.manual_seed(1)
+    hidden = torch.randn(batch, total, model.config.hidden_size)
+    rotary = model.model.rotary_emb(hidden, torch.arange(total)[None].expand(batch, -1))
+    cos, sin = attn.rope_cos_sin(rotary)
+    query, state, rope_key = attn.project(hidden, cos, sin)
+    query = query[:, :, -q_len:]
+    mask = attention_gtakit.additive(None, q_len, total, query.device)
+    fused = attn.absorbed_attention(query, state, rope_key, mask)
+    ones = torch.ones(batch, attn.num_heads, total)
+    explicit = attn.absorbed_attention(query, state, rope_key, mask, key_scale=ones)
+    assert fused.shape == explicit.shape
+    assert (fused - explicit).abs().max().item() < 1e-5
