@@ -32,6 +32,7 @@ from gtakit.evaluate import perplexity  # noqa: E402
 COLUMNS = [
     ("calib_tokens", "calibration tokens"),
     ("refit_tokens", "refit tokens"),
+    ("ridge", "refit ridge"),
     ("ppl", "perplexity"),
     ("ppl_ratio", "ppl vs source"),
     ("convert_s", "conversion s"),
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--refit", default="auto", help="--refit of the conversions (auto: output)")
     parser.add_argument("--refit-tokens", default="0",
                         help="comma-separated --refit-tokens to compare at each --tokens (0: all of them)")
+    parser.add_argument("--refit-ridges", default="0.0001",
+                        help="comma-separated --refit-ridge values to compare at each size")
     parser.add_argument("--calib-seq-len", type=int, default=2048)
     parser.add_argument("--json", default="benchmarks/out/calib_curve/calib_curve.json")
     args = parser.parse_args()
@@ -79,9 +82,10 @@ def main() -> None:
         ids = calibration_ids(source, str(calib_path), tokens, args.calib_seq_len)
         forward_s = source_forward_seconds(model, ids)
         for refit_tokens in [int(t) for t in args.refit_tokens.split(",") if t]:
-            rows.append(convert_and_measure(source, args, calib_path, tokens, refit_tokens, forward_s, ids.numel(),
-                                            tokenizer, eval_text, eval_tokens, base))
-            print(markdown_table(rows[-1:], COLUMNS), flush=True)
+            for ridge in [float(r) for r in args.refit_ridges.split(",") if r]:
+                rows.append(convert_and_measure(source, args, calib_path, tokens, refit_tokens, ridge, forward_s,
+                                                ids.numel(), tokenizer, eval_text, eval_tokens, base))
+                print(markdown_table(rows[-1:], COLUMNS), flush=True)
             started = time.time()
     table = markdown_table(rows, COLUMNS)
     print("\n" + table)
@@ -95,16 +99,17 @@ def main() -> None:
     }, indent=2))
 
 
-def convert_and_measure(source, args, calib_path, tokens: int, refit_tokens: int, forward_s: float,
+def convert_and_measure(source, args, calib_path, tokens: int, refit_tokens: int, ridge: float, forward_s: float,
                         calib_tokens: int, tokenizer, eval_text: str, eval_tokens: int, base: dict) -> dict:
     options = ConvertOptions(target=args.target, calib=str(calib_path), calib_tokens=tokens,
-                             calib_seq_len=args.calib_seq_len, refit=args.refit, refit_tokens=refit_tokens)
+                             calib_seq_len=args.calib_seq_len, refit=args.refit, refit_tokens=refit_tokens,
+                             refit_ridge=ridge)
     with PeakRSS() as mem:
         started = time.time()
         converted, _ = convert_in_memory(source, options)
         convert_s = time.time() - started
     result = perplexity(converted, tokenizer, eval_text, eval_tokens, window=args.window)
-    return {"calib_tokens": int(calib_tokens), "refit_tokens": refit_tokens or "all",
+    return {"calib_tokens": int(calib_tokens), "refit_tokens": refit_tokens or "all", "ridge": ridge,
             "ppl": round(result["perplexity"], 3), "ppl_ratio": f"{result['perplexity'] / base['perplexity']:.3f}x",
             "convert_s": round(convert_s, 1), "forward_s": round(forward_s, 1),
             "time_ratio": f"{convert_s / forward_s:.2f}x", "peak_mb": round(mem.peak_mb),

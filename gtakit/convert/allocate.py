@@ -28,7 +28,7 @@ from .calibration import collect_layer_statistics
 from .layer import convert_attention
 from .options import ConvertOptions, parse_layer_overrides
 from .plan import ConversionPlan, LayerPlan, plan_layer
-from .refine import build_attention, output_moments, refit_output_weight, resolve_refit
+from .refine import RIDGE, build_attention, output_moments, refit_output_weight, resolve_refit
 
 ALLOCATIONS = ("none", "error")
 
@@ -111,7 +111,8 @@ def cheapest_allocation(elements: list[list[int]], errors: list[list[float]], bu
 
 @torch.no_grad()
 def measure_candidates(plan: ConversionPlan, source: SourceModel, method, calibrator, index: int, stats,
-                       candidates: list[tuple[Candidate, LayerPlan | None]], refit: bool) -> None:
+                       candidates: list[tuple[Candidate, LayerPlan | None]], refit: bool,
+                       ridge: float = RIDGE) -> None:
     """Fill in each candidate's error (see the module's docstring) on the calibrator's tokens for layer `index`."""
     residual = float(calibrator.hidden.double().pow(2).sum())
     pairs = list(calibrator.attention_pairs(index, advance=True))  # also advances the calibrator
@@ -122,7 +123,8 @@ def measure_candidates(plan: ConversionPlan, source: SourceModel, method, calibr
         spec = {**candidate_plan.spec, **converted.spec_updates}
         module = build_attention(plan.source_config, spec, index, converted.tensors).to(calibrator.device)
         moments = output_moments(module, pairs)
-        weight = refit_output_weight(moments, converted.tensors["o_proj.weight"]) if refit else module.o_proj.weight
+        weight = refit_output_weight(moments, converted.tensors["o_proj.weight"], ridge) if refit \
+            else module.o_proj.weight
         candidate.error = moments.error(weight) * moments.target_energy / max(residual, 1e-30)
 
 
@@ -143,7 +145,7 @@ def allocate_budget(source: SourceModel, plan: ConversionPlan, options: ConvertO
             tables.append([Candidate({}, plan.layer_elements[index])])
             continue
         candidates = layer_candidates(plan, index, source_allowed)
-        measure_candidates(plan, source, method, calibrator, index, stats, candidates, refit)
+        measure_candidates(plan, source, method, calibrator, index, stats, candidates, refit, options.refit_ridge)
         tables.append([candidate for candidate, _ in candidates])
     calibrator.finish()
     budget = plan.target_elements_per_token

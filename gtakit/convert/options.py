@@ -65,6 +65,9 @@ class ConvertOptions:
     refit_tokens: int = option(
         0, "Calibration tokens the output refit runs the converted attention on, per layer (the first ones); 0: all "
         "of them. Fewer make the conversion quicker (the refit's pass is about a third of it).")
+    refit_ridge: float = option(
+        1e-4, "Ridge of the output refit, relative to the mean eigenvalue of its input moment: how strongly the "
+        "refitted o_proj is pulled towards the closed-form one (larger: less fitted to the calibration text).")
     refine_steps: int = option(
         0, "Layer-local fitting: Adam steps per converted layer on its source attention's inputs and outputs "
         "(--refine-tokens of --calib), before the refit; 0: none.")

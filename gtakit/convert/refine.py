@@ -94,11 +94,12 @@ def output_moments(module: torch.nn.Module, pairs: Iterable[tuple[tuple, dict, t
     return OutputMoments(gram, cross, energy)
 
 
-def refit_output_weight(moments: OutputMoments, weight: torch.Tensor) -> torch.Tensor:
-    """argmin_W |W u - y|^2 + lambda |W - W0|^2 over the calibration tokens (W0 = `weight`)."""
+def refit_output_weight(moments: OutputMoments, weight: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """argmin_W |W u - y|^2 + lambda |W - W0|^2 over the calibration tokens (W0 = `weight`; lambda = `ridge` times
+    the mean eigenvalue of the input moment)."""
     gram = moments.gram
     n = gram.shape[0]
-    ridge = RIDGE * float(torch.trace(gram)) / n
+    ridge = ridge * float(torch.trace(gram)) / n
     if ridge <= 0:
         return weight.double()
     rhs = moments.cross + ridge * weight.double()
@@ -150,7 +151,7 @@ class LayerRefiner:
     """Refines each converted layer right after its conversion, with the calibrator's inputs for that layer."""
 
     def __init__(self, calibrator: Any, source_config: Any, refit: str, sequential: bool, steps: int = 0,
-                 tokens: int = 0, refit_tokens: int = 0) -> None:
+                 tokens: int = 0, refit_tokens: int = 0, ridge: float = RIDGE) -> None:
         self.calibrator = calibrator
         self.source_config = source_config
         self.refit = refit
@@ -158,6 +159,7 @@ class LayerRefiner:
         self.steps = steps
         self.tokens = tokens
         self.refit_tokens = refit_tokens
+        self.ridge = ridge
 
     @property
     def active(self) -> bool:
@@ -176,7 +178,7 @@ class LayerRefiner:
             moments = output_moments(module, self.calibrator.attention_pairs(index, advance=not self.sequential),
                                      self.refit_tokens)
             before = moments.error(module.o_proj.weight.detach())
-            weight = refit_output_weight(moments, converted.tensors["o_proj.weight"])
+            weight = refit_output_weight(moments, converted.tensors["o_proj.weight"], self.ridge)
             converted.tensors["o_proj.weight"] = weight.to(converted.tensors["o_proj.weight"].dtype)
             module.o_proj.weight.data.copy_(weight.float())
             converted.metrics["output_rel_error_before_refit"] = before
@@ -186,5 +188,5 @@ class LayerRefiner:
         return converted
 
 
-__all__ = ["REFITS", "LayerRefiner", "build_attention", "fit_locally", "fixed_pairs", "output_moments",
+__all__ = ["REFITS", "RIDGE", "LayerRefiner", "build_attention", "fit_locally", "fixed_pairs", "output_moments",
            "refit_output_weight", "resolve_refit"]
