@@ -86,7 +86,6 @@ def main() -> None:
                 rows.append(convert_and_measure(source, args, calib_path, tokens, refit_tokens, ridge, forward_s,
                                                 ids.numel(), tokenizer, eval_text, eval_tokens, base))
                 print(markdown_table(rows[-1:], COLUMNS), flush=True)
-            started = time.time()
     table = markdown_table(rows, COLUMNS)
     print("\n" + table)
     Path(args.json).write_text(json.dumps({

@@ -104,8 +104,10 @@ def layer_refiner(source: SourceModel, options: ConvertOptions, stats_for_layer)
     options.refit = resolve_refit(options.refit, live)
     if options.sequential and not live:
         raise GtakitError("--sequential calibrates every layer on the converted layers before it: pass --calib FILE")
-    if options.refine_steps < 0 or options.refine_tokens < 1 or options.refit_tokens < 0 or options.refit_ridge < 0:
-        raise GtakitError("--refine-steps, --refit-tokens and --refit-ridge must be >= 0 and --refine-tokens >= 1")
+    if options.refine_steps < 0 or options.refine_tokens < 1 or options.refit_tokens < 0:
+        raise GtakitError("--refine-steps and --refit-tokens must be >= 0 and --refine-tokens >= 1")
+    if not options.refit_ridge > 0:  # the refit's least squares is rank-deficient (values narrower than o_proj)
+        raise GtakitError(f"--refit-ridge must be > 0, got {options.refit_ridge}; the default is 1e-4")
     if options.refine_steps and not live:
         raise GtakitError("--refine-steps fits each converted layer on calibration text: pass --calib FILE")
     refiner = LayerRefiner(stats_for_layer, source.config, options.refit, options.sequential, options.refine_steps,

@@ -99,11 +99,11 @@ def refit_output_weight(moments: OutputMoments, weight: torch.Tensor, ridge: flo
     the mean eigenvalue of the input moment)."""
     gram = moments.gram
     n = gram.shape[0]
-    ridge = ridge * float(torch.trace(gram)) / n
-    if ridge <= 0:
+    strength = ridge * float(torch.trace(gram)) / n
+    if strength <= 0:  # nothing excited the input (or no ridge): keep the closed-form weight
         return weight.double()
-    rhs = moments.cross + ridge * weight.double()
-    return torch.linalg.solve(gram + ridge * torch.eye(n, dtype=gram.dtype), rhs.T).T
+    rhs = moments.cross + strength * weight.double()
+    return torch.linalg.solve(gram + strength * torch.eye(n, dtype=gram.dtype), rhs.T).T
 
 
 REFINE_LR = 1e-4  # Adam step on the converted attention's weights (measured: benchmarks/RESULTS.md)

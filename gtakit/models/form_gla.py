@@ -139,7 +139,8 @@ class GLAAttention(GtakitAttention):
 
     def absorbed_attention(self, query, latent, rope_key, mask, key_scale=None):
         """Weight absorption: W_uk folds into the query, W_uv is applied after attending over the latents.
-        Without a mask (a decode step over the whole cache), long caches are read in chunks (`online_softmax`)."""
+        One fused SDPA call per latent head (`fused_cache_attention`); with soft-capping or cached key scales the
+        scores are explicit, and without a mask long caches are then read in chunks (`online_softmax`)."""
         batch, _, q_len, _ = query.shape
         q_latent = self._absorbed_query(query)
         q_latent = q_latent.reshape(batch, self.num_latents, self.heads_per_latent * q_len, self.latent_dim)

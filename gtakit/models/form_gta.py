@@ -94,7 +94,8 @@ class GTAAttention(GtakitAttention):
 
     def absorbed_attention(self, query, state, rope_key, mask, key_scale=None):
         """Scores straight from the cache: q_nope . s_g[:d-r] + q_rope . k_r; output p @ s_g. No key is built.
-        Without a mask (a decode step over the whole cache), long caches are read in chunks (`online_softmax`)."""
+        One fused SDPA call per group (`fused_cache_attention`); with soft-capping or cached key scales the scores
+        are explicit, and without a mask long caches are then read in chunks (`online_softmax`)."""
         batch, _, q_len, _ = query.shape
         rep = self.num_heads // self.num_groups
         if key_scale is None and self.softcap is None:
