@@ -46,7 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="512,2048")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--targets", default="gta,gla,mla,ghla", help="conversions to time beside the source")
+    parser.add_argument("--targets", default="gta,gla,mla,ghla",
+                        help="conversions to time beside the source: gta, gla, gla-unfolded, mla, ghla")
     parser.add_argument("--json", default="benchmarks/out/prefill_cpu.json")
     args = parser.parse_args()
     source = open_source(None)
@@ -55,11 +56,16 @@ def main() -> None:
     settings = {"gta": ("GTA default", {"target": "gta"}),
                 "gla": ("GLA-3 50%", budget_settings("gla", G * d, 3, d)),
                 "mla": ("MLA 50%", budget_settings("mla", G * d, 1, d)),
+                "gla-unfolded": ("GLA-3 50%, W_uk/W_uv not folded", budget_settings("gla", G * d, 3, d)),
                 "ghla": ("GHLA default (50%)", {"target": "ghla"})}
-    for label, setting in (settings[target] for target in args.targets.split(",") if target):
+    for target in (t for t in args.targets.split(",") if t):
+        label, setting = settings[target]
         options = ConvertOptions(init="svd", **{k: v for k, v in setting.items() if not (
             k == "latent_heads" and setting["target"] == "mla")})
         models[label] = convert_in_memory(source, options)[0]
+        if target == "gla-unfolded":  # the same model applying W_uk / W_uv per token (as before the folding)
+            for layer in models[label].model.layers:
+                layer.self_attn.fold_weights = False
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
         ids = torch.randint(3, source.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))

@@ -147,27 +147,52 @@ def test_absorbed_prefill_equals_plain_prefill(tiny_config):
 
 @torch.no_grad()
 @pytest.mark.parametrize("masked", [False, True])
-def test_latent_space_prefill_equals_upprojected_prefill(masked):
-    """GLA prefill in the latent space (c < n) is the same attention as with per-head keys and values."""
+def test_latent_space_prefill_equals_upprojected_prefill(masked, monkeypatch):
+    """GLA prefill in the latent space (c < n), with W_uk / W_uv multiplied into q_proj / o_proj or applied per
+    token, is the same attention as with per-head keys and values."""
     from gtakit.models import GLAAttention
 
-    config = gla_config(kv_lora_rank=6, qk_nope_head_dim=12, num_latent_heads=2)
+    config = gla_config(kv_lora_rank=6, qk_nope_head_dim=12, num_latent_heads=2, attention_bias=True,
+                        o_proj_bias=True)
     torch.manual_seed(0)
     attn = GLAAttention(config.source_config(), layer_spec(config), layer_idx=0).eval()
-    batch, length, heads = 2, 11, attn.num_heads
-    query = torch.randn(batch, heads, length, attn.nope_dim + attn.rope_dim)
-    latent = torch.randn(batch, attn.num_latents, length, attn.latent_dim)
-    rope_key = torch.randn(batch, 1, length, attn.rope_dim)
+    batch, length = 2, 11
+    hidden = torch.randn(batch, length, attn.config.hidden_size)
+    angles = torch.randn(batch, length, attn.config.head_dim // 2)
+    rotary = (torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin())
     mask = None
     if masked:  # left padding of the second row, as transformers' boolean 4-D mask
         mask = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).clone()
         mask[1, :, :, :3] = False
         mask[1, :, :3, :3] = torch.eye(3, dtype=torch.bool)
-    latent_space = attn.latent_space_attention(query, latent, rope_key, mask, length)
-    upprojected = attn.upprojected_attention(query, latent, rope_key, mask, length)
-    assert latent_space.shape == upprojected.shape == (batch, heads, length, attn.v_dim)
-    assert (latent_space - upprojected).abs().max().item() < 1e-5
-    assert torch.equal(attn.plain_attention(query, latent, rope_key, mask, length), latent_space)
+    assert attn.latent_queries
+    outputs = {}
+    for fold in (True, False):
+        attn.fold_weights = fold
+        outputs[fold] = attn(hidden, rotary, attention_mask=mask)[0]
+    monkeypatch.setattr(GLAAttention, "latent_queries", property(lambda self: False))
+    upprojected = attn(hidden, rotary, attention_mask=mask)[0]
+    for latent_space in outputs.values():
+        assert (latent_space - upprojected).abs().max().item() < 1e-5
+    assert outputs[True].shape == (batch, length, attn.config.hidden_size)
+
+
+@torch.no_grad()
+def test_gla_folds_weights_only_where_that_computes_the_same():
+    """By default W_uk / W_uv are multiplied into q_proj / o_proj only at inference, for enough tokens, on plain
+    projections: not while training (gradients), nor under a hook on o_proj (the output refit captures its input)."""
+    from gtakit.models import GLAAttention
+
+    config = gla_config(kv_lora_rank=6, qk_nope_head_dim=12, num_latent_heads=2)
+    attn = GLAAttention(config.source_config(), layer_spec(config), layer_idx=0)
+    assert attn.fold_weights is None and attn.folding_pays(4096, attn.nope_dim)
+    assert not attn.folding_pays(1, attn.nope_dim)  # one decode token: folding costs more than it saves
+    with torch.enable_grad():
+        assert not attn.folding_pays(4096, attn.nope_dim)
+    handle = attn.o_proj.register_forward_pre_hook(lambda module, args: None)
+    assert not attn.folding_pays(4096, attn.nope_dim)
+    handle.remove()
+    assert attn.folding_pays(4096, attn.v_dim)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ r rope dim.
 
 The caller absorbs W_uk into the query (`q_latent[h] = W_uk,h^T q_nope[h]`, width c). Head h scores token t as
 `q_latent[h] . c_j[t] + q_rope[h] . k_r[t]` and gets `softmax(scale * scores) @ c_j`, the c-wide latent mixture;
-the caller applies W_uv,h after, as `GLAAttention.absorbed_attention` does.
+the caller applies W_uv,h after, as `GLAAttention.output` does.
 """
 
 from __future__ import annotations

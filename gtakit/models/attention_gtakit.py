@@ -3,7 +3,7 @@
 Flat file (copied next to converted weights for `trust_remote_code`); imports nothing from gtakit.
 
 A form subclasses `GtakitAttention` and fills in the hooks: `project` (new tokens -> query and the two tensors
-the cache stores), `plain_attention` (prefill: up-project and run SDPA), `absorbed_attention` (decode: read the
+the cache stores), `plain_attention` (prefill: one SDPA over the new and cached tokens), `absorbed_attention` (decode: read the
 compressed cache directly), optionally `kernel_attention` (Triton decode), `rope_cos_sin` and `output`.
 
 Sources with QK-norm (Qwen3, Gemma 3, OLMo-2) keep it exact: the query is the source's own projection, RMS-normalised
@@ -439,7 +439,10 @@ class GtakitAttention(nn.Module):
     def sdpa(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, q_len: int
     ) -> torch.Tensor:
+        groups = query.shape[1] // key.shape[1]  # > 1: each key head serves a contiguous block of query heads
         if self.softcap is not None:
+            if groups > 1:
+                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
             return self.explicit_attention(query, key, value, mask, q_len)
         # SDPA's fused (flash / memory-efficient) kernels need one head width for q, k and v; otherwise it falls
         # back to the math path, which materialises the T x T scores (15x slower and ~6x the memory at 8K tokens
@@ -459,6 +462,7 @@ class GtakitAttention(nn.Module):
             dropout_p=self.attention_dropout if self.training else 0.0,
             is_causal=mask is None and q_len > 1,
             scale=self.scale,
+            enable_gqa=groups > 1,
         )
         return out[..., :v_dim]
 
