@@ -60,3 +60,18 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak_mb = max(self.peak_mb, psutil.Process().memory_info().rss / 2**20)
+
+
+def finish_timing_table(rows: list[dict], columns: list[tuple[str, str]], json_path: str) -> None:
+    """Print the whole table and write it as JSON with the command, torch's version and its thread count (the
+    CPU speed benchmarks' common ending)."""
+    import json
+    import sys
+
+    import torch
+
+    table = markdown_table(rows, columns)
+    print("\n" + table)
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps({"command": " ".join(sys.argv), "threads": torch.get_num_threads(),
+                                           "torch": torch.__version__, "rows": rows, "table": table}, indent=2))

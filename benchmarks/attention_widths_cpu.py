@@ -13,7 +13,6 @@ last is what a fused kernel accepting unequal widths could at best reach. Prints
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table  # noqa: E402
+from _common import finish_timing_table, markdown_table  # noqa: E402
 from convert_quality import budget_settings  # noqa: E402
 
 HEADS, HEAD_DIM, KV_HEADS = 9, 64, 3  # SmolLM2-135M
@@ -82,11 +81,7 @@ def main() -> None:
         length_rows = rows_for(tokens, args.repeats)
         rows += length_rows
         print(markdown_table(length_rows, COLUMNS), flush=True)
-    table = markdown_table(rows, COLUMNS)
-    print("\n" + table)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "threads": torch.get_num_threads(),
-                                           "torch": torch.__version__, "rows": rows, "table": table}, indent=2))
+    finish_timing_table(rows, COLUMNS, args.json)
 
 
 COLUMNS = [("model", "model"), ("tokens", "tokens"), ("widths", "q,k / v widths"), ("way", "SDPA call"),

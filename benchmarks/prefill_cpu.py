@@ -13,7 +13,6 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table  # noqa: E402
+from _common import finish_timing_table, markdown_table  # noqa: E402
 from convert_quality import budget_settings  # noqa: E402
 
 from gtakit.convert.pipeline import convert_in_memory  # noqa: E402
@@ -84,11 +83,7 @@ def main() -> None:
             rows.append({"model": name, "tokens": length, "seconds": round(median, 2),
                          "vs_source": f"{median / base:.2f}x", "peak_growth_mb": round(growth[name])})
         print(markdown_table(rows[-len(models):], COLUMNS), flush=True)
-    table = markdown_table(rows, COLUMNS)
-    print("\n" + table)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "threads": torch.get_num_threads(),
-                                           "torch": torch.__version__, "rows": rows, "table": table}, indent=2))
+    finish_timing_table(rows, COLUMNS, args.json)
 
 
 COLUMNS = [("model", "model"), ("tokens", "tokens"), ("seconds", "median s"), ("vs_source", "vs source"),
