@@ -147,15 +147,18 @@ def test_absorbed_prefill_equals_plain_prefill(tiny_config):
 
 @torch.no_grad()
 @pytest.mark.parametrize("masked", [False, True])
-def test_latent_space_prefill_equals_upprojected_prefill(masked, monkeypatch):
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_latent_space_prefill_equals_upprojected_prefill(masked, softcap, monkeypatch):
     """GLA prefill in the latent space (c < n), with W_uk / W_uv multiplied into q_proj / o_proj or applied per
-    token, is the same attention as with per-head keys and values."""
+    token, is the same attention as with per-head keys and values; also with soft-capped scores (explicit
+    attention, each latent copied to its block of heads)."""
     from gtakit.models import GLAAttention
 
     config = gla_config(kv_lora_rank=6, qk_nope_head_dim=12, num_latent_heads=2, attention_bias=True,
                         o_proj_bias=True)
     torch.manual_seed(0)
     attn = GLAAttention(config.source_config(), layer_spec(config), layer_idx=0).eval()
+    attn.softcap = softcap
     batch, length = 2, 11
     hidden = torch.randn(batch, length, attn.config.hidden_size)
     angles = torch.randn(batch, length, attn.config.head_dim // 2)

@@ -440,9 +440,12 @@ class GtakitAttention(nn.Module):
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, q_len: int
     ) -> torch.Tensor:
         groups = query.shape[1] // key.shape[1]  # > 1: each key head serves a contiguous block of query heads
+        # SDPA's own GQA (no copies) is used on the CPU only: on CUDA not every kernel of the torch releases we
+        # support takes it, and a fallback to the math path would materialise the T x T scores.
+        if groups > 1 and (self.softcap is not None or query.device.type != "cpu"):
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+            groups = 1
         if self.softcap is not None:
-            if groups > 1:
-                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
             return self.explicit_attention(query, key, value, mask, q_len)
         # SDPA's fused (flash / memory-efficient) kernels need one head width for q, k and v; otherwise it falls
         # back to the math path, which materialises the T x T scores (15x slower and ~6x the memory at 8K tokens
