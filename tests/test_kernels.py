@@ -153,8 +153,14 @@ def _tiny(config_fn, backend, **overrides):
     return model.to(DEVICE)
 
 
+def _narrow_latent_gla_config(**overrides):
+    """Latent narrower than the no-RoPE key: the queries come out of `project` in the latent space."""
+    return gla_config(kv_lora_rank=6, qk_nope_head_dim=12, **overrides)
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("config_fn", [gta_config, gla_config], ids=["gta", "gla2"])
+@pytest.mark.parametrize("config_fn", [gta_config, gla_config, _narrow_latent_gla_config],
+                         ids=["gta", "gla2", "gla2-narrow-latent"])
 def test_model_triton_backend_matches_torch(config_fn):
     torch_model = _tiny(config_fn, "torch")
     triton_model = _tiny(config_fn, "triton")
