@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 import time
 from pathlib import Path
 
 import psutil
+import torch
 
 from gtakit.io.text import read_text
 from gtakit.bench.tables import markdown_table  # noqa: F401  (re-exported for the scripts)
@@ -65,11 +68,6 @@ class PeakRSS:
 def finish_timing_table(rows: list[dict], columns: list[tuple[str, str]], json_path: str) -> None:
     """Print the whole table and write it as JSON with the command, torch's version and its thread count (the
     CPU speed benchmarks' common ending)."""
-    import json
-    import sys
-
-    import torch
-
     table = markdown_table(rows, columns)
     print("\n" + table)
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)

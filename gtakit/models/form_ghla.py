@@ -120,11 +120,10 @@ class GHLAAttention(GtakitAttention):
         return attended.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.v_dim)
 
     def latent_attention(self, query, key, latent, mask, q_len):
-        """SDPA with keys repeated per map and the latent as every map's value: `[B, M, L, c]`."""
-        batch, _, total, _ = key.shape
-        key = key.repeat_interleave(self.maps_per_key, dim=1)
-        value = latent.expand(batch, self.num_maps, total, self.latent_dim)
-        return self.sdpa(query, key, value, mask, q_len)
+        """SDPA with each key head serving its maps (`sdpa` groups them) and the latent as every map's value:
+        `[B, M, L, c]`."""
+        batch, key_heads, total, _ = key.shape
+        return self.sdpa(query, key, latent.expand(batch, key_heads, total, self.latent_dim), mask, q_len)
 
     def absorbed_attention(self, query, key, latent, mask, key_scale=None):
         """Scores straight from the cache, maps of one key head batched together: `[B, M, L, c]`."""

@@ -76,17 +76,16 @@ class GTAAttention(GtakitAttention):
         return query, state, self.rotated_rope_key(x, cos, sin)
 
     def plain_attention(self, query, state, rope_key, mask, q_len, key_scale=None):
-        """Materialise per-group keys and run SDPA with grouped heads."""
+        """Materialise per-group keys and run SDPA with grouped heads (`sdpa` serves each group's block of heads)."""
         batch, _, total, _ = state.shape
-        rep = self.num_heads // self.num_groups
         if key_scale is None:
             key = torch.cat((state[..., : self.nope_dim], rope_key.expand(batch, self.num_groups, total, -1)), dim=-1)
-            key = key.repeat_interleave(rep, dim=1)
-        else:  # QK-norm: each head's no-RoPE key times its source KV head's 1/rms
-            key_nope = state[..., : self.nope_dim].repeat_interleave(rep, dim=1) * key_scale.unsqueeze(-1)
-            key = torch.cat((key_nope, rope_key.expand(batch, self.num_heads, total, -1)), dim=-1)
-        value = state.repeat_interleave(rep, dim=1)
-        return self.sdpa(query, key, value, mask, q_len)
+            return self.sdpa(query, key, state, mask, q_len)
+        # QK-norm: each head's no-RoPE key times its source KV head's 1/rms, so keys and values are per head.
+        rep = self.num_heads // self.num_groups
+        key_nope = state[..., : self.nope_dim].repeat_interleave(rep, dim=1) * key_scale.unsqueeze(-1)
+        key = torch.cat((key_nope, rope_key.expand(batch, self.num_heads, total, -1)), dim=-1)
+        return self.sdpa(query, key, state.repeat_interleave(rep, dim=1), mask, q_len)
 
     def kernel_attention(self, kernels, query, state, rope_key):
         """Triton decode over the whole (contiguous, causal) cache; same result as `absorbed_attention`."""
