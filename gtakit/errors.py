@@ -25,8 +25,8 @@ def one_line_errors() -> Iterator[None]:
         _exit(f"error: {err}", 2)
     except Terminated as err:
         _exit(f"stopped: {err}; no partial output was left", 143)
-    except KeyboardInterrupt:
-        _exit("interrupted; no partial output was left", 130)
+    except KeyboardInterrupt as err:  # its message, if any, says what was kept (finetune's checkpoints)
+        _exit(f"interrupted; no partial output was left{f'; {err}' if str(err) else ''}", 130)
     except OSError as err:  # a file system the checks could not foresee (e.g. a disk filling up while reading)
         where = f" ({err.filename})" if err.filename else ""
         _exit(f"error: {err.strerror or err}{where}", 2)

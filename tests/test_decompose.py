@@ -61,3 +61,24 @@ def test_svd_fallback_when_lapack_fails(monkeypatch):
     left, sing, vh = linalg._svd_full(mat)
     assert vh.shape == (6, 6) and torch.allclose(vh @ vh.T, torch.eye(6, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(left @ torch.diag(sing) @ vh[:3], mat, atol=1e-10)
+
+
+def test_rope_ranking_energy_keeps_a_strong_slow_component_that_rotation_ranking_drops():
+    """A slow frequency barely rotates over the calibration's attention distances: ranked by what its mean rotation
+    cannot reproduce it is worthless, ranked by score energy it is the strongest. Long-range retrieval needs it
+    (issue 31: the rotation ranking lost passkey retrieval from 2k tokens on), so `energy` is the default."""
+    src = _source()
+    half = src.head_dim // 2
+    for tensor in (src.wk, src.wq):  # the slowest frequency (index half - 1) carries most of the score energy
+        rows = tensor.view(-1, 2, half, tensor.shape[-1])
+        rows[:, :, half - 1] *= 10
+    cos = torch.zeros(src.num_heads, half, dtype=torch.float64)
+    cos[:, half - 1] = 1.0  # it never rotates within the measured distances
+    rotation = (cos, torch.zeros_like(cos))
+    by_energy = linalg.LayerMetric(rotation=rotation, rope_ranking="energy")
+    by_rotation = linalg.LayerMetric(rotation=rotation, rope_ranking="rotation")
+    assert by_energy.ranking_rotation is None and by_rotation.ranking_rotation is rotation
+    kept_energy = select_shared_rope(src, 2, rotation=by_energy.ranking_rotation).kept
+    kept_rotation = select_shared_rope(src, 2, rotation=by_rotation.ranking_rotation).kept
+    assert all(i == half - 1 for i, _ in kept_energy)
+    assert all(i != half - 1 for i, _ in kept_rotation)

@@ -416,3 +416,279 @@ def test_finetune_output_mode_follows_umask(tmp_path, converted):
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out", "recipe.yaml"]
+
+
+# ------------------------------------------------------------------------------------------- second pass (issue 32)
+
+
+def _fill_shard_with(folder: Path, byte: bytes) -> None:
+    """Keep each shard's safetensors header, overwrite its data (0xff bytes are NaN in every float dtype)."""
+    import struct
+
+    for shard in folder.glob("*.safetensors"):
+        raw = shard.read_bytes()
+        header = 8 + struct.unpack("<Q", raw[:8])[0]
+        shard.write_bytes(raw[:header] + byte * (len(raw) - header))
+
+
+def _as_model_type(folder: Path, model_type: str, architecture: str) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type,
+                                                    "architectures": [architecture]}))
+
+
+@pytest.mark.parametrize("where", ["text", "config", "folder", "missing"])
+def test_eval_output_never_replaces_inputs_and_is_checked_first(tmp_path, src_copy, where, monkeypatch):
+    """Item 1: --output over the --text file or into the model folder is refused, as is a folder or a path in a
+    missing folder, before the model loads (nothing written, no stray temporary file)."""
+    import gtakit.evaluate as evaluate
+
+    text = tmp_path / "t.txt"
+    text.write_text(random_text(400))
+    (tmp_path / "results").mkdir()
+    output = {"text": text, "config": src_copy / "config.json", "folder": tmp_path / "results",
+              "missing": tmp_path / "nowhere" / "r.json"}[where]
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("loaded before the --output check"))
+    before = snapshot(tmp_path)
+    result = cli("eval", src_copy, "--text", text, "--output", output)
+    fragment = {"text": "is the --text file", "config": "is inside the model", "folder": "is a folder",
+                "missing": "does not exist"}[where]
+    assert_one_line(result, "--output", fragment)
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["results", "src", "t.txt"]
+
+
+def test_eval_output_is_written_whole(tmp_path, source):
+    text = tmp_path / "t.txt"
+    text.write_text(random_text(400))
+    result = cli("eval", source, "--text", text, "--window", "32", "--output", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["perplexity"] > 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "t.txt"]
+
+
+def test_non_finite_refit_ridge_is_refused(tmp_path, source):
+    """Item 2: --refit-ridge inf wrote NaN o_proj weights and reported 'converted nan'."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(random_text(400))
+    for value in ("inf", "nan", "-1"):
+        result = cli("convert", source, "-o", tmp_path / "out", "--calib", calib, "--refit-ridge", value, *TINY)
+        assert_one_line(result, "--refit-ridge must be")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.grad_clip=-1", "'train.grad_clip' must be positive, got -1"),
+    ("train.lr=nan", "'train.lr' must be a finite number"),
+    ("train.warmup_steps=-5", "'train.warmup_steps' must be at least 0"),
+    ("train.min_lr_ratio=5", "'train.min_lr_ratio' must be in [0, 1]"),
+    ("eval.batch=0", "'eval.batch' must be at least 1"),
+    ("lora.r=0", "'lora.r' must be at least 1"),
+    ("train.betas=[0.9,1.5]", "'train.betas' must be in [0, 1)"),
+])
+def test_recipe_numbers_outside_their_range_are_refused(tmp_path, converted, override, fragment):
+    """Item 3: every numeric recipe field declares its range; grad_clip=-1 trained uphill."""
+    result = cli("finetune", _recipe(converted, tmp_path), "--quiet", "train.mode=lora", override)
+    assert_one_line(result, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_weights_of_another_architecture_are_refused_everywhere(tmp_path, src_copy):
+    """Items 5 and 10: Llama weights under model_type gemma2 loaded with random norms (eval printed a perplexity
+    of 762145) and failed in convert with 'conversion produced no tensor'."""
+    _as_model_type(src_copy, "gemma2", "Gemma2ForCausalLM")
+    text = tmp_path / "t.txt"
+    text.write_text(random_text(400))
+    fragment = "the weights lack model.layers.0.post_feedforward_layernorm.weight"
+    assert_one_line(cli("convert", src_copy, "-o", tmp_path / "out", "--to", "gta"), fragment)
+    assert_one_line(cli("eval", src_copy, "--text", text), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unexpected_weights_are_refused(tmp_path, src_copy):
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"model.layers.0.mlp.extra.weight": torch.ones(2)}, src_copy / "extra.safetensors")
+    (src_copy / "model.safetensors.index.json").unlink(missing_ok=True)
+    text = tmp_path / "t.txt"
+    text.write_text(random_text(400))
+    assert_one_line(cli("eval", src_copy, "--text", text), "hold model.layers.0.mlp.extra.weight")
+    assert_one_line(cli("convert", src_copy, "-o", tmp_path / "out", *TINY), "hold model.layers.0.mlp.extra.weight")
+
+
+def test_non_finite_weights_are_refused_everywhere(tmp_path, src_copy, converted):
+    """Item 5: a shard of garbage bytes under a valid header gave NaN weights that convert copied and eval reported
+    as 'perplexity nan'; uptraining or exporting them is refused the same way."""
+    import shutil
+
+    _fill_shard_with(src_copy, b"\xff")
+    text = tmp_path / "t.txt"
+    text.write_text(random_text(400))
+    assert_one_line(cli("convert", src_copy, "-o", tmp_path / "out", *TINY), "holds NaN or infinite values")
+    assert_one_line(cli("eval", src_copy, "--text", text), "holds NaN or infinite values")
+    broken = Path(shutil.copytree(converted / "converted", tmp_path / "converted"))
+    _fill_shard_with(broken, b"\xff")
+    assert_one_line(cli("eval", broken, "--text", text), "holds NaN or infinite values")
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    result = cli("finetune", _recipe(converted, ft), "--quiet", f"model.path={broken}")
+    assert_one_line(result, "model.path", "holds NaN or infinite values")
+    assert not (tmp_path / "out").exists() and not (ft / "out").exists() and not (ft / "ckpt").exists()
+
+
+def test_explicit_default_width_plans_the_default_model(source):
+    """Item 7: giving the default --kv-rank changed the default --rope-dim (it was derived from the given width)."""
+    from dataclasses import replace
+
+    from gtakit.convert import open_convertible
+    from gtakit.convert.plan import plan_conversion
+    from gtakit.families import family_of
+
+    opened = open_convertible(source)
+    family = family_of(opened.config)
+    default = ConvertOptions(target="gla")
+    spec = plan_conversion(opened, family, default).layers[0].spec
+    for name, key in (("kv_rank", "kv_lora_rank"), ("rope_dim", "qk_rope_head_dim")):
+        explicit = plan_conversion(opened, family, replace(default, **{name: str(spec[key])})).layers[0].spec
+        assert explicit == spec, name
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--layer", "0:latent_heads=two"], "latent_heads must be a whole number, got 'two'"),
+    (["--layer", "0:groups=1.5"], "groups must be a whole number"),
+    (["--layer", "0:maps=abc"], "maps must be a whole number"),
+    (["--layer", "0:kv_rank=abc"], "--layer '0:kv_rank=abc': kv_rank must be a whole number or 'full'"),
+    (["--layer", "1-0:source"], "the range 1-0 is reversed"),
+    (["--layer", "0-1:kv_rank=8", "--layer", "1:kv_rank=12"], "both set kv_rank of layer 1"),
+    (["--layer", "0:kv_rank=8,kv_rank=12"], "kv_rank is given twice"),
+    (["--key-norm", "bogus"], "--key-norm must be one of cached, mean"),
+    (["--rope-ranking", "bogus"], "--rope-ranking must be one of energy, rotation"),
+    (["--layer", "0:rope_ranking=bogus"], "--rope-ranking must be one of energy, rotation"),
+    (["--key-norm", "mean"], "--key-norm mean folds the calibrated mean key norm"),
+    (["--layer", "0:key_norm=cached,to=mla", "--key-norm", "mean"], "pass --calib"),
+    (["--to", "ghla", "--ghla-query", "fit"], "--ghla-query fit fits the map queries on calibration text"),
+    (["--refit", "none", "--refit-ridge", "0.5"], "--refit-ridge sets the output refit, which --refit none turns off"),
+    (["--refit-tokens", "-1"], "--refit-tokens must be at least 0"),
+    (["--calib-tokens", "10"], "--calib-tokens must be at least 1024, got 10"),
+])
+def test_bad_convert_options_are_refused_before_the_output_is_looked_at(tmp_path, source, args, fragment):
+    """Items 10 and 11 (and the message order): accepted silently, a TypeError, or 'output folder not empty'
+    reported before the option error."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("mine")
+    assert_one_line(cli("convert", source, "-o", tmp_path / "out", *args), fragment)
+    assert (tmp_path / "out" / "mine.txt").read_text() == "mine"
+
+
+def test_key_norm_on_a_source_without_qk_norm_is_refused(tmp_path, source):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(random_text(400))
+    result = cli("convert", source, "-o", tmp_path / "out", "--calib", calib, "--layer", "0:key_norm=mean", *TINY)
+    assert_one_line(result, "--key-norm (--layer 0) applies to sources with QK-norm")
+
+
+def test_converting_a_converted_folder_says_so(tmp_path, converted):
+    result = cli("convert", converted / "converted", "-o", tmp_path / "out", *TINY)
+    assert_one_line(result, "already a gtakit conversion")
+
+
+def test_against_and_teacher_with_another_vocabulary_are_refused(tmp_path, converted):
+    """Item 10: --against a model with another vocabulary raised RuntimeError/IndexError; a teacher with a smaller
+    one an IndexError, a larger one was silently cut."""
+    other = tmp_path / "other"
+    write_source("llama-mha", other)
+    config = json.loads((other / "config.json").read_text())
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(other / "model.safetensors") if (other / "model.safetensors").exists() else None
+    if tensors is None:  # sharded: rewrite as one file with a larger vocabulary
+        tensors = {}
+        for shard in sorted(other.glob("*.safetensors")):
+            tensors.update(load_file(shard))
+            shard.unlink()
+        (other / "model.safetensors.index.json").unlink()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = torch.cat([tensors[name], tensors[name][:3]])
+    save_file(tensors, other / "model.safetensors")
+    (other / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 3}))
+    text = converted / "train.txt"
+    result = cli("eval", converted / "converted", "--text", text, "--against", other)
+    assert_one_line(result, "--against", "has a vocabulary of 100 tokens")
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    result = cli("finetune", _recipe(converted, ft), "--quiet", "loss.kind=distill", f"teacher.model={other}")
+    assert_one_line(result, "teacher.model", "vocabulary of 100 tokens")
+
+
+def test_export_refuses_bad_shard_size_before_work(tmp_path, converted):
+    calib = converted / "train.txt"
+    for value in ("banana", "0"):
+        result = cli("export", converted / "converted", "-o", tmp_path / "out", "--calib", calib,
+                     "--max-shard-size", value)
+        assert_one_line(result, "--max-shard-size")
+    assert not (tmp_path / "out").exists()
+
+
+def test_logged_learning_rate_is_the_one_each_step_trains_at(tmp_path, converted):
+    """Item 8: the lr logged at step N was step N+1's, step 1 trained at lr 0, and a warm-up longer than the run
+    passed without a word."""
+    from gtakit.finetune import load_recipe
+    from gtakit.finetune.trainer import finetune
+
+    recipe = load_recipe(_recipe(converted, tmp_path), ["train.max_steps=3", "train.warmup_steps=2",
+                                                        "train.schedule=constant", "train.lr=1e-3"])
+    report = finetune(recipe, progress=False)
+    assert [round(r["lr"], 12) for r in report["history"]] == [5e-4, 1e-3, 1e-3]
+    messages: list[str] = []
+    recipe = load_recipe(_recipe(converted, tmp_path), ["train.max_steps=1", "train.warmup_steps=4",
+                                                        "output.force=true"])
+    finetune(recipe, progress=False, log=messages.append)
+    assert any("warning: train.warmup_steps 4 is longer than the run's 1 steps" in m for m in messages), messages
+
+
+def test_resume_with_a_changed_learning_rate_is_refused(tmp_path, converted):
+    """Item 4: --resume with a new train.lr kept the old rate but recorded the new one."""
+    recipe = _recipe(converted, tmp_path)
+    first = cli("finetune", recipe, "--quiet", "train.max_steps=1")
+    assert first.exit_code == 0, first.output
+    before = snapshot(tmp_path)
+    result = cli("finetune", recipe, "--quiet", "--resume", "train.lr=5e-3")
+    assert_one_line(result, "train.lr stays 0.0001", "output.force=true")
+    assert snapshot(tmp_path) == before
+
+
+def test_interrupted_finetune_says_its_checkpoints_were_kept(tmp_path, converted, capsys):
+    from gtakit.errors import one_line_errors
+    from gtakit.finetune import load_recipe
+    from gtakit.finetune.trainer import finetune
+
+    def stop(step, record):
+        raise KeyboardInterrupt
+
+    recipe = load_recipe(_recipe(converted, tmp_path))
+    with pytest.raises(SystemExit) as stopped, one_line_errors():
+        finetune(recipe, progress=False, callback=stop)
+    assert stopped.value.code == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("interrupted") and "were kept: continue with --resume" in line, line
+    assert list((tmp_path / "ckpt").glob("step_*"))
+
+
+def test_sequences_past_the_model_positions(tmp_path):
+    """Item 9: GPT-2 (learned positions) with the default --calib-seq-len 2048 crashed in the family adapter; eval
+    with a window past its positions likewise. The default now calibrates on the model's length, a longer window
+    is refused; a RoPE model past its context gets a warning."""
+    gpt2 = tmp_path / "gpt2"
+    write_source("gpt2", gpt2)  # 256 positions
+    calib = tmp_path / "calib.txt"
+    calib.write_text(random_text(3000))
+    result = cli("convert", gpt2, "-o", tmp_path / "out", "--to", "mla", "--kv-rank", "12", "--calib", calib,
+                 "--calib-tokens", "2048", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "calibrating on sequences of 256 tokens" in result.output
+    result = cli("convert", gpt2, "-o", tmp_path / "out2", "--to", "mla", "--calib", calib, "--calib-seq-len", "512")
+    assert_one_line(result, "--calib-seq-len 512 exceeds the model's 256 learned positions")
+    assert_one_line(cli("eval", gpt2, "--text", calib, "--window", "512"), "--window 512 exceeds", after_work=True)
+    result = cli("eval", tmp_path / "out", "--text", calib, "--window", "512")  # after loading, before measuring
+    assert_one_line(result, "--window 512 exceeds the model's 256 learned positions", after_work=True)

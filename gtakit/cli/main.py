@@ -13,6 +13,7 @@ import typer
 from gtakit import __version__
 from gtakit.convert.options import ConvertOptions, flag_of
 from gtakit.errors import GtakitError, one_line_errors
+from gtakit.evaluate.passkey import DEFAULT_TRIALS
 
 app = typer.Typer(
     name="gtakit",
@@ -85,7 +86,8 @@ def _convert_signature() -> inspect.Signature:
 
 
 def convert(**arguments: Any) -> None:
-    """Convert a Llama-family checkpoint into GTA, GLA, MLA or GHLA form (per layer with --layer)."""
+    """Convert a decoder checkpoint (Llama, Mistral, Qwen, Phi-3, Gemma, OLMo-2, GPT-NeoX, GPT-2, MoE families)
+    into GTA, GLA, MLA or GHLA form (per layer with --layer)."""
     from gtakit.convert import convert as run_convert
 
     src, out, force, quiet = (arguments.pop(name) for name in ("src", "out", "force", "quiet"))
@@ -108,6 +110,11 @@ def convert(**arguments: Any) -> None:
         ev = report["evaluation"]
         via = f" (gtakit MLA {ev['gtakit_mla_perplexity']:.3f})" if "gtakit_mla_perplexity" in ev else ""
         typer.echo(f"perplexity: source {ev['source_perplexity']:.3f} -> converted {ev['perplexity']:.3f}{via}")
+        if "positions" in ev:
+            longest = list(ev["passkey"]["converted"]["by_length"])[-1]
+            typer.echo(f"distance growth {ev['positions']['distance_growth']:.3f}; passkey at {longest} tokens: "
+                       f"source {ev['passkey']['source']['by_length'][longest]['accuracy']:.0%} -> converted "
+                       f"{ev['passkey']['converted']['by_length'][longest]['accuracy']:.0%}")
 
 
 convert.__signature__ = _convert_signature()  # type: ignore[attr-defined]
@@ -165,11 +172,18 @@ def evaluate(
         "registry tasks download their data from the Hub)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="lm-eval: at most N examples per task."),
     include_path: Optional[str] = typer.Option(None, "--include-path", help="lm-eval: folder of your own task YAMLs."),
-    passkey: bool = typer.Option(False, "--passkey", help="Long-context retrieval: a passkey hidden in filler text."),
+    passkey: bool = typer.Option(
+        False, "--passkey", help="Long-context retrieval: a passkey hidden in filler text, or in the --text prose."),
     lengths: str = typer.Option("1024,2048,4096,8192", "--lengths", help="Passkey prompt lengths in tokens."),
     depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", help="Passkey depths (0 = start, 1 = end)."),
-    trials: int = typer.Option(1, "--trials", help="Passkey keys per length and depth."),
+    trials: int = typer.Option(DEFAULT_TRIALS, "--trials", help="Passkey keys per length and depth."),
     seed: int = typer.Option(0, "--seed", help="Passkey seed."),
+    positions: bool = typer.Option(
+        False, "--positions", help="Loss per position bucket within the --text windows (with --against: the ratio "
+        "to the source per bucket)."),
+    buckets: Optional[str] = typer.Option(
+        None, "--buckets", help="--positions bucket boundaries, e.g. 0,512,2048,4096,8192 (default: those, clipped "
+        "to --window)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     output: Optional[Path] = typer.Option(None, "--output", help="Also write all results as JSON to this file."),
 ) -> None:
@@ -178,62 +192,90 @@ def evaluate(
 
     \b
     gtakit eval OUT --text wiki.txt --against source
-    gtakit eval OUT --passkey --lengths 1024,4096 --depths 0,0.5,1
+    gtakit eval OUT --passkey --lengths 1024,4096 --depths 0,0.5,1 --text wiki.txt
+    gtakit eval OUT --text wiki.txt --window 8192 --positions --against source
     gtakit eval OUT --tasks hellaswag,arc_easy --limit 200
     gtakit eval OUT --tasks my_task --include-path my_tasks/"""
     from gtakit.evaluate import kv_bytes_per_token, load_model
+    from gtakit.io.output import check_output_file, write_output_file
     from gtakit.io.text import read_text
+    from gtakit.families import check_positions
+    from gtakit.io.weights import check_eval_models
 
     with _one_line_errors():
         if against is not None and text is None:
             raise GtakitError("--against compares on a text: give --text FILE too")
+        if positions and text is None:
+            raise GtakitError("--positions measures loss by position within windows of a text: give --text FILE too")
+        if buckets is not None and not positions:
+            raise GtakitError("--buckets sets the --positions buckets: give --positions too")
         if text is None and not tasks and not passkey:
             raise GtakitError("nothing to measure: give --text FILE, --passkey or --tasks T1,T2")
-        plan = _eval_plan(lengths, depths, tasks)
+        plan = _eval_plan(lengths, depths, tasks, positions, buckets)
+        check_output_file(output, [(model, "the model"), (text, "the --text file"), (against, "the --against model")])
         body = read_text(text) if text is not None else None  # a bad text fails before the model loads
+        check_eval_models(model, against)  # weights that match the config and are finite, one vocabulary
         loaded, tokenizer = load_model(model)
+        if body is not None:  # a window past the model's positions: refused (learned positions) or a warning
+            check_positions(loaded.config, window, "--window", log=lambda m: typer.echo(m, err=True))
         result = _run_evals(model, loaded, tokenizer, body, max_tokens, window, against, plan, limit, include_path,
                             passkey, trials, seed, progress=not as_json)
         result.update(kv_bytes_per_token(loaded))
         result["model"] = model
         if output is not None:  # whole or not at all
-            partial = output.with_name(f".{output.name}.tmp")
-            partial.write_text(_results_json(result))
-            partial.replace(output)
+            write_output_file(output, _results_json(result))
     if as_json:
         typer.echo(_results_json(result))
     else:
         _print_evals(result)
 
 
-def _eval_plan(lengths: str, depths: str, tasks: Optional[str]) -> dict:
+def _eval_plan(lengths: str, depths: str, tasks: Optional[str], positions: bool = False,
+               buckets: Optional[str] = None) -> dict:
     return {"lengths": _numbers(lengths, int, "--lengths"), "depths": _numbers(depths, float, "--depths"),
-            "tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []}
+            "tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else [], "positions": positions,
+            "buckets": _numbers(buckets, int, "--buckets") if buckets else None}
 
 
 def _run_evals(model, loaded, tokenizer, body, max_tokens, window, against, plan, limit, include_path, passkey,
                trials, seed, progress) -> dict:
-    from gtakit.evaluate import agreement, conversion_source, load_model, perplexity
-
     result: dict = {}
     if body is not None:
-        if against is None:
-            result.update(perplexity(loaded, tokenizer, body, max_tokens=max_tokens, window=window, progress=progress))
-        else:
-            source_name = conversion_source(model) if against == "source" else against
-            source = load_model(source_name)[0]
-            scores = agreement(loaded, source, tokenizer, body, max_tokens=max_tokens, window=window, progress=progress)
-            result.update(scores, against=source_name or "bundled SmolLM2-135M")
-            del source
+        result.update(_text_scores(model, loaded, tokenizer, body, max_tokens, window, against, plan, progress))
     if passkey:
         from gtakit.evaluate.passkey import passkey as run_passkey
 
-        result["passkey"] = run_passkey(loaded, tokenizer, plan["lengths"], plan["depths"], trials, seed, progress)
+        # With --text, the keys hide in that prose rather than in the filler sentence.
+        result["passkey"] = run_passkey(loaded, tokenizer, plan["lengths"], plan["depths"], trials, seed, progress,
+                                        haystack=body)
     if plan["tasks"]:
         from gtakit.evaluate.harness import run_tasks
 
         result["lm_eval"] = run_tasks(loaded, tokenizer, plan["tasks"], limit=limit, include_path=include_path)
     return result
+
+
+def _text_scores(model, loaded, tokenizer, body, max_tokens, window, against, plan, progress) -> dict:
+    """Perplexity on the text windows; with --against, agreement with the source; with --positions, also the loss
+    per position bucket, from the same forward passes (one per window and model)."""
+    from gtakit.evaluate import agreement, conversion_source, load_model, perplexity
+    from gtakit.evaluate.positions import check_window, position_losses
+
+    if plan["positions"]:
+        check_window(loaded.config, window)  # before a source model is loaded for nothing
+    source_name = (conversion_source(model) if against == "source" else against) if against is not None else None
+    source = load_model(source_name)[0] if against is not None else None
+    if plan["positions"]:
+        scores = position_losses(loaded, tokenizer, body, window, max_tokens, plan["buckets"], against=source,
+                                 progress=progress)
+        scores["positions"] = {key: scores.pop(key) for key in ("buckets", "distance_growth") if key in scores}
+    elif source is None:
+        scores = perplexity(loaded, tokenizer, body, max_tokens=max_tokens, window=window, progress=progress)
+    else:
+        scores = agreement(loaded, source, tokenizer, body, max_tokens=max_tokens, window=window, progress=progress)
+    if source is not None:
+        scores["against"] = source_name or "bundled SmolLM2-135M"
+    return scores
 
 
 def _results_json(result: dict) -> str:
@@ -254,14 +296,45 @@ def _print_evals(result: dict) -> None:
         typer.echo(f"against {result['against']}: KL {result['kl']:.4f} nats/token, top-1 agreement "
                    f"{result['top1_agreement']:.1%}, source perplexity {result['source_perplexity']:.3f}")
     typer.echo(f"KV cache {result['bytes_per_token']:.0f} bytes/token ({result['elements_per_token']:.0f} elements)")
+    if "positions" in result:
+        typer.echo(_positions_table(result["positions"]))
     if "passkey" in result:
-        rows = [dict(case, accuracy=f"{case['accuracy']:.0%}") for case in result["passkey"]["cases"]]
-        columns = [("length", "length"), ("tokens", "prompt tokens"), ("depth", "depth"), ("accuracy", "accuracy")]
-        typer.echo(markdown_table(rows, columns))
+        typer.echo(_passkey_tables(result["passkey"]))
     if "lm_eval" in result:
         from gtakit.evaluate.harness import results_table
 
         typer.echo(results_table(result["lm_eval"]))
+
+
+def _positions_table(positions: dict) -> str:
+    from gtakit.bench.tables import markdown_table
+
+    rows = [dict(bucket, positions=f"{bucket['start']}-{bucket['end']}", perplexity=f"{bucket['perplexity']:.3f}",
+                 **({"source_perplexity": f"{bucket['source_perplexity']:.3f}", "ratio": f"{bucket['ratio']:.3f}"}
+                    if "ratio" in bucket else {}))
+            for bucket in positions["buckets"]]
+    columns = [("positions", "positions"), ("tokens", "tokens"), ("perplexity", "perplexity")]
+    if "distance_growth" not in positions:
+        return markdown_table(rows, columns)
+    columns += [("source_perplexity", "source perplexity"), ("ratio", "ratio")]
+    return (markdown_table(rows, columns) + f"\ndistance growth (last bucket's ratio / first's): "
+            f"{positions['distance_growth']:.3f}")
+
+
+def _passkey_tables(report: dict) -> str:
+    """Per (length, depth) and per length, each accuracy with its 95% Wilson interval: 4 keys per cell cannot
+    tell 50% from 75%, and the interval says so."""
+    from gtakit.bench.tables import markdown_table
+    from gtakit.evaluate.stats import rate_with_interval
+
+    def shown(row: dict) -> dict:
+        return dict(row, accuracy=rate_with_interval(row["accuracy"], row["interval"]))
+
+    cases = [shown(case) for case in report["cases"]]
+    columns = [("length", "length"), ("tokens", "prompt tokens"), ("depth", "depth"), ("accuracy", "accuracy [95%]")]
+    lengths = [shown(dict(summary, length=length)) for length, summary in report["by_length"].items()]
+    totals = [("length", "length"), ("trials", "keys"), ("accuracy", "accuracy [95%]")]
+    return markdown_table(cases, columns) + "\n" + markdown_table(lengths, totals)
 
 
 @app.command()

@@ -17,14 +17,14 @@ from typing import Any
 import torch
 
 from gtakit.errors import GtakitError
-from gtakit.formats import deepseek_v3
+from gtakit.formats import check_shard_size, deepseek_v3
 from gtakit.formats.card import build_card, dump_json
 from gtakit.io import DTYPES
 from gtakit.io.output import OutputFolder
 from gtakit.io.text import check_text_file
 
 from .calibration import is_local_text, text_ids
-from .options import ConvertOptions
+from .options import ConvertOptions, check_options
 
 FORMATS = ("gtakit", "deepseek-v3")
 CHECK_ROWS = 1  # calibration sequences held out of the fit to measure the export on
@@ -181,11 +181,16 @@ def export_folder(folder: str | Path, out: str | Path, options: ConvertOptions, 
                   log: Callable[[str], None] | None = None) -> dict:
     """`gtakit export FOLDER`: a converted (or uptrained) gtakit MLA folder -> a DeepSeek-V3 folder."""
     from gtakit.evaluate import load_model
+    from gtakit.io.weights import check_model_folder
 
     log = log or (lambda message: None)
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
     if options.output_format == "gtakit":
         raise GtakitError("gtakit export writes another format: pass --format deepseek-v3")
+    check_options(options)
+    check_shard_size(options.max_shard_size)
+    if options.dtype != "auto":
+        _dtype(options, folder)  # a bad --dtype before any work
     check_export_options(options)
     if is_local_text(options.calib):  # `gtakit convert` checks its --calib itself
         check_text_file(options.calib, "--calib")
@@ -195,6 +200,7 @@ def export_folder(folder: str | Path, out: str | Path, options: ConvertOptions, 
         raise GtakitError(f"{folder} is not a gtakit folder (model_type is not 'gtakit'); convert it first")
     output = OutputFolder(out, force, protect=[(folder, "the input folder")], log=log)
     output.check()
+    check_model_folder(folder)  # weights that match the config and are finite
     model, tokenizer = load_model(str(folder))
     deepseek_v3.geometry(model.config)  # refuse before reading the calibration text
     dtype = _dtype(options, folder)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 import gtakit
 from gtakit.errors import GtakitError
-from gtakit.families import FamilyAdapter, FamilyChecks, family_of
+from gtakit.families import FamilyAdapter, FamilyChecks, check_positions, family_of
 from gtakit.formats import FolderSink, MemorySink, Sink, check_shard_size, deepseek_v3
 from gtakit.formats.deepseek_v3 import DeepSeekV3Sink
 from gtakit.io import DTYPES
@@ -29,9 +29,14 @@ from .calibration import check_calib_device, is_local_text
 from .layer import convert_attention
 from .methods import get_init_method, resolve_init
 from .export import check_export_options, export_model, norm_ids, write_report
-from .options import ConvertOptions
+from .options import ConvertOptions, check_options
 from .plan import ConversionPlan, plan_conversion
 from .refine import LayerRefiner, resolve_refit
+
+
+# From this --eval-window on, conversion also records loss by position and passkey retrieval. Below it there is
+# little distance to lose information over, and the passkey trials cost more than the perplexity itself.
+LONG_EVAL_WINDOW = 2048
 
 
 def peak_rss_mb() -> float:
@@ -149,6 +154,7 @@ def convert_in_memory(
     source: SourceModel, options: ConvertOptions, progress: bool = False, stats_for_layer=None
 ) -> tuple[torch.nn.Module, dict]:
     """Convert without writing anything (benchmarks, experiments): returns (model in float32, per-layer report)."""
+    check_options(options, bool(options.calib) or stats_for_layer is not None)
     family = family_of(source.config)
     family.check_config(source.config)
     plan = plan_conversion(source, family, options, MemorySink.constraints, MemorySink.name)
@@ -175,6 +181,7 @@ def convert(
     options = options or ConvertOptions()
     log = log or (lambda message: None)
     out = Path(out).expanduser()
+    check_options(options)  # option values and --layer syntax: before the output folder is looked at
     output = OutputFolder(out, force, protect=_inputs(src, options), log=log)
     output.check()
     method = _init_method(options, has_statistics=False)
@@ -188,11 +195,17 @@ def convert(
     eval_text = _read_eval_text(options)  # before minutes of calibration, not after
     source = open_convertible(src)
     family = family_of(source.config)
+    if eval_text is not None and options.eval_window >= LONG_EVAL_WINDOW:
+        from gtakit.evaluate.positions import check_window  # noqa: PLC0415 - only with a long evaluation
+
+        check_window(source.config, options.eval_window, "--eval-window")
     exporting = options.output_format == DeepSeekV3Sink.name
     if method.needs_calibration or eval_text is not None or exporting:
         check_tokenizer(source)
     sink_class = DeepSeekV3Sink if exporting else FolderSink
     plan = plan_conversion(source, family, options, sink_class.constraints, sink_class.name, sink_class.hint)
+    if method.needs_calibration or exporting:  # after every refusal: it may only log a warning
+        options.calib_seq_len = _calib_seq_len(source, family, options, log)
     plan = _allocate(source, plan, options, method, sink_class, progress)
     if exporting:
         deepseek_v3.check_layers(plan.config())
@@ -253,23 +266,21 @@ def _convert_and_export(source: SourceModel, plan: ConversionPlan, options: Conv
 
 def _evaluate_export(source: SourceModel, model, folder: Path, tokenizer, text: str, options: ConvertOptions,
                      progress: bool) -> dict:
-    """Perplexity of the export (loaded natively), of gtakit's MLA it came from, and of the source."""
+    """Perplexity of the export (loaded natively), of gtakit's MLA it came from, and of the source; with a long
+    --eval-window also the long-context records of the export and the source (see `_eval_scores`)."""
     from transformers import AutoModelForCausalLM
 
     from gtakit.evaluate import perplexity
 
-    def measure(candidate) -> dict:
-        return perplexity(candidate, tokenizer, text, options.eval_tokens, window=options.eval_window,
-                          progress=progress)
-
-    gtakit_result = measure(model)
+    gtakit_result = perplexity(model, tokenizer, text, options.eval_tokens, window=options.eval_window,
+                               progress=progress)
     native = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    result = measure(native)
+    result = _eval_scores(native, tokenizer, text, options, progress)
     del native
-    source_result = measure(source.load_model(torch.float32))
+    source_result = _eval_scores(source.load_model(torch.float32), tokenizer, text, options, progress)
     return {"text": str(options.eval_text), "tokens": result["tokens"], "window": result["window"],
             "perplexity": result["perplexity"], "gtakit_mla_perplexity": gtakit_result["perplexity"],
-            "source_perplexity": source_result["perplexity"]}
+            "source_perplexity": source_result["perplexity"], **_long_context(result, source_result)}
 
 
 def _copy_tokenizer_files(source: SourceModel, folder: Path, log: Callable[[str], None]) -> None:
@@ -347,6 +358,19 @@ def _inputs(src: str | Path | None, options: ConvertOptions) -> list[tuple[Path,
     return [(Path(p).expanduser(), what) for p, what in named if p is not None and Path(p).expanduser().exists()]
 
 
+def _calib_seq_len(source: SourceModel, family: FamilyAdapter, options: ConvertOptions,
+                   log: Callable[[str], None]) -> int:
+    """--calib-seq-len within the model's positions: a model with learned positions (GPT-2: 1024) calibrates on
+    sequences of its length when the option was left at its default, and refuses a longer one that was given."""
+    limit = getattr(source.config, "max_position_embeddings", None)
+    if family.learned_positions and limit and options.calib_seq_len > limit \
+            and options.calib_seq_len == ConvertOptions.calib_seq_len:
+        log(f"calibrating on sequences of {limit} tokens, the model's positions (--calib-seq-len default "
+            f"{options.calib_seq_len})")
+        return limit
+    return check_positions(source.config, options.calib_seq_len, "--calib-seq-len", log)
+
+
 def _read_eval_text(options: ConvertOptions) -> str | None:
     if options.eval_text is None:
         return None
@@ -359,19 +383,49 @@ def _read_eval_text(options: ConvertOptions) -> str | None:
 
 
 def _evaluate(source: SourceModel, folder: Path, text: str, options: ConvertOptions, progress: bool) -> dict:
-    from gtakit.evaluate import load_model, perplexity
+    from gtakit.evaluate import load_model
 
     tokenizer = source.load_tokenizer()
     converted = load_model(str(folder))[0]
-    window = options.eval_window
-    result = perplexity(converted, tokenizer, text, options.eval_tokens, window=window, progress=progress)
-    del converted
-    source_model = source.load_model(torch.float32)
-    source_result = perplexity(source_model, tokenizer, text, options.eval_tokens, window=window, progress=progress)
+    result = _eval_scores(converted, tokenizer, text, options, progress)
+    del converted  # one model in memory at a time
+    source_result = _eval_scores(source.load_model(torch.float32), tokenizer, text, options, progress)
     return {
         "text": str(options.eval_text),
         "tokens": result["tokens"],
         "window": result["window"],
         "perplexity": result["perplexity"],
         "source_perplexity": source_result["perplexity"],
+        **_long_context(result, source_result),
     }
+
+
+def _passkey_lengths(window: int) -> tuple[int, ...]:
+    """Powers of two from 1024 up to `window`: 1024, 2048, 4096, ..."""
+    return tuple(1024 << i for i in range(window.bit_length()) if 1024 << i <= window)
+
+
+def _eval_scores(model, tokenizer, text: str, options: ConvertOptions, progress: bool) -> dict:
+    """Perplexity over the --eval-text windows; with a long window also the loss per position bucket (from the same
+    forward passes) and passkey retrieval with the eval text as haystack, under `buckets` and `passkey`."""
+    from gtakit.evaluate import perplexity
+    from gtakit.evaluate.passkey import passkey
+    from gtakit.evaluate.positions import position_losses
+
+    window = options.eval_window
+    if window < LONG_EVAL_WINDOW:
+        return perplexity(model, tokenizer, text, options.eval_tokens, window=window, progress=progress)
+    result = position_losses(model, tokenizer, text, window, options.eval_tokens, progress=progress)
+    result["passkey"] = passkey(model, tokenizer, _passkey_lengths(window), progress=progress, haystack=text)
+    return result
+
+
+def _long_context(result: dict, source_result: dict) -> dict:
+    """The evaluation's long-context records, converted beside source: `positions` (per bucket both perplexities
+    and their ratio, and the distance growth) and `passkey` (each model's result); nothing for a short window."""
+    from gtakit.evaluate.positions import compare_buckets
+
+    if "buckets" not in result:
+        return {}
+    return {"positions": compare_buckets(result["buckets"], source_result["buckets"]),
+            "passkey": {"source": source_result["passkey"], "converted": result["passkey"]}}

@@ -131,6 +131,11 @@ def plan_layer(shape: SourceShape, options: ConvertOptions, override: dict, inde
     if shape.rope_free and not form.takes_rope_free:
         raise GtakitError(f"--to {target} cannot convert layers without RoPE (layer {index}); use --to gta, gla "
                           f"or mla, or keep it with --layer {index}:source")
+    if shape.qk_norm_scope is None and effective.key_norm != ConvertOptions.key_norm:
+        where = f" (--layer {index})" if "key_norm" in override else ""
+        raise GtakitError(f"--key-norm{where} applies to sources with QK-norm (Qwen3, Gemma 3, OLMo-2); this model "
+                          "has none: drop it")
+    effective = _defaults_for_default_values(form, shape, effective)
     spec = form.plan(shape, effective)
     if shape.qk_norm_scope is not None:
         if not form.takes_qk_norm:
@@ -139,6 +144,31 @@ def plan_layer(shape: SourceShape, options: ConvertOptions, override: dict, inde
             raise GtakitError(f"--key-norm must be one of {', '.join(KEY_SCALE_MODES)}, got {effective.key_norm!r}")
         spec["qk_norm"] = qk_norm_spec(shape.qk_norm_scope, shape.qk_norm_eps, effective.key_norm)
     return LayerPlan(form, spec, effective)
+
+
+# A width option and the spec entry it sets (the first one the form's spec has).
+_SPEC_KEYS = {"kv_rank": ("kv_lora_rank",), "rope_dim": ("qk_rope_head_dim", "rope_dim", "head_dim"),
+              "groups": ("num_key_value_heads",), "latent_heads": ("num_latent_heads",), "maps": ("num_maps",),
+              "key_heads": ("num_key_heads",), "latent_dim": ("latent_dim",)}
+
+
+def _defaults_for_default_values(form: FormConverter, shape: SourceShape, options: ConvertOptions) -> ConvertOptions:
+    """An explicit width equal to the one the default plans is the default: `--kv-rank 42` where 42 is the default
+    plans what no option plans (a form's other defaults depend on whether a width was given)."""
+    for name, keys in _SPEC_KEYS.items():
+        value = getattr(options, name)
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if not isinstance(value, int) or name not in form.options + ("rope_dim",):
+            continue
+        try:
+            default = form.plan(shape, replace(options, **{name: None}))
+        except GtakitError:
+            continue
+        key = next((k for k in keys if k in default), None)
+        if key is not None and default[key] == value:
+            options = replace(options, **{name: None})
+    return options
 
 
 __all__ = ["ConversionPlan", "LayerPlan", "check_form_options", "plan_conversion", "plan_layer"]

@@ -27,12 +27,33 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token negative log-likelihood of each predicted token of `ids` `[B, T]` (float32 `[B, T - 1]`; column
+    p - 1 is the token at position p, predicted from the p before it)."""
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+
+
 def sequence_nll(model, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token negative log-likelihood of each row of `ids` `[B, T]` (float64 `[B]`): the one scoring
-    loop behind every perplexity gtakit reports (eval, convert --eval-text, finetune)."""
-    logits = model(input_ids=ids, use_cache=False).logits.float()
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    return nll.sum(dim=1).double()
+    loop behind every perplexity gtakit reports (eval, convert --eval-text, finetune, loss by position)."""
+    return token_nll(model, ids).sum(dim=1).double()
+
+
+def token_scores(model, source, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per predicted token of one window `chunk` `[T]` (each `[T - 1]`, on the model's device): the model's and
+    the source's negative log-likelihood, KL(source || model) and whether their top-1 choices agree. The one
+    two-model loop behind `agreement` and `position_losses`."""
+    logp = torch.log_softmax(model(chunk[None].to(_device(model)), use_cache=False).logits[0, :-1].float(), -1)
+    source_logp = source(chunk[None].to(_device(source)), use_cache=False).logits[0, :-1].float()
+    source_logp = torch.log_softmax(source_logp, -1).to(logp.device)
+    targets = chunk[1:].to(logp.device)[:, None]
+    return {
+        "nll": -logp.gather(-1, targets)[:, 0],
+        "source_nll": -source_logp.gather(-1, targets)[:, 0],
+        "kl": (source_logp.exp() * (source_logp - logp)).sum(-1),
+        "agree": logp.argmax(-1) == source_logp.argmax(-1),
+    }
 
 
 @torch.no_grad()
@@ -61,7 +82,6 @@ def perplexity(
     }
 
 
-
 @torch.no_grad()
 def agreement(
     model,
@@ -77,14 +97,11 @@ def agreement(
     windows = token_windows(tokenizer, text, max_tokens, window)
     kl_sum, agree, nll, source_nll, count = 0.0, 0, 0.0, 0.0, 0
     for chunk in tqdm(windows, desc="agreement", disable=not progress):
-        logp = torch.log_softmax(model(chunk[None].to(_device(model)), use_cache=False).logits[0, :-1].float(), -1)
-        source_logp = source(chunk[None].to(_device(source)), use_cache=False).logits[0, :-1].float()
-        source_logp = torch.log_softmax(source_logp, -1).to(logp.device)
-        targets = chunk[1:].to(logp.device)
-        kl_sum += float((source_logp.exp() * (source_logp - logp)).sum())
-        agree += int((logp.argmax(-1) == source_logp.argmax(-1)).sum())
-        nll -= float(logp.gather(-1, targets[:, None]).sum())
-        source_nll -= float(source_logp.gather(-1, targets[:, None]).sum())
+        scores = token_scores(model, source, chunk)
+        kl_sum += float(scores["kl"].sum())
+        agree += int(scores["agree"].sum())
+        nll += float(scores["nll"].sum())
+        source_nll += float(scores["source_nll"].sum())
         count += window - 1
     return {
         "kl": kl_sum / count,

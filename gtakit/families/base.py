@@ -96,6 +96,7 @@ class FamilyAdapter:
     embedding_name = "model.embed_tokens.weight"
     # checkpoint name -> the name the family's transformers model uses (transformers renames these when loading)
     checkpoint_renames: dict[str, str] = {}
+    learned_positions = False  # position embeddings are a table (GPT-2): no position past it exists
     attention_implementation = "sdpa"  # how transformers runs the family's own attention (calibration, kept layers)
     # config.json fields without which transformers would silently take its defaults (a 7B model's widths)
     required_fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -121,6 +122,12 @@ class FamilyAdapter:
             if actual != shape:
                 raise GtakitError(f"{folder}: {name} has shape {list(actual)} but config.json implies "
                                   f"{list(shape)}; the weights and the config disagree")
+        from gtakit.io.weights import check_reader  # noqa: PLC0415 - transformers' model classes, when checking
+
+        # Names as the family's transformers model has them (nothing randomly initialised, nothing dropped), and
+        # only finite values.
+        every_layer = frozenset(range(config.num_hidden_layers))
+        check_reader(config, reader, folder, [name for name, _ in self.passthrough(reader, config, every_layer)])
 
     def refuse(self, config: Any, what: str) -> GtakitError:
         return GtakitError(f"model_type {getattr(config, 'model_type', None)!r}: unsupported {what}; "

@@ -19,6 +19,7 @@ class GPT2Family(FamilyAdapter):
     layers_prefix = "transformer.h"
     attention_name = "attn"
     embedding_name = "transformer.wte.weight"
+    learned_positions = True
     required_fields = ("n_embd", "n_layer", "n_head", "vocab_size")
 
     def check_config(self, config: Any) -> None:

@@ -16,12 +16,16 @@ from typing import Any, Literal, Union
 import yaml
 
 from gtakit.errors import GtakitError
+from gtakit.ranges import Range, bounds, check_ranges
 
 
-def _f(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - `help` reads best in the schema
+def _f(default: Any, help: str, range: Range | None = None, **kwargs: Any) -> Any:  # noqa: A002
+    """A recipe field with its help (`help` reads best in the schema) and, for a number, its valid range (checked
+    by `validate` for every field alike)."""
+    metadata = {"help": help, "range": range}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
@@ -54,8 +58,9 @@ class DataSection:
         [], "Evaluation text in the same forms; empty = hold out eval.sequences packed sequences of the train data."
     )
     text_field: str = _f("text", "Field holding the text in JSON lines, parquet and datasets rows.")
-    max_chars: int | None = _f(None, "Read at most this many characters of training text (None = all).")
-    eval_sequences: int = _f(16, "Packed sequences used for evaluation (held out from train when data.eval is empty).")
+    max_chars: int | None = _f(None, "Read at most this many characters of training text (None = all).", bounds(1))
+    eval_sequences: int = _f(
+        16, "Packed sequences used for evaluation (held out from train when data.eval is empty).", bounds(1))
     cache_dir: str | None = _f(
         None, "Where the tokenised, packed data is cached (default: the checkpoint folder); tokenised once."
     )
@@ -66,21 +71,22 @@ class TrainSection:
     mode: Literal["full", "attention", "lora"] = _f(
         "full", "full: every parameter trains; attention: only the converted attention; lora: peft adapters."
     )
-    tokens: int = _f(1_000_000, "Token budget: optimiser steps = ceil(tokens / tokens per step).")
-    max_steps: int | None = _f(None, "Optimiser steps; overrides train.tokens when set.")
-    seq_len: int = _f(1024, "Tokens per packed training sequence.")
-    micro_batch: int = _f(4, "Sequences per forward pass and process.")
-    grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.")
-    lr: float = _f(1e-4, "Peak learning rate (AdamW).")
-    min_lr_ratio: float = _f(0.1, "Cosine schedule floor as a fraction of lr.")
+    tokens: int = _f(1_000_000, "Token budget: optimiser steps = ceil(tokens / tokens per step).", bounds(1))
+    max_steps: int | None = _f(None, "Optimiser steps; overrides train.tokens when set.", bounds(1))
+    seq_len: int = _f(1024, "Tokens per packed training sequence.", bounds(2))
+    micro_batch: int = _f(4, "Sequences per forward pass and process.", bounds(1))
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.", bounds(1))
+    lr: float = _f(1e-4, "Peak learning rate (AdamW).", bounds(0, low_open=True))
+    min_lr_ratio: float = _f(0.1, "Cosine schedule floor as a fraction of lr.", bounds(0, 1))
     schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate schedule after warm-up.")
-    warmup_steps: int | None = _f(None, "Linear warm-up steps (default: 5% of the steps).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    betas: list[float] = _f([0.9, 0.95], "AdamW betas.")
-    grad_clip: float | None = _f(1.0, "Clip the global gradient norm to this (None = no clipping).")
+    warmup_steps: int | None = _f(None, "Linear warm-up steps (default: 5% of the steps).", bounds(0))
+    weight_decay: float = _f(0.0, "AdamW weight decay.", bounds(0))
+    betas: list[float] = _f([0.9, 0.95], "AdamW betas.", bounds(0, 1, high_open=True))
+    grad_clip: float | None = _f(
+        1.0, "Clip the global gradient norm to this (None = no clipping).", bounds(0, low_open=True))
     precision: Literal["no", "bf16", "fp16"] = _f("no", "Mixed precision through accelerate (autocast).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    seed: int = _f(0, "Seed of the data order, LoRA init and dropout.")
+    seed: int = _f(0, "Seed of the data order, LoRA init and dropout.", bounds(0))
 
 
 @dataclass
@@ -88,15 +94,16 @@ class LossSection:
     kind: Literal["ce", "distill", "mix"] = _f(
         "ce", "ce: next-token cross-entropy; distill: KL to the teacher's logits; mix: weighted sum of both."
     )
-    distill_weight: float = _f(0.5, "mix: loss = (1 - w) * CE + w * KD.")
-    temperature: float = _f(1.0, "Distillation temperature; the KL is scaled by T^2 so gradients keep their size.")
+    distill_weight: float = _f(0.5, "mix: loss = (1 - w) * CE + w * KD.", bounds(0, 1))
+    temperature: float = _f(
+        1.0, "Distillation temperature; the KL is scaled by T^2 so gradients keep their size.", bounds(0, low_open=True))
 
 
 @dataclass
 class LoraSection:
-    r: int = _f(16, "LoRA rank.")
-    alpha: float = _f(32.0, "LoRA alpha (scale = alpha / r).")
-    dropout: float = _f(0.0, "LoRA dropout.")
+    r: int = _f(16, "LoRA rank.", bounds(1))
+    alpha: float = _f(32.0, "LoRA alpha (scale = alpha / r).", bounds(0, low_open=True))
+    dropout: float = _f(0.0, "LoRA dropout.", bounds(0, 1, high_open=True))
     target_modules: list[str] | None = _f(
         None, "Module names that get adapters (default: every attention projection except k_rope_proj)."
     )
@@ -108,20 +115,21 @@ class LoraSection:
 
 @dataclass
 class EvalSection:
-    every: int = _f(100, "Evaluate perplexity every N optimiser steps (0 = only before and after training).")
-    batch: int = _f(4, "Sequences per evaluation forward pass.")
+    every: int = _f(100, "Evaluate perplexity every N optimiser steps (0 = only before and after training).", bounds(0))
+    batch: int = _f(4, "Sequences per evaluation forward pass.", bounds(1))
 
 
 @dataclass
 class CheckpointSection:
     dir: str | None = _f(None, "Checkpoint folder (default: OUTPUT.checkpoints beside the output).")
-    every: int = _f(500, "Save accelerate state every N optimiser steps (and always at the end; 0 = end only).")
-    keep: int = _f(2, "Keep this many most recent checkpoints.")
+    every: int = _f(
+        500, "Save accelerate state every N optimiser steps (and always at the end; 0 = end only).", bounds(0))
+    keep: int = _f(2, "Keep this many most recent checkpoints.", bounds(1))
 
 
 @dataclass
 class LogSection:
-    every: int = _f(10, "Print loss, lr and tokens/s every N optimiser steps.")
+    every: int = _f(10, "Print loss, lr and tokens/s every N optimiser steps.", bounds(0))
     tensorboard: bool = _f(False, "Also log to tensorboard (needs `pip install tensorboard`).")
     dir: str | None = _f(None, "Tensorboard folder (default: the checkpoint folder's runs/).")
 
@@ -309,30 +317,15 @@ def validate(recipe: Recipe) -> None:
         raise GtakitError("recipe key 'output.dir' is required: where the uptrained model is written")
     if not recipe.data.train:
         raise GtakitError("recipe key 'data.train' is required: training text files or hf:NAME")
+    for section in dataclasses.fields(recipe):  # every number within the range its field declares
+        check_ranges(getattr(recipe, section.name), lambda name, s=section.name: f"recipe key '{s}.{name}'",
+                     GtakitError)
     t = recipe.train
-    for key, value in (("train.seq_len", t.seq_len), ("train.micro_batch", t.micro_batch),
-                       ("train.grad_accum", t.grad_accum), ("train.tokens", t.tokens)):
-        if value < 1:
-            raise GtakitError(f"recipe key '{key}' must be at least 1, got {value}")
-    if t.seq_len < 2:
-        raise GtakitError("recipe key 'train.seq_len' must be at least 2")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise GtakitError(f"recipe key 'train.max_steps' must be at least 1, got {t.max_steps}")
     if len(t.betas) != 2:
         raise GtakitError(f"recipe key 'train.betas' needs two numbers, got {t.betas}")
-    if t.lr <= 0:
-        raise GtakitError(f"recipe key 'train.lr' must be positive, got {t.lr}")
     loss = recipe.loss
     if loss.kind in ("distill", "mix") and not recipe.teacher.model:
         raise GtakitError(f"loss.kind {loss.kind} needs a teacher: set teacher.model (e.g. 'source')")
-    if not 0.0 <= loss.distill_weight <= 1.0:
-        raise GtakitError(f"recipe key 'loss.distill_weight' must be in [0, 1], got {loss.distill_weight}")
-    if loss.temperature <= 0:
-        raise GtakitError(f"recipe key 'loss.temperature' must be positive, got {loss.temperature}")
-    if recipe.data.eval_sequences < 1:
-        raise GtakitError("recipe key 'data.eval_sequences' must be at least 1")
-    if recipe.checkpoint.keep < 1:
-        raise GtakitError("recipe key 'checkpoint.keep' must be at least 1")
 
 
 def describe_schema(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, Any, str]]:

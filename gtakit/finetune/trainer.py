@@ -18,6 +18,7 @@ from gtakit.errors import GtakitError
 from gtakit.evaluate.windows import sequence_nll
 from gtakit.io import DTYPES
 from gtakit.io.output import terminate_as_interrupt
+from gtakit.io.weights import check_model_folder, vocab_size
 
 from .data import RowSampler, load_packed_data, resolve_files
 from .export import output_folder
@@ -65,6 +66,8 @@ def resolve_teacher(spec: str, model_path: str) -> str | None:
 
 def preflight(recipe: Recipe, resume: bool) -> None:
     """Everything that can fail without loading a model fails here, before any work."""
+    if resume:
+        _refuse_fixed_changes(recipe, recipe.checkpoint_dir)
     resolve_files(recipe.data.train, "data.train")
     resolve_files(recipe.data.eval, "data.eval")
     model_path = Path(recipe.model.path).expanduser()
@@ -76,8 +79,14 @@ def preflight(recipe: Recipe, resume: bool) -> None:
         from gtakit.io.source import resolve_hub
 
         resolve_hub(recipe.model.path)
+    check_model_folder(model_path, "model.path")  # weights that match the config and are finite
     if recipe.loss.kind != "ce":
-        resolve_teacher(recipe.teacher.model, recipe.model.path)
+        teacher = resolve_teacher(recipe.teacher.model, recipe.model.path)
+        check_model_folder(teacher, "teacher.model")
+        mine, theirs = vocab_size(model_path), vocab_size(teacher)
+        if mine and theirs and mine != theirs:  # distillation compares logits token by token
+            raise GtakitError(f"teacher.model {teacher} has a vocabulary of {theirs} tokens and model.path one of "
+                              f"{mine}; distil from a teacher with the same tokenizer")
     output_folder(recipe).check()
     if recipe.log.tensorboard:
         try:
@@ -98,6 +107,27 @@ def preflight(recipe: Recipe, resume: bool) -> None:
                           "give an empty or new folder")
 
 
+# Recipe keys a checkpoint fixes: the optimiser and the schedule resume from it, so a new value would not be
+# used, only recorded.
+FIXED_ON_RESUME = ("lr", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "betas")
+
+
+def _refuse_fixed_changes(recipe: Recipe, ckpt: Path) -> None:
+    import yaml
+
+    saved = ckpt / "recipe.yaml"
+    if not saved.is_file():
+        return
+    before = (yaml.safe_load(saved.read_text()) or {}).get("train", {})
+    now = recipe.to_dict()["train"]
+    changed = [key for key in FIXED_ON_RESUME if key in before and before[key] != now[key]]
+    if changed:
+        key = changed[0]
+        raise GtakitError(f"--resume continues the checkpoint's optimiser and schedule, so train.{key} stays "
+                          f"{before[key]} (the recipe now says {now[key]}); resume without changing it, or start "
+                          "over with output.force=true")
+
+
 # What a run writes into its checkpoint folder; starting over (output.force=true) removes only these.
 RUN_ENTRIES = ("step_*", "recipe.yaml", "runs", "data-*.pt", "data-*.tmp")
 
@@ -112,16 +142,34 @@ def _foreign_entries(ckpt: Path) -> list[Path]:
     return sorted(set(ckpt.iterdir()) - _run_entries(ckpt))
 
 
+def warmup_steps(recipe: Recipe, total_steps: int) -> int:
+    t = recipe.train
+    return t.warmup_steps if t.warmup_steps is not None else max(0, round(0.05 * total_steps))
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, floor: float) -> float:
+    """The learning rate of optimiser step `step + 1` (`step` steps taken) as a fraction of train.lr: a linear
+    warm-up whose first step already trains (1/warmup, ..., 1 at step `warmup`), then cosine down to `floor`,
+    linear down to 0 (reached one step after the last) or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def _scheduler(recipe: Recipe, optimizer, total_steps: int):
-    from transformers import get_scheduler
+    from functools import partial
+
+    from torch.optim.lr_scheduler import LambdaLR
 
     t = recipe.train
-    warmup = t.warmup_steps if t.warmup_steps is not None else max(0, round(0.05 * total_steps))
-    if t.schedule == "cosine":
-        return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-                             scheduler_specific_kwargs={"min_lr_rate": t.min_lr_ratio})
-    name = "linear" if t.schedule == "linear" else "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    factor = partial(lr_factor, warmup=warmup_steps(recipe, total_steps), total=total_steps, schedule=t.schedule,
+                     floor=t.min_lr_ratio if t.schedule == "cosine" else 0.0)
+    return LambdaLR(optimizer, factor)
 
 
 def total_steps(recipe: Recipe, num_processes: int) -> int:
@@ -184,9 +232,12 @@ def finetune(
     try:
         with terminate_as_interrupt():
             return _finetune(recipe, resume, progress, log, callback, started)
-    except BaseException:
+    except BaseException as err:
         if created and latest_checkpoint(ckpt) is None:
             shutil.rmtree(ckpt, ignore_errors=True)
+        elif isinstance(err, KeyboardInterrupt) and latest_checkpoint(ckpt) is not None:
+            note = f"the checkpoints in {ckpt} were kept: continue with --resume"
+            raise type(err)(f"{err}; {note}" if str(err) else note) from None
         raise
 
 
@@ -250,6 +301,9 @@ def _finetune(recipe: Recipe, resume: bool, progress: bool, log, callback, start
         [p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
     )
     steps = total_steps(recipe, accelerator.num_processes)
+    if warmup_steps(recipe, steps) > steps:
+        say(f"warning: train.warmup_steps {warmup_steps(recipe, steps)} is longer than the run's {steps} steps; the "
+            "learning rate never reaches train.lr")
     # The scheduler is not passed to prepare(): accelerate would step it once per process; here it steps once
     # per optimiser step. It and the trainer state are checkpointed as JSON, not as accelerate custom objects:
     # accelerate unpickles those (weights_only=False), so a tampered checkpoint could run code on --resume.
@@ -280,6 +334,7 @@ def _finetune(recipe: Recipe, resume: bool, progress: bool, log, callback, start
     while state.step < steps:
         step_start = time.time()
         sums = torch.zeros(3, device=accelerator.device)  # loss, ce, kd
+        lr = scheduler.get_last_lr()[0]  # the rate this step trains at
         for micro in range(t.grad_accum):
             rows = sampler.micro_batch_rows(state.step, micro, t.grad_accum, t.micro_batch,
                                             accelerator.process_index, accelerator.num_processes)
@@ -300,7 +355,7 @@ def _finetune(recipe: Recipe, resume: bool, progress: bool, log, callback, start
         state.train_seconds += time.time() - step_start
         window_tokens += tokens_per_step
         record = {"step": state.step, "tokens": state.tokens, "loss": float(sums[0]), "ce": float(sums[1]),
-                  "kd": float(sums[2]), "lr": scheduler.get_last_lr()[0]}
+                  "kd": float(sums[2]), "lr": lr}
         state.history.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")

@@ -60,6 +60,8 @@ def build_card(report: dict) -> ModelCard:
         if evaluation.get("source_perplexity") is not None:
             lines.append(f"| source | {evaluation['source_perplexity']:.3f} |")
         lines += [f"| converted | {evaluation['perplexity']:.3f} |", ""]
+        if "positions" in evaluation:
+            lines += long_context_section(evaluation)
     if report.get("format") == "deepseek-v3":
         lines += deepseek_v3_section(report["export"])
     lines += [
@@ -82,6 +84,41 @@ def build_card(report: dict) -> ModelCard:
         lines += [f"## {title}", "", body, ""]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
     return ModelCard(content)
+
+
+def long_context_section(evaluation: dict) -> list[str]:
+    """Loss by position and passkey retrieval, source beside converted (recorded with --eval-window >= 2048)."""
+    positions = "\n".join(
+        f"| {b['start']}-{b['end']} | {b['source_perplexity']:.3f} | {b['perplexity']:.3f} | {b['ratio']:.3f} |"
+        for b in evaluation["positions"]["buckets"])
+    source, converted = evaluation["passkey"]["source"], evaluation["passkey"]["converted"]
+    # Keys are ints in memory and strings once read back from conversion.json: pair the rows by order.
+    passkey = "\n".join(f"| {length} | {_rate(mine)} | {_rate(theirs)} |" for (length, mine), theirs
+                         in zip(source["by_length"].items(), converted["by_length"].values()))
+    return [
+        "## Long context",
+        "",
+        f"Perplexity of the tokens at each range of positions within the {evaluation['window']}-token windows "
+        "above; ratio = converted / source. Distance growth (the last range's ratio over the first's): "
+        f"{evaluation['positions']['distance_growth']:.3f}.",
+        "",
+        "| positions | source | converted | ratio |",
+        "|---|---|---|---|",
+        positions,
+        "",
+        f"Passkey retrieval with the evaluation text as haystack: {source['trials']} keys at each of "
+        f"{len(source['cases']) // len(source['by_length'])} depths per length; accuracy [95% Wilson interval].",
+        "",
+        "| length (tokens) | source | converted |",
+        "|---|---|---|",
+        passkey,
+        "",
+    ]
+
+
+def _rate(summary: dict) -> str:
+    low, high = summary["interval"]
+    return f"{summary['accuracy']:.0%} [{low * 100:.0f}-{high * 100:.0f}]"
 
 
 def usage_lines(report: dict) -> list[str]:

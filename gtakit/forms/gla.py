@@ -5,6 +5,7 @@ The model side is `gtakit/models/form_gla.py` (MLA is its `num_latent_heads = 1`
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -94,6 +95,7 @@ class GLAConverter(FormConverter):
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
                       options: Any) -> ConvertedLayer:
         pairs = spec["qk_rope_head_dim"] // 2
+        metric = replace(metric, rope_ranking=getattr(options, "rope_ranking", metric.rope_ranking))
         grid = getattr(options, "rope_grid", "none")
         return convert_gla_layer(attn, spec["num_latent_heads"], spec["kv_lora_rank"], pairs, metric,
                                  rope_grid(attn.head_dim, pairs, grid) if grid != "none" and pairs else None)
@@ -125,7 +127,7 @@ def convert_gla_layer(
     keeps only these frequencies, one component each (see `select_shared_rope`)."""
     H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
     cov = metric.input_cov
-    rope = select_shared_rope(src, rope_pairs, cov, metric.query_cov, metric.rotation, grid)
+    rope = select_shared_rope(src, rope_pairs, cov, metric.query_cov, metric.ranking_rotation, grid)
     nope_dim = 0 if rope_pairs == G * d // 2 else d
     groups = src.group_of_head
     per_latent = H // num_latents

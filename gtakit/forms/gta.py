@@ -6,6 +6,7 @@ width r chosen by `rope.py`. The model side is `gtakit/models/form_gta.py`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -52,7 +53,8 @@ class GTAConverter(FormConverter):
 
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
                       options: Any) -> ConvertedLayer:
-        metric.gta_state = options.gta_state
+        metric = replace(metric, gta_state=options.gta_state,
+                         rope_ranking=getattr(options, "rope_ranking", metric.rope_ranking))
         return convert_gta_layer(attn, spec["num_key_value_heads"], spec["rope_dim"], metric)
 
 
@@ -60,7 +62,7 @@ def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metr
     """GTA weights: per group a tied state s (value; its first d - r coords are the no-RoPE key)."""
     H, d = src.num_heads, src.head_dim
     cov = metric.input_cov
-    rope = select_shared_rope(src, rope_dim // 2, cov, metric.query_cov, metric.rotation)
+    rope = select_shared_rope(src, rope_dim // 2, cov, metric.query_cov, metric.ranking_rotation)
     nope = d - rope_dim
     groups = src.group_of_head
     per_group = H // num_groups

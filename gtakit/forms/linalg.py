@@ -30,6 +30,12 @@ class LayerMetric:
     balance: bool = True
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # [H, d/2] mean cos/sin per head and frequency
     gta_state: str = "value"  # GTA tied state: "value" (values exact) or "joint" (key/value subspace)
+    rope_ranking: str = "energy"  # shared RoPE key ranked by plain score "energy" or by what "rotation" loses
+
+    @property
+    def ranking_rotation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The mean rotation the shared RoPE key's ranking discounts by (None: plain score energy)."""
+        return self.rotation if self.rope_ranking == "rotation" else None
 
 
 def _moment(rows: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:

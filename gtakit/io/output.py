@@ -52,6 +52,63 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+
+
+def model_folder_of(path: Path) -> Path | None:
+    """The model folder (config.json beside weights) that `path` lies inside, or None: nothing is written there."""
+    for folder in path.parents:
+        if (folder / "config.json").is_file() and any(any(folder.glob(p)) for p in WEIGHT_PATTERNS):
+            return folder
+    return None
+
+
+def check_output_file(out: str | Path | None, protect: Sequence[tuple[str | Path | None, str]] = (),
+                      option: str = "--output") -> None:
+    """Everything that can be refused about an output FILE before any work (the same rules as `OutputFolder`):
+    not over an input, not inside a model folder, not onto a folder, not into a missing or unwritable folder."""
+    if out is None:
+        return
+    requested = Path(out).expanduser()
+    path = requested.resolve()
+    for given, what in protect:
+        if given is None:
+            continue
+        protected = Path(given).expanduser()
+        if not protected.exists():
+            continue
+        protected = protected.resolve()
+        if _is_within(path, protected) or path == protected:
+            kind = "is" if path == protected else "is inside"
+            raise GtakitError(f"{option} {requested} {kind} {what} {given}; writing there would replace it: "
+                              f"choose another {option} file")
+    model = model_folder_of(path)
+    if model is not None:
+        raise GtakitError(f"{option} {requested} is inside the model folder {model}; writing there could break the "
+                          f"model: choose a {option} file outside it")
+    if path.is_dir():
+        raise GtakitError(f"{option} {requested} is a folder; give a file name, e.g. {requested / 'results.json'}")
+    if not path.parent.is_dir():
+        raise GtakitError(f"{option} {requested}: the folder {requested.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise GtakitError(f"cannot write {option} {requested} (permission denied); choose another {option} file")
+
+
+def write_output_file(out: str | Path, text: str) -> None:
+    """Write a checked output file whole or not at all: a hidden partial file beside it, renamed onto it."""
+    path = Path(out).expanduser()
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        partial.write_text(text)
+        partial.replace(path)
+    except BaseException as err:
+        partial.unlink(missing_ok=True)
+        message = disk_error_message(err, path) if isinstance(err, OSError) else None
+        if message:
+            raise GtakitError(message.replace("-o", "--output")) from None
+        raise
+
+
 class OutputFolder:
     """`with OutputFolder(out, force).staging() as tmp:` write into `tmp`; on success it becomes `out`."""
 
@@ -82,6 +139,10 @@ class OutputFolder:
                 )
         if self.path.exists() and not self.path.is_dir():
             raise GtakitError(f"output {out} exists and is not a folder; choose a folder path")
+        model = model_folder_of(self.path)
+        if model is not None:
+            raise GtakitError(f"output folder {out} is inside the model folder {model}; writing there could break "
+                              "the model: choose another -o outside it")
         if self.path.is_dir() and self._user_entries() and not self.force:
             raise GtakitError(f"output folder {out} is not empty; {self.force_hint}")
         where = self.path if self.in_place else _nearest_existing(self.path.parent)

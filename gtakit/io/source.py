@@ -283,6 +283,10 @@ def _open_gguf(path: Path, checks: SourceChecks | None) -> SourceModel:
     if checks is not None:
         checks.check_config(model.config)
     state = dict(model.state_dict())
+    if checks is not None:
+        from gtakit.io.weights import check_finite  # noqa: PLC0415
+
+        check_finite(state.items(), path)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return SourceModel(

@@ -1,0 +1,147 @@
+"""What a zero-shot conversion keeps at long range: passkey retrieval and loss by position, source vs converted.
+
+    python benchmarks/long_context.py --targets mla,gla,gta --rankings energy,rotation
+
+SmolLM2-135M (the bundled GGUF) at 50% of its KV cache: MLA (one latent), GLA-3 (three latent heads) and GTA at
+its default widths, each converted with the default pipeline (aware init and output refit) calibrated on the first
+`--calib-chars` characters of WikiText-2, once per `--rankings` value of `--rope-ranking` (energy: the default
+since issue 31; rotation: the default before it). Per model, on text from character `--eval-from-char` on:
+
+- perplexity on `--windows` windows of 1024 tokens (the figure the README and earlier tables use);
+- loss by position bucket on `--long-windows` windows of `--long-window` tokens, against the source's loss on the
+  same windows, and the distance growth (model/source perplexity ratio in the last bucket over the first);
+- passkey accuracy (the `gtakit eval --passkey` prompts, filler haystack) per length with its 95% Wilson
+  interval; `--trials` keys per depth, `LENGTH:TRIALS` in `--lengths` overrides it for one length.
+
+Results go to the JSON after every model, and a rerun with the same JSON skips the models already there (a run
+killed after hours keeps what finished). Prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_text_split_arguments, calibration_and_eval_text, markdown_table  # noqa: E402
+from convert_quality import budget_settings  # noqa: E402
+
+from gtakit.convert import ConvertOptions  # noqa: E402
+from gtakit.convert.pipeline import convert_in_memory  # noqa: E402
+from gtakit.evaluate.passkey import DEFAULT_DEPTHS, passkey  # noqa: E402
+from gtakit.evaluate.positions import compare_buckets, position_losses  # noqa: E402
+from gtakit.evaluate.stats import rate_with_interval  # noqa: E402
+from gtakit.evaluate.windows import perplexity  # noqa: E402
+from gtakit.io.source import open_source  # noqa: E402
+
+
+def conversion_settings(target: str, budget: int, head_dim: int) -> dict:
+    """50% of the cache: GTA at its defaults; MLA and GLA-3 at the widest latent that fits with the default RoPE."""
+    if target == "gta":
+        return {"target": "gta"}
+    setting = budget_settings(target, budget, 3 if target == "gla" else 1, head_dim)
+    if target == "mla":
+        setting.pop("latent_heads")
+    return setting
+
+
+def length_trials(spec: str, trials: int) -> list[tuple[int, int]]:
+    """`1024,2048,8192:1` -> [(1024, trials), (2048, trials), (8192, 1)]."""
+    pairs = []
+    for item in spec.split(","):
+        length, _, count = item.partition(":")
+        pairs.append((int(length), int(count) if count else trials))
+    return pairs
+
+
+def measure(model, tokenizer, eval_text: str, args, source_long: dict | None) -> dict:
+    started = time.time()
+    row = {"perplexity_1024": perplexity(model, tokenizer, eval_text, args.windows * 1024, window=1024)["perplexity"]}
+    long = position_losses(model, tokenizer, eval_text, args.long_window, args.long_windows * args.long_window)
+    row["long"] = long if source_long is None else {**long, **compare_buckets(long["buckets"], source_long["buckets"])}
+    row["passkey"] = {}
+    for length, trials in length_trials(args.lengths, args.trials):
+        result = passkey(model, tokenizer, (length,), DEFAULT_DEPTHS, trials, seed=args.seed)
+        row["passkey"][str(length)] = result["by_length"][length]
+        print(f"  passkey {length}: {rate_with_interval(**_rate(result['by_length'][length]))}", flush=True)
+    row["eval_seconds"] = round(time.time() - started)
+    return row
+
+
+def _rate(entry: dict) -> dict:
+    return {"rate": entry["accuracy"], "interval": entry["interval"]}
+
+
+def table(results: dict, lengths: list[int]) -> str:
+    source_ppl = results["source"]["perplexity_1024"]
+    rows = []
+    for name, row in results.items():
+        line = {"model": name, "ppl": f"{row['perplexity_1024']:.2f} ({row['perplexity_1024'] / source_ppl:.2f}x)"}
+        line.update({str(n): rate_with_interval(**_rate(row["passkey"][str(n)])) for n in lengths})
+        growth = row["long"].get("distance_growth")
+        line["growth"] = f"{growth:.3f}" if growth is not None else "-"
+        if "buckets" in row["long"] and "ratio" in row["long"]["buckets"][-1]:
+            line["ratios"] = " / ".join(f"{b['ratio']:.2f}" for b in row["long"]["buckets"])
+        rows.append(line)
+    columns = [("model", "model"), ("ppl", "ppl@1024 (x source)")] + [(str(n), f"passkey {n}") for n in lengths]
+    columns += [("ratios", "ppl ratio per position bucket"), ("growth", "distance growth")]
+    return markdown_table(rows, columns)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_text_split_arguments(parser, windows=16)
+    parser.set_defaults(calib_tokens=16_384)
+    parser.add_argument("--targets", default="mla,gla,gta")
+    parser.add_argument("--rankings", default="energy,rotation", help="--rope-ranking values to compare")
+    parser.add_argument("--lengths", default="1024,2048,4096,8192:1", help="LENGTH[:TRIALS per depth],...")
+    parser.add_argument("--trials", type=int, default=4, help="keys per depth (5 depths)")
+    parser.add_argument("--long-window", type=int, default=8192)
+    parser.add_argument("--long-windows", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--option", action="append", default=[], help="extra ConvertOptions FIELD=VALUE")
+    parser.add_argument("--json", default="benchmarks/out/long_context.json")
+    args = parser.parse_args()
+    calib_path, eval_text = calibration_and_eval_text(args.text, args.json, args.calib_chars, args.eval_from_char)
+    out = Path(args.json)
+    results = json.loads(out.read_text())["results"] if out.exists() else {}
+    source = open_source(None)
+    tokenizer = source.load_tokenizer()
+    if "source" not in results:
+        results["source"] = measure(source.load_model(), tokenizer, eval_text, args, None)
+        save(out, args, results)
+    budget = source.config.num_key_value_heads * source.config.head_dim  # half of keys + values
+    extra = {}
+    for item in args.option:
+        field, _, value = item.partition("=")
+        default = getattr(ConvertOptions(), field)
+        extra[field] = type(default)(value) if isinstance(default, (int, float)) and value.isdigit() else value
+    for target in args.targets.split(","):
+        for ranking in args.rankings.split(","):
+            name = f"{target} 50% ({ranking})"
+            if name in results:
+                continue
+            started = time.time()
+            options = ConvertOptions(init="aware", calib=str(calib_path), calib_tokens=args.calib_tokens,
+                                     rope_ranking=ranking, **conversion_settings(target, budget, source.config.head_dim),
+                                     **extra)
+            model, _ = convert_in_memory(source, options)
+            converted = round(time.time() - started)
+            print(f"{name}: converted in {converted} s", flush=True)
+            results[name] = {**measure(model, tokenizer, eval_text, args, results["source"]["long"]),
+                             "convert_seconds": converted}
+            save(out, args, results)
+            del model
+    print(table(results, [n for n, _ in length_trials(args.lengths, args.trials)]))
+
+
+def save(out: Path, args, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
