@@ -119,8 +119,8 @@ def main() -> None:
         field, _, value = item.partition("=")
         default = getattr(ConvertOptions(), field)
         extra[field] = type(default)(value) if isinstance(default, (int, float)) and value.isdigit() else value
-    for target in args.targets.split(","):
-        for ranking in args.rankings.split(","):
+    for target in filter(None, args.targets.split(",")):
+        for ranking in filter(None, args.rankings.split(",")):
             name = f"{target} 50% ({ranking})"
             if name in results:
                 continue

@@ -191,7 +191,7 @@ def _assert_clean_failure(result, *fragments):
         (["--to", "ghla", "--latent-dim", "x"], ("--latent-dim",)),
         (["--to", "ghla", "--rope-dim", "7"], ("--rope-dim 7", "even")),
         (["--to", "ghla", "--rope-dim", "40"], ("--rope-dim 40", "between 2 and 32")),
-        (["--to", "ghla", "--kv-rank", "8"], ("do not apply to --to ghla",)),
+        (["--to", "ghla", "--kv-rank", "8"], ("does not apply to --to ghla",)),
         (["--to", "ghla", "--ghla-query", "best"], ("--ghla-query",)),
         (["--to", "gla", "--maps", "2"], ("--maps", "ghla only")),
         (["--to", "gta", "--latent-dim", "8"], ("--latent-dim", "ghla only")),

@@ -84,9 +84,9 @@ def test_full_budget_layers_next_to_source_layers_are_exact(source):
         (["3:source"], "outside 0-2"),
         (["1:kvrank=3"], "not KEY=VALUE"),
         (["x:source"], "RANGE"),
-        (["1:groups=2"], "--groups do not apply to --to gla (--layer 1)"),
+        (["1:groups=2"], "--groups does not apply to --to gla (--layer 1)"),
         (["0-:source"], "nothing would be converted"),
-        (["2:to=gta,kv_rank=8"], "--kv-rank do not apply to --to gta (--layer 2)"),
+        (["2:to=gta,kv_rank=8"], "--kv-rank does not apply to --to gta (--layer 2)"),
     ],
 )
 def test_bad_layer_settings_are_refused_in_one_line(source, layers, fragment):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from sources import random_text, write_source
 from typer.testing import CliRunner
@@ -416,6 +417,11 @@ def test_finetune_output_mode_follows_umask(tmp_path, converted):
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out", "recipe.yaml"]
+    # accelerate's checkpoint and the exported model.safetensors were 0600 (safetensors' own mode)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
+             for folder in ("ckpt", "out") for p in (tmp_path / folder).rglob("*") if p.is_file()}
+    assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}
+    assert "out/model.safetensors" in modes
 
 
 # ------------------------------------------------------------------------------------------- second pass (issue 32)
@@ -692,3 +698,156 @@ def test_sequences_past_the_model_positions(tmp_path):
     assert_one_line(cli("eval", gpt2, "--text", calib, "--window", "512"), "--window 512 exceeds", after_work=True)
     result = cli("eval", tmp_path / "out", "--text", calib, "--window", "512")  # after loading, before measuring
     assert_one_line(result, "--window 512 exceeds the model's 256 learned positions", after_work=True)
+
+
+# ------------------------------------------------------------------------------------------- second pass, leftovers
+
+
+def test_refit_tokens_are_exactly_the_first_n():
+    """Item 6: --refit-tokens N summed whole micro-batches (N = 5, 256, 512, 2048 gave the same weights, and CPU
+    and CUDA batch differently); now exactly the first N tokens, row by row, and the count is reported."""
+    from gtakit.convert.refine import output_moments
+
+    o_proj = torch.nn.Linear(6, 4, bias=False)
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.o_proj = o_proj
+
+        def forward(self, x):
+            return self.o_proj(x)
+
+    xs = [torch.randn(2, 100, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    ys = [torch.randn(2, 100, 4, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
+    u, y = torch.cat(xs).reshape(-1, 6).double(), torch.cat(ys).reshape(-1, 4).double()
+    close = {"rtol": 1e-5, "atol": 1e-4}  # fp32 GEMMs per batch; one token more or less moves them by ~1
+    for tokens in (5, 256, 450):  # inside the first batch, the second's first row, its second row
+        moments = output_moments(Attention(), (((x,), {}, t) for x, t in zip(xs, ys)), tokens=tokens)
+        assert moments.tokens == tokens
+        torch.testing.assert_close(moments.gram, u[:tokens].T @ u[:tokens], **close)
+        torch.testing.assert_close(moments.cross, y[:tokens].T @ u[:tokens], **close)
+    assert output_moments(Attention(), (((x,), {}, t) for x, t in zip(xs, ys))).tokens == 600
+
+
+def test_refit_tokens_change_the_weights_and_are_reported(tmp_path, source):
+    """Item 6 end to end: 1024 calibration tokens are one CPU micro-batch, so every --refit-tokens gave the
+    weights of all of them."""
+    from safetensors.torch import load_file
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(random_text(3000))
+    weights, reported = {}, {}
+    for tokens in (5, 256, 0):
+        out = tmp_path / f"out{tokens}"
+        result = cli("convert", source, "-o", out, "--calib", calib, "--calib-tokens", 1024, "--refit-tokens", tokens,
+                     "--quiet", *TINY)
+        assert result.exit_code == 0, result.output
+        weights[tokens] = load_file(next(out.glob("*.safetensors")))
+        layers = json.loads((out / "conversion.json").read_text())["layers"]
+        reported[tokens] = {layer["refit_tokens"] for layer in layers}
+    name = next(n for n in weights[0] if n.endswith("o_proj.weight"))
+    assert not torch.equal(weights[5][name], weights[256][name])
+    assert not torch.equal(weights[256][name], weights[0][name])
+    assert reported == {5: {5}, 256: {256}, 0: {1024}}
+
+
+def test_gguf_cut_inside_its_header_is_refused(tmp_path):
+    """Item 10: a GGUF truncated inside its header gave struct.error in convert."""
+    import struct
+
+    gguf = tmp_path / "cut.gguf"  # magic, version 3, 1 tensor, 4 metadata entries, a 20-byte key cut at 7
+    gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 4) + struct.pack("<Q", 20) + b"general")
+    text = tmp_path / "t.txt"
+    text.write_text(random_text(400))
+    assert_one_line(cli("convert", gguf, "-o", tmp_path / "out", *TINY), "cut.gguf is not a complete GGUF file")
+    assert_one_line(cli("eval", gguf, "--text", text), "is not a complete GGUF file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_an_encoder(tmp_path):
+    """Item 10: eval on a BERT folder failed deep in a forward pass (or gave numbers)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=100)
+    BertForMaskedLM(config).save_pretrained(tmp_path / "bert")
+    text = tmp_path / "t.txt"
+    text.write_text(random_text(400))
+    assert_one_line(cli("eval", tmp_path / "bert", "--text", text),
+                    "model_type 'bert' saved as BertForMaskedLM) is not a causal language model")
+
+
+def test_a_foreign_option_message_agrees_in_number(tmp_path, source):
+    """Messages: '--kv-rank do not apply'."""
+    result = cli("convert", source, "-o", tmp_path / "out", "--to", "gta", "--kv-rank", "8")
+    assert_one_line(result, "--kv-rank does not apply to --to gta")
+    result = cli("convert", source, "-o", tmp_path / "out", "--to", "gta", "--kv-rank", "8", "--latent-heads", "2")
+    assert_one_line(result, "--latent-heads, --kv-rank do not apply to --to gta")
+
+
+def test_recipe_inputs_beside_the_recipe_file_are_found(tmp_path, monkeypatch):
+    """Messages: relative paths in a recipe resolved from the working directory only. Inputs that exist only
+    beside the recipe are read from there; what exists from the working directory, overrides and outputs stay."""
+    from gtakit.finetune import load_recipe
+
+    folder, cwd = tmp_path / "recipes", tmp_path / "work"
+    (folder / "model").mkdir(parents=True)
+    (folder / "data").mkdir()
+    (folder / "data" / "a.txt").write_text("x")
+    (folder / "eval.txt").write_text("x")
+    cwd.mkdir()
+    (cwd / "eval.txt").write_text("x")
+    recipe = folder / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": "model"}, "teacher": {"model": "source"},
+                                      "data": {"train": ["data/*.txt", "hf:some/set"], "eval": ["eval.txt"]},
+                                      "output": {"dir": "out"}}))
+    monkeypatch.chdir(cwd)
+    loaded = load_recipe(recipe)
+    assert loaded.model.path == str(folder / "model")
+    assert loaded.data.train == [str(folder / "data" / "*.txt"), "hf:some/set"]
+    assert loaded.data.eval == ["eval.txt"] and loaded.output.dir == "out" and loaded.teacher.model == "source"
+    assert load_recipe(recipe, ["model.path=model"]).model.path == "model"
+
+
+def test_written_files_follow_the_umask(tmp_path, source):
+    """Messages: model.safetensors was written 0600 (safetensors' default) against the README's umask promise."""
+    old_umask = os.umask(0o027)
+    try:
+        convert(str(source), tmp_path / "out", ConvertOptions(target="mla", kv_rank="12", rope_dim="8"),
+                progress=False)
+    finally:
+        os.umask(old_umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes or any(name.endswith(".safetensors") for name in modes)
+    assert {name: mode for name, mode in modes.items() if mode != 0o640} == {}
+
+
+def test_an_unanswering_hub_fails_fast(tmp_path, monkeypatch):
+    """Messages: an offline Hub name waited (30 s or more: huggingface_hub's requests have no timeout) before its
+    one-line error. A Hub that does not answer now means the cache alone, as with HF_HUB_OFFLINE=1."""
+    import socket
+    import threading
+
+    import huggingface_hub.constants as hub
+
+    import gtakit.io.source as source_module
+
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(source_module, "HUB_ANSWER_SECONDS", 1.0, raising=False)  # absent before the fix
+    results = []
+    worker = threading.Thread(target=lambda: results.append(cli("convert", "someone/not-cached", "-o",
+                                                                tmp_path / "out", *TINY)), daemon=True)
+    started = time.time()
+    try:
+        worker.start()
+        worker.join(60)
+    finally:
+        silent.close()
+    assert results, "still waiting for the Hub after 60 s"
+    assert time.time() - started < 30
+    assert_one_line(results[0], "'someone/not-cached' is not a local path and is not in the Hugging Face cache")

@@ -73,8 +73,9 @@ class ConvertOptions:
         "each converted attention's output matches the source's on the calibration inputs) or none. auto: output "
         "with --calib, none without.")
     refit_tokens: int = option(
-        0, "Calibration tokens the output refit runs the converted attention on, per layer (the first ones); 0: all "
-        "of them. Fewer make the conversion quicker (the refit's pass is about a third of it).", range=bounds(0))
+        0, "Calibration tokens the output refit fits on, per layer: exactly the first N (whatever the device's "
+        "batch); 0: all of them. Fewer make the conversion quicker (the refit's pass is about a third of it).",
+        range=bounds(0))
     refit_ridge: float = option(
         1e-4, "Ridge of the output refit, relative to the mean eigenvalue of its input moment: how strongly the "
         "refitted o_proj is pulled towards the closed-form one (larger: less fitted to the calibration text).",

@@ -80,7 +80,8 @@ def check_form_options(options: ConvertOptions, target: str, where: str = "") ->
     if foreign:
         flags = ", ".join(flag for flag, _ in foreign)
         owners = "; ".join(f"{flag}: {'/'.join(names)} only" for flag, names in foreign)
-        raise GtakitError(f"{flags} do not apply to --to {target}{where} ({owners})")
+        verb = "does" if len(foreign) == 1 else "do"
+        raise GtakitError(f"{flags} {verb} not apply to --to {target}{where} ({owners})")
 
 
 def plan_conversion(source: SourceModel, family: FamilyAdapter, options: ConvertOptions,

@@ -55,6 +55,7 @@ class OutputMoments:
     gram: torch.Tensor
     cross: torch.Tensor
     target_energy: float
+    tokens: int = 0  # calibration tokens summed (recorded in the conversion report)
 
     def error(self, weight: torch.Tensor) -> float:
         """Relative squared error |W u - y|^2 / |y|^2 summed over the tokens."""
@@ -67,8 +68,9 @@ class OutputMoments:
 def output_moments(module: torch.nn.Module, pairs: Iterable[tuple[tuple, dict, torch.Tensor]],
                    tokens: int = 0) -> OutputMoments:
     """Run `module` on the (args, kwargs, source output) of `pairs` and accumulate the moments of the fit: on all of
-    them, or (`tokens` > 0) on the first micro-batches holding at least `tokens` tokens. The rest of `pairs` is
-    still consumed: a pass that advances the calibrator must run to its end."""
+    them, or (`tokens` > 0) on exactly the first `tokens` calibration tokens (row by row, as the text runs), so the
+    fit does not depend on the device's micro-batch size. The rest of `pairs` is still consumed: a pass that
+    advances the calibrator must run to its end."""
     o_proj = module.o_proj
     captured: list[torch.Tensor] = []
     handle = o_proj.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
@@ -79,10 +81,12 @@ def output_moments(module: torch.nn.Module, pairs: Iterable[tuple[tuple, dict, t
         for args, kwargs, target in pairs:
             if tokens and seen >= tokens:
                 continue
-            seen += target.shape[0] * target.shape[1]
             module(*args, **kwargs)
             u = captured.pop().reshape(-1, o_proj.in_features).float()
             y = target.reshape(-1, o_proj.out_features).float()
+            if tokens and seen + len(u) > tokens:  # the batch runs whole (its masks span it); only N tokens count
+                u, y = u[: tokens - seen], y[: tokens - seen]
+            seen += len(u)
             if o_proj.bias is not None:
                 y = y - o_proj.bias
             # fp32 GEMMs per micro-batch, summed in float64 (as the calibration moments are)
@@ -91,7 +95,7 @@ def output_moments(module: torch.nn.Module, pairs: Iterable[tuple[tuple, dict, t
             energy += float((y.double() ** 2).sum())
     finally:
         handle.remove()
-    return OutputMoments(gram, cross, energy)
+    return OutputMoments(gram, cross, energy, seen)
 
 
 def refit_output_weight(moments: OutputMoments, weight: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
@@ -183,6 +187,7 @@ class LayerRefiner:
             module.o_proj.weight.data.copy_(weight.float())
             converted.metrics["output_rel_error_before_refit"] = before
             converted.metrics["output_rel_error"] = moments.error(weight)
+            converted.metrics["refit_tokens"] = moments.tokens
         if self.sequential:
             self.calibrator.use_attention(index, module)
         return converted

@@ -7,6 +7,7 @@ refused before anything is loaded, with one line naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import types
 import typing
 from dataclasses import dataclass, field
@@ -288,7 +289,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a recipe (a YAML file, or an already-parsed mapping), applying `key=value` overrides.
 
-    Relative paths inside a recipe file stay relative to the working directory (as on the command line)."""
+    A recipe file's relative input paths are read from the working directory, or where nothing is there, from
+    the recipe file's folder (`_from_recipe_folder`); overrides and output paths are relative to the working
+    directory, as on the command line."""
+    folder = None
     if isinstance(source, dict):
         raw = dict(source)
     else:
@@ -299,14 +303,44 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise GtakitError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        folder = path.parent
     if not isinstance(raw, dict):
         raise GtakitError("a recipe must be a YAML mapping of sections (model, data, train, ...)")
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy so overrides never touch the caller's mapping
+    if folder is not None:
+        _from_recipe_folder(raw, folder)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value)
     recipe = _build(Recipe, raw, "")
     validate(recipe)
     return recipe
+
+
+# Inputs a recipe file may name relative to itself. Outputs stay relative to the working directory: they
+# usually exist nowhere yet, so there is nothing to tell the two apart by.
+RECIPE_INPUTS = (("model", "path"), ("teacher", "model"), ("data", "train"), ("data", "eval"))
+
+
+def _from_recipe_folder(raw: dict, folder: Path) -> None:
+    """Rewrite (in place) relative input paths that match nothing from the working directory but something
+    beside the recipe file, so a recipe kept next to its data runs from any directory."""
+    for section, key in RECIPE_INPUTS:
+        values = raw.get(section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        value = values[key]
+        if section == "teacher" and value == "source":  # a keyword, not a path
+            continue
+        values[key] = [_beside(v, folder) for v in value] if isinstance(value, list) else _beside(value, folder)
+
+
+def _beside(value: Any, folder: Path) -> Any:
+    if not isinstance(value, str) or not value or value.startswith("hf:") or Path(value).expanduser().is_absolute():
+        return value
+    if glob.glob(value):  # globs allowed in data.train: a match here wins, as before
+        return value
+    there = str(folder / value)
+    return there if glob.glob(there) else value
 
 
 def validate(recipe: Recipe) -> None:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from gtakit.errors import GtakitError
 from gtakit.evaluate.windows import sequence_nll
 from gtakit.io import DTYPES
-from gtakit.io.output import terminate_as_interrupt
+from gtakit.io.output import follow_umask, terminate_as_interrupt
 from gtakit.io.weights import check_model_folder, vocab_size
 
 from .data import RowSampler, load_packed_data, resolve_files
@@ -471,6 +471,7 @@ def _save_checkpoint(accelerator, folder: Path, state: TrainerState, scheduler, 
     if accelerator.is_main_process:
         progress = {"trainer": state.state_dict(), "scheduler": scheduler.state_dict()}
         (target / STATE_FILE).write_text(json.dumps(progress))
+        follow_umask(target)  # accelerate's safetensors files are 0600
         done = sorted(p for p in folder.glob("step_*") if (p / STATE_FILE).exists())
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

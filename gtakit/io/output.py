@@ -8,7 +8,8 @@ Every command that writes a folder (convert, the finetune export) goes through `
   system). Where OUT itself cannot be renamed (a mount point, the working directory or one of its parents, a
   folder whose parent is read-only) the staging folder lives inside OUT and its entries are moved up at the end;
 * a symlinked OUT stays a link: its target is what gets written;
-* folders follow the umask like any file the user creates (no 0700 `mkdtemp` folders);
+* folders and files follow the umask like any file the user creates (no 0700 `mkdtemp` folders, no 0600
+  safetensors files: `follow_umask`);
 * a failure, Ctrl-C or SIGTERM removes the staging folder; what SIGKILL leaves behind carries a marker naming
   the host and process, and the next run writing the same OUT removes it (or refuses while that process lives).
 """
@@ -50,6 +51,32 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # someone else's live process
         return True
     return True
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (setting it, even briefly, would race
+    with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give every file under `root` the mode a plain open() would (0666 & ~umask): safetensors' `save_file`
+    (also behind transformers', peft's and accelerate's savers) creates 0600 files, unreadable to a group that the
+    umask lets in."""
+    mode = 0o666 & ~current_umask()
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder) / name
+            if path.is_file() and not path.is_symlink():
+                path.chmod(mode)
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
@@ -175,6 +202,7 @@ class OutputFolder:
             with terminate_as_interrupt():
                 yield tmp
                 (tmp / STAGING_MARK).unlink()
+                follow_umask(tmp)
                 self._commit(tmp)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)

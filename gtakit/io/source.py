@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -191,13 +192,42 @@ def check_tokenizer(source: SourceModel) -> None:
                           "--eval-text need its tokenizer files (tokenizer.json or tokenizer.model)") from None
 
 
+HUB_ANSWER_SECONDS = 8.0  # the Hub answers within a second or two; past this it is treated as unreachable
+
+
+def hub_answers() -> bool:
+    """Whether the Hub endpoint answers at all (any status, or an error raised at once) within HUB_ANSWER_SECONDS.
+    Where the network drops packets, huggingface_hub's requests have no timeout and name lookups ignore timeouts:
+    its first request would wait half a minute or more before the cache is looked at. A thread bounds the wait."""
+    import threading
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=HUB_ANSWER_SECONDS)
+            answered.append(True)
+        except Exception as err:  # noqa: BLE001 - a quick refusal is an answer: snapshot_download reports it
+            answered.append("Timeout" not in type(err).__name__)  # httpx's timeouts, whichever httpx it is
+
+    thread = threading.Thread(target=probe, daemon=True)  # a daemon: a stuck lookup never blocks the exit
+    thread.start()
+    thread.join(HUB_ANSWER_SECONDS)
+    return bool(answered) and answered[0]
+
+
 def resolve_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    # Offline or unanswered: the cache alone (a cached snapshot still opens), as HF_HUB_OFFLINE=1 would.
+    local_only = constants.HF_HUB_OFFLINE or not hub_answers()
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
     except LocalEntryNotFoundError:
         raise GtakitError(
             f"{repo_id!r} is not a local path and is not in the Hugging Face cache (offline?); "
@@ -278,6 +308,8 @@ def _open_gguf(path: Path, checks: SourceChecks | None) -> SourceModel:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except ImportError as err:
         raise GtakitError(f"reading GGUF needs the gguf package: pip install 'gtakit[gguf]' ({err})") from None
+    except struct.error:  # transformers' header parser reads past the end of a file cut short
+        raise GtakitError(f"{path} is not a complete GGUF file (it ends inside its header); re-download it") from None
     except (ValueError, OSError, KeyError) as err:
         raise GtakitError(f"cannot load {path} with transformers' GGUF reader: {str(err).splitlines()[0]}") from None
     if checks is not None:

@@ -91,6 +91,28 @@ def check_reader(config: Any, reader: Any, where: Path | str, names: Iterable[st
     check_finite(((name, reader.get(name)) for name in reader.keys()), where)
 
 
+def check_causal_lm(config: Any, where: Path | str) -> None:
+    """Refuse encoders (BERT and the like) by the config alone: transformers maps several of them to a causal-LM
+    class (BertLMHeadModel) that then fails deep inside a forward pass or attends both ways and gives numbers."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as MASKED
+
+    from gtakit.families import BY_MODEL_TYPE
+
+    model_type = getattr(config, "model_type", None)
+    if model_type == "gtakit" or model_type in BY_MODEL_TYPE:
+        return
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:  # what the checkpoint was saved as (BertForMaskedLM, BertModel) decides
+        causal = any(name in set(CAUSAL.values()) for name in architectures)
+    else:  # no record: a type with a masked-LM head is an encoder that merely has a causal-LM variant
+        causal = model_type in CAUSAL and model_type not in MASKED
+    if not causal:
+        saved = f" saved as {', '.join(architectures)}" if architectures else ""
+        raise GtakitError(f"{where} (model_type {model_type!r}{saved}) is not a causal language model; gtakit "
+                          "supports decoder-only LLMs")
+
+
 def check_model_folder(path: str | Path | None, what: str = "") -> None:
     """Before loading a local HF folder (eval, finetune, export): refuse weights that do not match its config or
     are not finite. Other sources (.gguf, Hub ids, None) pass: their loaders check them or gtakit convert does."""
@@ -111,6 +133,7 @@ def check_model_folder(path: str | Path | None, what: str = "") -> None:
         config = AutoConfig.from_pretrained(folder)
     except (ValueError, TypeError, KeyError, OSError) as err:
         raise GtakitError(f"{folder / 'config.json'} is not a valid config: {str(err).splitlines()[0]}") from None
+    check_causal_lm(config, label)
     if any(folder.glob("*.safetensors")):
         reader: Any = SafetensorsReader(folder)
     elif (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
