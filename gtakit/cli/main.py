@@ -376,15 +376,19 @@ def finetune(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
     add_help_option=False,
 )
-def bench(ctx: typer.Context, what: str = typer.Argument("decode", help="Benchmark to run: decode.")) -> None:
-    """Decode-attention kernel benchmark (GTA / GLA / MLA vs SDPA on GQA); other options go to it
-    (`gtakit bench decode --help`). The end-to-end generate benchmark is benchmarks/bench_generate.py."""
-    if what != "decode":
-        typer.echo(f"error: unknown benchmark {what!r}; available: decode", err=True)
+def bench(ctx: typer.Context, what: str = typer.Argument("decode", help="Benchmark to run: decode, gpu.")) -> None:
+    """decode: the decode-attention kernel benchmark (GTA / GLA / MLA vs SDPA on GQA); gpu: the whole GPU
+    validation in one run (tests, decode, generate, calibration, uptraining; `--dry-run` on the CPU). Other options
+    go to the benchmark (`gtakit bench decode --help`, `gtakit bench gpu --help`). The end-to-end generate
+    benchmark alone is benchmarks/bench_generate.py."""
+    if what == "decode":
+        from gtakit.bench.decode import main as bench_main
+    elif what == "gpu":
+        from gtakit.bench.gpu import main as bench_main
+    else:
+        typer.echo(f"error: unknown benchmark {what!r}; available: decode, gpu", err=True)
         raise typer.Exit(2)
-    from gtakit.bench.decode import main as bench_decode
-
-    raise typer.Exit(bench_decode(list(ctx.args)))
+    raise typer.Exit(bench_main(list(ctx.args)))
 
 
 recipes_app = typer.Typer(help="Uptraining recipes shipped with gtakit.", no_args_is_help=True)
