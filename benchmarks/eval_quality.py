@@ -35,6 +35,7 @@ from gtakit.io.source import open_source  # noqa: E402
 from gtakit.evaluate import agreement  # noqa: E402
 from gtakit.evaluate.harness import run_tasks  # noqa: E402
 from gtakit.evaluate.passkey import passkey  # noqa: E402
+from gtakit.evaluate.stats import rate_with_interval  # noqa: E402
 
 TASK = "gtakit_wiki_next"
 
@@ -74,7 +75,8 @@ def score(name: str, model, source_model, tokenizer, eval_text: str, task_dir: P
         keys = passkey(model, tokenizer, lengths, tuple(float(d) for d in args.depths.split(",")), args.trials)
         row["passkey"] = keys
         for length in lengths:
-            row[f"pk{length}"] = f"{keys['by_length'][length]:.0%}"
+            entry = keys["by_length"][length]
+            row[f"pk{length}"] = rate_with_interval(entry["accuracy"], entry["interval"])
     if "tasks" in measures:
         results = run_tasks(model, tokenizer, [TASK], include_path=str(task_dir))["results"][TASK]
         row["mc_acc"] = f"{results['acc,none']:.1%}"
@@ -89,7 +91,7 @@ def main() -> None:
     parser.set_defaults(calib_tokens=65_536)
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
     parser.add_argument("--depths", default="0,0.5,1")
-    parser.add_argument("--trials", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=4, help="keys per depth")
     parser.add_argument("--mc-items", type=int, default=100)
     parser.add_argument("--forms", default="gta,gla,mla")
     parser.add_argument("--measures", default="agreement,passkey,tasks", help="which columns to measure")

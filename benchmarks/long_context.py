@@ -4,8 +4,8 @@
 
 SmolLM2-135M (the bundled GGUF) at 50% of its KV cache: MLA (one latent), GLA-3 (three latent heads) and GTA at
 its default widths, each converted with the default pipeline (aware init and output refit) calibrated on the first
-`--calib-chars` characters of WikiText-2, once per `--rankings` value of `--rope-ranking` (energy: the default
-since issue 31; rotation: the default before it). Per model, on text from character `--eval-from-char` on:
+`--calib-chars` characters of WikiText-2, once per `--credits` value of `--rope-rotation-credit` (0.5: the default
+since 0.3; 1: the default before it). Per model, on text from character `--eval-from-char` on:
 
 - perplexity on `--windows` windows of 1024 tokens (the figure the README and earlier tables use);
 - loss by position bucket on `--long-windows` windows of `--long-window` tokens, against the source's loss on the
@@ -14,7 +14,8 @@ since issue 31; rotation: the default before it). Per model, on text from charac
   interval; `--trials` keys per depth, `LENGTH:TRIALS` in `--lengths` overrides it for one length.
 
 Results go to the JSON after every model, and a rerun with the same JSON skips the models already there (a run
-killed after hours keeps what finished). Prints one markdown table.
+killed after hours keeps what finished). Prints one markdown table; `--report A.json,B.json` prints it for the
+results of several runs (e.g. the source and the conversions measured by two processes at once) and exits.
 """
 
 from __future__ import annotations
@@ -57,11 +58,10 @@ def length_trials(spec: str, trials: int) -> list[tuple[int, int]]:
     return pairs
 
 
-def measure(model, tokenizer, eval_text: str, args, source_long: dict | None) -> dict:
+def measure(model, tokenizer, eval_text: str, args) -> dict:
     started = time.time()
     row = {"perplexity_1024": perplexity(model, tokenizer, eval_text, args.windows * 1024, window=1024)["perplexity"]}
-    long = position_losses(model, tokenizer, eval_text, args.long_window, args.long_windows * args.long_window)
-    row["long"] = long if source_long is None else {**long, **compare_buckets(long["buckets"], source_long["buckets"])}
+    row["long"] = position_losses(model, tokenizer, eval_text, args.long_window, args.long_windows * args.long_window)
     row["passkey"] = {}
     for length, trials in length_trials(args.lengths, args.trials):
         result = passkey(model, tokenizer, (length,), DEFAULT_DEPTHS, trials, seed=args.seed)
@@ -96,7 +96,7 @@ def main() -> None:
     add_text_split_arguments(parser, windows=16)
     parser.set_defaults(calib_tokens=16_384)
     parser.add_argument("--targets", default="mla,gla,gta")
-    parser.add_argument("--rankings", default="energy,rotation", help="--rope-ranking values to compare")
+    parser.add_argument("--credits", default="0.5,1", help="--rope-rotation-credit values to compare")
     parser.add_argument("--lengths", default="1024,2048,4096,8192:1", help="LENGTH[:TRIALS per depth],...")
     parser.add_argument("--trials", type=int, default=4, help="keys per depth (5 depths)")
     parser.add_argument("--long-window", type=int, default=8192)
@@ -104,14 +104,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--option", action="append", default=[], help="extra ConvertOptions FIELD=VALUE")
     parser.add_argument("--json", default="benchmarks/out/long_context.json")
+    parser.add_argument("--skip-source", action="store_true", help="measure only the conversions")
+    parser.add_argument("--report", help="comma-separated JSON files of earlier runs: print their table and exit")
     args = parser.parse_args()
+    lengths = [n for n, _ in length_trials(args.lengths, args.trials)]
+    if args.report:
+        return report(args.report, lengths)
     calib_path, eval_text = calibration_and_eval_text(args.text, args.json, args.calib_chars, args.eval_from_char)
     out = Path(args.json)
     results = json.loads(out.read_text())["results"] if out.exists() else {}
     source = open_source(None)
     tokenizer = source.load_tokenizer()
-    if "source" not in results:
-        results["source"] = measure(source.load_model(), tokenizer, eval_text, args, None)
+    if "source" not in results and not args.skip_source:
+        results["source"] = measure(source.load_model(), tokenizer, eval_text, args)
         save(out, args, results)
     budget = source.config.num_key_value_heads * source.config.head_dim  # half of keys + values
     extra = {}
@@ -120,22 +125,23 @@ def main() -> None:
         default = getattr(ConvertOptions(), field)
         extra[field] = type(default)(value) if isinstance(default, (int, float)) and value.isdigit() else value
     for target in filter(None, args.targets.split(",")):
-        for ranking in filter(None, args.rankings.split(",")):
-            name = f"{target} 50% ({ranking})"
+        for credit in filter(None, args.credits.split(",")):
+            name = f"{target} 50% (credit {credit})"
             if name in results:
                 continue
             started = time.time()
             options = ConvertOptions(init="aware", calib=str(calib_path), calib_tokens=args.calib_tokens,
-                                     rope_ranking=ranking, **conversion_settings(target, budget, source.config.head_dim),
+                                     rope_rotation_credit=float(credit), **conversion_settings(target, budget, source.config.head_dim),
                                      **extra)
             model, _ = convert_in_memory(source, options)
             converted = round(time.time() - started)
             print(f"{name}: converted in {converted} s", flush=True)
-            results[name] = {**measure(model, tokenizer, eval_text, args, results["source"]["long"]),
+            results[name] = {**measure(model, tokenizer, eval_text, args),
                              "convert_seconds": converted}
             save(out, args, results)
             del model
-    print(table(results, [n for n, _ in length_trials(args.lengths, args.trials)]))
+    if "source" in results:
+        print(table(results, lengths))
 
 
 def save(out: Path, args, results: dict) -> None:

@@ -63,10 +63,10 @@ def test_svd_fallback_when_lapack_fails(monkeypatch):
     assert torch.allclose(left @ torch.diag(sing) @ vh[:3], mat, atol=1e-10)
 
 
-def test_rope_ranking_energy_keeps_a_strong_slow_component_that_rotation_ranking_drops():
-    """A slow frequency barely rotates over the calibration's attention distances: ranked by what its mean rotation
-    cannot reproduce it is worthless, ranked by score energy it is the strongest. Long-range retrieval needs it
-    (issue 31: the rotation ranking lost passkey retrieval from 2k tokens on), so `energy` is the default."""
+def test_rotation_credit_keeps_a_strong_slow_component_that_full_credit_drops():
+    """A slow frequency barely rotates over the calibration's (mostly short) attention distances: with full credit
+    for its mean rotation it is worthless to the shared RoPE key, ranked by score energy it is the strongest, and
+    half credit (the default) still keeps it. Long-range retrieval needs it (issue 31)."""
     src = _source()
     half = src.head_dim // 2
     for tensor in (src.wk, src.wq):  # the slowest frequency (index half - 1) carries most of the score energy
@@ -75,10 +75,12 @@ def test_rope_ranking_energy_keeps_a_strong_slow_component_that_rotation_ranking
     cos = torch.zeros(src.num_heads, half, dtype=torch.float64)
     cos[:, half - 1] = 1.0  # it never rotates within the measured distances
     rotation = (cos, torch.zeros_like(cos))
-    by_energy = linalg.LayerMetric(rotation=rotation, rope_ranking="energy")
-    by_rotation = linalg.LayerMetric(rotation=rotation, rope_ranking="rotation")
-    assert by_energy.ranking_rotation is None and by_rotation.ranking_rotation is rotation
-    kept_energy = select_shared_rope(src, 2, rotation=by_energy.ranking_rotation).kept
-    kept_rotation = select_shared_rope(src, 2, rotation=by_rotation.ranking_rotation).kept
-    assert all(i == half - 1 for i, _ in kept_energy)
-    assert all(i != half - 1 for i, _ in kept_rotation)
+
+    def kept(credit: float) -> list[tuple[int, int]]:
+        metric = linalg.LayerMetric(rotation=rotation, rotation_credit=credit)
+        return select_shared_rope(src, 2, rotation=metric.ranking_rotation).kept
+
+    assert linalg.LayerMetric(rotation=rotation, rotation_credit=0.0).ranking_rotation is None
+    assert all(i == half - 1 for i, _ in kept(0.0))
+    assert all(i == half - 1 for i, _ in kept(0.5))
+    assert all(i != half - 1 for i, _ in kept(1.0))

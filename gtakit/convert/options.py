@@ -48,10 +48,12 @@ class ConvertOptions:
         "auto", "GLA/MLA: RoPE frequencies the shared key may use: none (any, chosen per layer), spread (every "
         "(d/r)-th from the fastest; one global table, as DeepSeek-V3 needs), fastest (the r/2 fastest; one global "
         "table; measured better). auto: none, or fastest for --format deepseek-v3.")
-    rope_ranking: str = option(
-        "rotation", "GTA/GLA/MLA with --calib: which RoPE components the shared key keeps: energy (largest score "
-        "energy; dropped ones still fold their measured mean rotation into the query) or rotation (largest score "
-        "energy that the mean rotation cannot stand in for).")
+    rope_rotation_credit: float = option(
+        0.5, "GTA/GLA/MLA with --calib: which RoPE components the shared key keeps. Each is ranked by its score "
+        "energy less this share of what its measured mean rotation could stand in for once dropped: 0 ranks by "
+        "energy alone, 1 trusts the mean rotation fully (the default before 0.3: short-window perplexity 0.4% better "
+        "on SmolLM2 MLA 50%, but passkey retrieval lost from 2k tokens on, as the rotation is measured over "
+        "calibration attention, which is mostly short-range).", range=bounds(0, 1))
     gta_state: str = option("joint", "GTA tied state: joint (key/value subspace) or value (exact values).")
     key_norm: str = option(
         "cached", "QK-norm sources (Qwen3, Gemma 3, OLMo-2): cached (each token's key norm scalar cached beside the "
@@ -116,7 +118,6 @@ def check_options(options: ConvertOptions, calibrated: bool | None = None) -> No
     its field declares, the --layer syntax, and choices that would otherwise be ignored or fall back silently.
     `calibrated`: whether calibration data will be there (default: --calib is given)."""
     from gtakit.forms.qk_norm import KEY_SCALE_MODES  # noqa: PLC0415
-    from gtakit.forms.rope import ROPE_RANKINGS  # noqa: PLC0415
 
     check_ranges(options, flag_of, GtakitError)
     calibrated = bool(options.calib) if calibrated is None else calibrated
@@ -125,9 +126,6 @@ def check_options(options: ConvertOptions, calibrated: bool | None = None) -> No
     for effective in every:
         if effective.key_norm not in KEY_SCALE_MODES:
             raise GtakitError(f"--key-norm must be one of {', '.join(KEY_SCALE_MODES)}, got {effective.key_norm!r}")
-        if effective.rope_ranking not in ROPE_RANKINGS:
-            raise GtakitError(f"--rope-ranking must be one of {', '.join(ROPE_RANKINGS)}, "
-                              f"got {effective.rope_ranking!r}")
     if not calibrated:
         if any(effective.key_norm == "mean" for effective in every):
             raise GtakitError("--key-norm mean folds the calibrated mean key norm into the weights: pass --calib FILE")
@@ -145,7 +143,7 @@ def check_options(options: ConvertOptions, calibrated: bool | None = None) -> No
 
 # Options a --layer override may set (what shapes one layer), by field name.
 PER_LAYER = ("target", "groups", "latent_heads", "kv_rank", "rope_dim", "maps", "key_heads", "latent_dim",
-             "ghla_query", "gta_state", "key_norm", "rope_ranking")
+             "ghla_query", "gta_state", "key_norm")
 RANGE = re.compile(r"^(\d+)(?:-(\d*))?$")
 FIELD_RANGES = {f.name: f.metadata["range"] for f in fields(ConvertOptions) if f.metadata.get("range")}
 

@@ -95,7 +95,7 @@ class GLAConverter(FormConverter):
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
                       options: Any) -> ConvertedLayer:
         pairs = spec["qk_rope_head_dim"] // 2
-        metric = replace(metric, rope_ranking=getattr(options, "rope_ranking", metric.rope_ranking))
+        metric = replace(metric, rotation_credit=getattr(options, "rope_rotation_credit", metric.rotation_credit))
         grid = getattr(options, "rope_grid", "none")
         return convert_gla_layer(attn, spec["num_latent_heads"], spec["kv_lora_rank"], pairs, metric,
                                  rope_grid(attn.head_dim, pairs, grid) if grid != "none" and pairs else None)

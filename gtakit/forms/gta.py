@@ -54,7 +54,7 @@ class GTAConverter(FormConverter):
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
                       options: Any) -> ConvertedLayer:
         metric = replace(metric, gta_state=options.gta_state,
-                         rope_ranking=getattr(options, "rope_ranking", metric.rope_ranking))
+                         rotation_credit=getattr(options, "rope_rotation_credit", metric.rotation_credit))
         return convert_gta_layer(attn, spec["num_key_value_heads"], spec["rope_dim"], metric)
 
 

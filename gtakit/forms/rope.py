@@ -16,9 +16,6 @@ import torch
 
 from gtakit.families.base import SourceAttention
 
-# How the shared RoPE key's components are ranked (`--rope-ranking`).
-ROPE_RANKINGS = ("energy", "rotation")
-
 
 @dataclass
 class RopeSelection:
