@@ -86,9 +86,9 @@ def test_refinement_needs_live_calibration(calib_setup):
         with pytest.raises(GtakitError, match="--calib"):
             convert_in_memory(source, ConvertOptions(target="mla", kv_rank=8, init="aware", **bad),
                               stats_for_layer=lambda i: stats[i])
-    with pytest.raises(GtakitError, match="--refit-tokens must be >= 0"):
+    with pytest.raises(GtakitError, match="--refit-tokens must be at least 0"):
         convert_in_memory(source, ConvertOptions(target="mla", refit_tokens=-1), stats_for_layer=live)
-    with pytest.raises(GtakitError, match="--refit-ridge must be > 0"):
+    with pytest.raises(GtakitError, match="--refit-ridge must be positive"):
         convert_in_memory(source, ConvertOptions(target="mla", refit_ridge=0.0), stats_for_layer=live)
     with pytest.raises(GtakitError, match="--refit must be one of"):
         convert_in_memory(source, ConvertOptions(target="mla", refit="weights"), stats_for_layer=None)

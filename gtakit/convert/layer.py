@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from gtakit.errors import GtakitError
 from gtakit.families import FamilyAdapter
 from gtakit.forms import qk_norm
@@ -23,11 +25,21 @@ def convert_attention(family: FamilyAdapter, source: SourceModel, index: int, la
             raise GtakitError("--key-norm mean folds the calibrated mean key scale: pass --calib FILE")
         attn = qk_norm.folded(source_attn, getattr(stats, "query_scale_mean", None), key_scale_mean)
     metric = method.build_metric(attn, stats)
-    converted = layer.form.convert_layer(attn, layer.spec, metric, stats, layer.options)
+    converted = layer.form.convert_layer(attn, layer.spec, metric, stats, _layer_options(family, source, index, layer))
     if norm is not None:
         converted = qk_norm.complete(converted, source_attn, attn, norm["key_scale"],
                                      layer.form.query_nope_width(layer.spec), key_scale_mean)
     return converted
+
+
+def _layer_options(family: FamilyAdapter, source: SourceModel, index: int, layer: LayerPlan):
+    """A sliding-window layer never looks farther than its window; where calibration covered it, the measured mean
+    rotation holds at every distance the layer sees, so its RoPE ranking trusts that rotation fully."""
+    window = family.sliding_window(source.config, index)
+    options = layer.options
+    if window is not None and window <= options.calib_seq_len and hasattr(options, "rope_rotation_credit"):
+        return replace(options, rope_rotation_credit=1.0)
+    return options
 
 
 __all__ = ["convert_attention"]
