@@ -64,7 +64,8 @@ def measure(model, tokenizer, eval_text: str, args) -> dict:
     row["long"] = position_losses(model, tokenizer, eval_text, args.long_window, args.long_windows * args.long_window)
     row["passkey"] = {}
     for length, trials in length_trials(args.lengths, args.trials):
-        result = passkey(model, tokenizer, (length,), DEFAULT_DEPTHS, trials, seed=args.seed)
+        depths = tuple(float(d) for d in args.depths.split(","))
+        result = passkey(model, tokenizer, (length,), depths, trials, seed=args.seed)
         row["passkey"][str(length)] = result["by_length"][length]
         print(f"  passkey {length}: {rate_with_interval(**_rate(result['by_length'][length]))}", flush=True)
     row["eval_seconds"] = round(time.time() - started)
@@ -76,19 +77,30 @@ def _rate(entry: dict) -> dict:
 
 
 def table(results: dict, lengths: list[int]) -> str:
-    source_ppl = results["source"]["perplexity_1024"]
+    source = results["source"]
     rows = []
     for name, row in results.items():
-        line = {"model": name, "ppl": f"{row['perplexity_1024']:.2f} ({row['perplexity_1024'] / source_ppl:.2f}x)"}
-        line.update({str(n): rate_with_interval(**_rate(row["passkey"][str(n)])) for n in lengths})
-        growth = row["long"].get("distance_growth")
-        line["growth"] = f"{growth:.3f}" if growth is not None else "-"
-        if "buckets" in row["long"] and "ratio" in row["long"]["buckets"][-1]:
-            line["ratios"] = " / ".join(f"{b['ratio']:.2f}" for b in row["long"]["buckets"])
+        ppl = row["perplexity_1024"]
+        line = {"model": name, "ppl": f"{ppl:.2f} ({ppl / source['perplexity_1024']:.3f}x)"}
+        line.update({str(n): rate_with_interval(**_rate(row["passkey"][str(n)])) if str(n) in row["passkey"] else "-"
+                     for n in lengths})
+        if name != "source":
+            compared = compare_buckets(row["long"]["buckets"], source["long"]["buckets"])
+            line["ratios"] = " / ".join(f"{b['ratio']:.3f}" for b in compared["buckets"])
+            line["growth"] = f"{compared['distance_growth']:.3f}"
         rows.append(line)
+    bounds = " / ".join(f"{b['start']}-{b['end']}" for b in source["long"]["buckets"])
     columns = [("model", "model"), ("ppl", "ppl@1024 (x source)")] + [(str(n), f"passkey {n}") for n in lengths]
-    columns += [("ratios", "ppl ratio per position bucket"), ("growth", "distance growth")]
+    columns += [("ratios", f"ppl ratio by position ({bounds})"), ("growth", "distance growth")]
     return markdown_table(rows, columns)
+
+
+def report(paths: str, lengths: list[int]) -> None:
+    """The table of several runs' JSON files (the source's row from whichever has it)."""
+    results = {}
+    for path in paths.split(","):
+        results.update(json.loads(Path(path).read_text())["results"])
+    print(table({"source": results.pop("source"), **results}, lengths))
 
 
 def main() -> None:
@@ -98,7 +110,8 @@ def main() -> None:
     parser.add_argument("--targets", default="mla,gla,gta")
     parser.add_argument("--credits", default="0.5,1", help="--rope-rotation-credit values to compare")
     parser.add_argument("--lengths", default="1024,2048,4096,8192:1", help="LENGTH[:TRIALS per depth],...")
-    parser.add_argument("--trials", type=int, default=4, help="keys per depth (5 depths)")
+    parser.add_argument("--trials", type=int, default=4, help="keys per depth")
+    parser.add_argument("--depths", default=",".join(str(d) for d in DEFAULT_DEPTHS), help="needle depths (0-1)")
     parser.add_argument("--long-window", type=int, default=8192)
     parser.add_argument("--long-windows", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
