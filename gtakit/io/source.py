@@ -276,15 +276,19 @@ def _open_folder(folder: Path, name: str, kind: str, checks: SourceChecks | None
         raise GtakitError(f"{folder / 'config.json'} is not a valid config: {str(err).splitlines()[0]}") from None
     if checks is not None:
         checks.check_config(config)
-    if any(folder.glob("*.safetensors")):
-        reader: WeightReader = SafetensorsReader(folder)
-    elif (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
-        reader = TorchBinReader(folder)
-    else:
-        raise GtakitError(f"{folder} has no *.safetensors or pytorch_model.bin weights")
+    reader = weight_reader(folder, str(folder))
     if checks is not None:
         checks.check_weights(config, reader, folder)
     return SourceModel(name=name, kind=kind, config=config, weights=reader, folder=folder)
+
+
+def weight_reader(folder: Path, label: str) -> WeightReader:
+    """The lazy reader of a folder's weights: safetensors (sharded or not), else `pytorch_model.bin`."""
+    if any(folder.glob("*.safetensors")):
+        return SafetensorsReader(folder)
+    if (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
+        return TorchBinReader(folder)
+    raise GtakitError(f"{label} has no *.safetensors or pytorch_model.bin weights")
 
 
 def read_config(folder: Path) -> dict:

@@ -118,7 +118,7 @@ def check_model_folder(path: str | Path | None, what: str = "") -> None:
     are not finite. Other sources (.gguf, Hub ids, None) pass: their loaders check them or gtakit convert does."""
     from transformers import AutoConfig
 
-    from gtakit.io.source import SafetensorsReader, TorchBinReader, read_config
+    from gtakit.io.source import read_config, weight_reader
 
     if path is None:
         return
@@ -134,12 +134,7 @@ def check_model_folder(path: str | Path | None, what: str = "") -> None:
     except (ValueError, TypeError, KeyError, OSError) as err:
         raise GtakitError(f"{folder / 'config.json'} is not a valid config: {str(err).splitlines()[0]}") from None
     check_causal_lm(config, label)
-    if any(folder.glob("*.safetensors")):
-        reader: Any = SafetensorsReader(folder)
-    elif (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
-        reader = TorchBinReader(folder)
-    else:
-        raise GtakitError(f"{label} has no *.safetensors or pytorch_model.bin weights")
+    reader = weight_reader(folder, label)
     check_reader(config, reader, label, _model_side_names(config, reader))
 
 
