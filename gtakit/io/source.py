@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from gtakit.errors import GtakitError
+from gtakit.io.packaged import PREFIX, packaged_path
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -249,7 +250,10 @@ class SourceChecks(Protocol):
 
 def open_source(src: str | Path | None, checks: SourceChecks | None = None) -> SourceModel:
     """Open SRC: a local HF folder, a `.gguf` file, a Hub id, or None for the bundled SmolLM2-135M."""
-    path = bundled_smollm2() if src is None else Path(src).expanduser()
+    if isinstance(src, str) and src.startswith(PREFIX):
+        path = packaged_path(src)
+    else:
+        path = bundled_smollm2() if src is None else Path(src).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise GtakitError(f"{path} is a file but not a .gguf; pass a model folder, a .gguf file or a Hub id")

