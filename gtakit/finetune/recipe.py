@@ -121,6 +121,24 @@ class EvalSection:
 
 
 @dataclass
+class RecoverySection:
+    against: str | None = _f(
+        "source", "Model the distance is measured to, before and after training: 'source' (from the input's "
+        "conversion.json), a folder, a .gguf file or a Hub id; null = skip.")
+    text: list[str] = _f(
+        [], "Held-out text files of another domain than data.train (plain or JSON lines); empty = data.eval's "
+        "sequences, which share the training text's domain and so flatter the recovery.")
+    tokens: int = _f(4096, "Tokens of recovery.text scored (cheap by default).", bounds(1))
+    window: int = _f(1024, "Tokens per scored window (the model's context length for the full measurement).",
+                     bounds(2))
+    passkey: bool = _f(False, "Also passkey retrieval before and after (and of the source), hidden in "
+                       "recovery.text when given; costs many generations.")
+    passkey_lengths: list[int] = _f([1024, 2048, 4096, 8192], "Passkey prompt lengths.", bounds(16))
+    passkey_trials: int = _f(2, "Passkey keys per length and depth (5 depths).", bounds(1))
+    positions: bool = _f(False, "Also the loss per position bucket against the source (needs recovery.text).")
+
+
+@dataclass
 class CheckpointSection:
     dir: str | None = _f(None, "Checkpoint folder (default: OUTPUT.checkpoints beside the output).")
     every: int = _f(
@@ -152,6 +170,7 @@ class Recipe:
     loss: LossSection = field(default_factory=LossSection)
     lora: LoraSection = field(default_factory=LoraSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    recovery: RecoverySection = field(default_factory=RecoverySection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     output: OutputSection = field(default_factory=OutputSection)

@@ -38,6 +38,7 @@ class TrainerState:
     evals: list = field(default_factory=list)  # {"step", "tokens", "perplexity"}
     before_perplexity: float | None = None
     teacher_perplexity: float | None = None
+    recovery_before: dict | None = None
     train_seconds: float = 0.0
 
     def state_dict(self) -> dict:
@@ -70,6 +71,9 @@ def preflight(recipe: Recipe, resume: bool) -> None:
         _refuse_fixed_changes(recipe, recipe.checkpoint_dir)
     resolve_files(recipe.data.train, "data.train")
     resolve_files(recipe.data.eval, "data.eval")
+    for path in recipe.recovery.text:
+        if not Path(path).expanduser().is_file():
+            raise GtakitError(f"recipe key 'recovery.text': {path} is not a file")
     model_path = Path(recipe.model.path).expanduser()
     if model_path.exists() and not (model_path / "config.json").exists():
         raise GtakitError(f"model.path {model_path} has no config.json; give a converted model folder")
@@ -297,6 +301,14 @@ def _finetune(recipe: Recipe, resume: bool, progress: bool, log, callback, start
         teacher_device = accelerator.device if recipe.teacher.device == "auto" else torch.device(recipe.teacher.device)
         teacher.to(teacher_device).eval().requires_grad_(False)
 
+    scorer = _recovery_scorer(recipe, tokenizer, data, teacher, accelerator)
+    if scorer is not None and not resume:
+        state_before = scorer.score(model)
+        say(f"before uptraining, against {scorer.source_name}: KL {state_before['kl']:.4f} nats/token, top-1 "
+            f"{state_before['top1_agreement']:.1%}")
+    else:
+        state_before = None
+
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
     )
@@ -309,7 +321,7 @@ def _finetune(recipe: Recipe, resume: bool, progress: bool, log, callback, start
     # accelerate unpickles those (weights_only=False), so a tampered checkpoint could run code on --resume.
     scheduler = _scheduler(recipe, optimizer, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainerState()
+    state = TrainerState(recovery_before=state_before)
     if recipe.log.tensorboard:
         accelerator.init_trackers("gtakit-finetune", config=_flat(recipe.to_dict()))
 
@@ -388,11 +400,22 @@ def _finetune(recipe: Recipe, resume: bool, progress: bool, log, callback, start
 
     from .export import export_model
 
-    report = export_model(accelerator, model, recipe, tokenizer, state, after, data, started, say)
+    report = export_model(accelerator, model, recipe, tokenizer, state, after, data, started, say, scorer)
     del teacher
     accelerator.free_memory()
     # The per-step records stay out of conversion.json (long runs have many); callers get them here.
     return dict(report, history=state.history) if report else {}
+
+
+def _recovery_scorer(recipe: Recipe, tokenizer, data, teacher, accelerator):
+    """The distance-to-source scorer on the main process (None elsewhere, or with recovery.against null)."""
+    if recipe.recovery.against is None or not accelerator.is_main_process:
+        return None
+    from .recovery import RecoveryScorer
+
+    spec = resolve_teacher(recipe.recovery.against, recipe.model.path)
+    same_as_teacher = teacher is not None and spec == resolve_teacher(recipe.teacher.model, recipe.model.path)
+    return RecoveryScorer(recipe, tokenizer, data.eval, spec, source=teacher if same_as_teacher else None)
 
 
 def enable_checkpointing(model) -> None:
