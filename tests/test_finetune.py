@@ -244,25 +244,69 @@ def test_overrides_and_shipped_recipes(workdir):
         load_recipe(yaml.safe_load(text))  # every shipped recipe passes the schema
 
 
-def test_two_process_cpu_run_through_accelerate_launch(workdir):
-    path = workdir / "ddp.yaml"
-    path.write_text(yaml.safe_dump(recipe_dict(workdir, "ddp", train={"max_steps": 3, "micro_batch": 2},
-                                               checkpoint={"every": 2})))
+def _launch_two(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
     # `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is set up (accelerate 1.x's
     # simple launcher); the torchrun-based launcher with the CPU forced really starts two (gloo).
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gtakit.finetune",
-               str(path), "--quiet"]
+               str(recipe), *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _losses(checkpoint: Path) -> list[float]:
+    return [r["loss"] for r in json.loads((checkpoint / "trainer_state.json").read_text())["trainer"]["history"]]
+
+
+def test_two_process_cpu_run_matches_one_process_and_resumes(workdir):
+    """2 processes x 2 sequences read the rows 1 process x 4 does: the same loss curve (gloo's all-reduce only
+    reorders float sums), one output folder, one log, and a resume that reproduces the last step."""
+    steps = {"max_steps": 3, "micro_batch": 2}
+    path = workdir / "ddp.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(workdir, "ddp", train=steps, checkpoint={"every": 2},
+                                               recovery={"against": None})))
+    done = _launch_two(path, "--quiet")
+    assert done.stderr.count("accelerate: MULTI_CPU over 2 process(es)") == 1  # the main process logs alone
     report = json.loads((workdir / "ddp" / "conversion.json").read_text())["uptraining"]
     assert report["steps"] == 3 and report["tokens"] == 3 * 32 * 2 * 2  # two processes' batches per step
     model = AutoModelForCausalLM.from_pretrained(workdir / "ddp", trust_remote_code=True).eval()
     with torch.no_grad():
         assert torch.isfinite(model(_ids()).logits).all()
-    assert sorted(p.name for p in (workdir / "ddp.checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
+    checkpoints = workdir / "ddp.checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000002", "step_00000003"]
+    two = _losses(checkpoints / "step_00000003")
+    one = run(workdir, "ddp-single", train={"max_steps": 3, "micro_batch": 4}, recovery={"against": None})
+    assert [r["loss"] for r in one["history"]] == pytest.approx(two, rel=1e-5)
+
+    import shutil
+
+    shutil.rmtree(checkpoints / "step_00000003")
+    path.write_text(yaml.safe_dump(recipe_dict(workdir, "ddp", train=steps, checkpoint={"every": 2},
+                                               recovery={"against": None}, output={"force": True})))
+    _launch_two(path, "--quiet", "--resume")
+    assert _losses(checkpoints / "step_00000003") == pytest.approx(two, rel=1e-6)
+
+
+def test_fsdp_config_wraps_the_family_decoder_layer(workdir):
+    """accelerate's FSDP needs GPUs (on the CPU it runs DDP), so the wrap policy of recipes/accelerate/fsdp.yaml
+    is checked without launching: no class is named, and accelerate takes the family's decoder layer from the
+    converted model's `_no_split_modules`."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from gtakit.finetune import find_recipe
+
+    config = yaml.safe_load(find_recipe("accelerate/fsdp").read_text())["fsdp_config"]
+    assert "fsdp_transformer_layer_cls_to_wrap" not in config
+    model = AutoModelForCausalLM.from_pretrained(workdir / "converted")
+    layer_classes = {type(module).__name__ for module in model.modules()}
+    assert set(model._no_split_modules) <= layer_classes and "LlamaDecoderLayer" in model._no_split_modules
+    plugin = FullyShardedDataParallelPlugin(auto_wrap_policy="transformer_based_wrap")
+    plugin.set_auto_wrap_policy(model)
+    wrapped = plugin.auto_wrap_policy.keywords["transformer_layer_cls"]
+    assert {cls.__name__ for cls in wrapped} == {"LlamaDecoderLayer"}
 
 
 def test_recovery_distance_to_source_before_and_after(workdir, tmp_path):

@@ -281,6 +281,11 @@ def _finetune(recipe: Recipe, resume: bool, progress: bool, log, callback, start
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
     cache_dir = Path(recipe.data.cache_dir).expanduser() if recipe.data.cache_dir else ckpt_dir
     data = load_packed_data(recipe.data, tokenizer, t.seq_len, cache_dir, accelerator)
+    say(f"accelerate: {accelerator.distributed_type.value} over {accelerator.num_processes} process(es) on "
+        f"{accelerator.device.type}")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type.value != "FSDP":
+        say("warning: an FSDP config was launched but accelerate runs FSDP only on GPUs; this run is plain data "
+            "parallel (every process holds the whole model)")
     say(f"data: {len(data.train)} training and {len(data.eval)} evaluation sequences of {t.seq_len} tokens")
 
     model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=DTYPES[recipe.model.dtype])
