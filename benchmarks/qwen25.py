@@ -96,6 +96,10 @@ def steps(args) -> dict[str, list[str]]:
                     "gtakit", "eval", str(out / f"ds-{norm}-{domain}"), "--text", str(text[f"{held}-heldout"]),
                     "--max-tokens", str(args.eval_tokens), "--window", "1024", "--against", str(out / "mla50-code"),
                     "--output", str(out / f"eval-ds-{norm}-{domain}-{held}.json")]
+    plan["uptrain"] = ["gtakit", "finetune", "qwen2.5-coder-0.5b-mla", f"model.path={out / 'mla50-code'}",
+                       f"output.dir={out / 'mla50-uptrained'}", "output.force=true",
+                       f"data.train=[{text['code']}]", f"recovery.text=[{text['code-heldout']}]",
+                       f"train.tokens={args.uptrain_tokens}"]
     for name, model in (("source", SOURCE), ("mla50-code", str(out / "mla50-code"))):
         plan[f"passkey:{name}"] = ["gtakit", "eval", model, "--passkey", "--lengths", "1024,2048", "--trials", "1",
                                    "--text", str(text["wiki-heldout"]),
@@ -156,11 +160,11 @@ def table(results: dict) -> str:
         row = {"step": name, "seconds": result["seconds"], "peak GB": result["peak_rss_gb"]}
         scores = result.get("result", {})
         text = scores.get("text") or scores
-        for key in ("perplexity", "source_perplexity", "kl", "top1"):
+        for key in ("perplexity", "source_perplexity", "kl", "top1_agreement", "bytes_per_token"):
             if isinstance(text.get(key), (int, float)):
                 row[key] = round(text[key], 4)
         rows.append(row)
-    keys = ["step", "seconds", "peak GB", "perplexity", "source_perplexity", "kl", "top1"]
+    keys = ["step", "seconds", "peak GB", "perplexity", "source_perplexity", "kl", "top1_agreement", "bytes_per_token"]
     return markdown_table([{key: row.get(key, "") for key in keys} for row in rows], [(k, k) for k in keys])
 
 
@@ -170,6 +174,7 @@ def main() -> None:
     parser.add_argument("--code", type=Path, default=Path("out/text"), help="folder of code_text.py's output")
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--uptrain-tokens", type=int, default=8192)
     parser.add_argument("--only", default=None, help="comma-separated step names")
     parser.add_argument("--save-folder", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

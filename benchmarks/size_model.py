@@ -12,8 +12,9 @@ What is resident at the peak of a calibrated conversion (the pipeline streams: o
   calibration token (T x D fp32, kept on the host), the float64 attention-input moment (D^2), the refit's float64
   normal equations ((H d)^2 + D H d), the float64 working copy of the attention weights the form's closed form
   decomposes, and one micro-batch's activations (2048 tokens on the CPU, 16,384 on a GPU);
-* the embedding matrix in fp32 while the calibration embeds the tokens (freed afterwards), and the output shard
-  being filled (`--max-shard-size`, 5 GB by default) while writing.
+* the embedding matrix in the checkpoint's dtype while the calibration embeds the tokens (only the gathered rows
+  are cast to fp32; freed afterwards), and the output shard being filled (`--max-shard-size`, 5 GB by default)
+  while writing.
 
 Time: calibration runs each decoder layer over the T tokens about twice (the statistics pass, the refit's
 attention pairs, which also advance the hidden states); a forward costs 2 x (layer parameters) FLOP per token plus
@@ -32,9 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table  # noqa: E402
+from qwen25 import SIZE_MODEL  # noqa: E402
 
 GB = 1e9
 RUNTIME_GB = 0.55
+GGUF_BYTES_PER_PARAM = 0.78  # Qwen2.5-Coder-0.5B Q4_K_M: 491 MB for 630M parameters
 
 
 @dataclass(frozen=True)
@@ -87,15 +90,23 @@ def layer_set_gb(shape: Shape, tokens: int, micro_batch: int) -> dict[str, float
 
 
 def peak_gb(shape: Shape, tokens: int, source: str, device: str, shard_gb: float = 5.0) -> dict[str, float]:
-    """Predicted peak host and device memory of one conversion."""
+    """Predicted peak host and device memory of one conversion.
+
+    safetensors: the layer set plus the larger of the embedding read for calibration and the output shard being
+    filled (pass-through tensors are copies read from the files). GGUF: transformers' loader holds the whole
+    model in fp32 and keeps the file mapped (~0.78 bytes per parameter at Q4_K_M); the output's pass-through
+    tensors are that model's own, so the shard adds nothing."""
     micro = 16384 if device == "cuda" else 2048
     parts = layer_set_gb(shape, tokens, micro)
     needed = sum(parts.values())
-    embedding = 4 * shape.vocab * shape.hidden / GB
-    whole_source = 4 * shape.params / GB if source == "gguf" else 0.0
     on_device = parts["layer_fp32"] + parts["activations"] if device == "cuda" else 0.0
-    host = RUNTIME_GB + whole_source + max(needed - on_device + embedding, needed - on_device + min(shard_gb, 4 * shape.params / GB))
-    return {"layer_set": needed, "host": host, "device": on_device, "host_vs_layer_set": (host - RUNTIME_GB) / needed}
+    if source == "gguf":
+        extra = (4 + GGUF_BYTES_PER_PARAM) * shape.params / GB
+    else:
+        embedding = 2 * shape.vocab * shape.hidden / GB  # read in the checkpoint's dtype, rows gathered first
+        extra = max(embedding, min(shard_gb, 2 * shape.params / GB))
+    host = RUNTIME_GB + needed - on_device + extra
+    return {"layer_set": needed, "host": host, "device": on_device, "host_vs_layer_set": (host - RUNTIME_GB + on_device) / needed}
 
 
 def seconds(shape: Shape, tokens: int, seq_len: int, flops_per_s: float, passes: float = 2.0) -> float:
@@ -111,7 +122,29 @@ def table(tokens: int, seq_len: int) -> list[dict]:
             rows.append({"model": shape.name, "params B": f"{shape.params / 1e9:.2f}", "source": source,
                          "calibration": device, "layer set GB": f"{peak['layer_set']:.2f}",
                          "host peak GB": f"{peak['host']:.1f}", "device peak GB": f"{peak['device']:.1f}",
+                         "host / layer set": f"{peak['host_vs_layer_set']:.2f}",
                          "time": _duration(seconds(shape, tokens, seq_len, rate))})
+    return rows
+
+
+def training_gb(shape: Shape, mode: str, shards: int, teacher_bytes: int = 2) -> float:
+    """Per-GPU memory of `gtakit finetune` before activations: trainable parameters cost 16 bytes each (fp32
+    weight, gradient and AdamW's two moments), frozen ones 4 (fp32); FSDP (shards > 1) splits both; the frozen
+    teacher (bf16 by default) is loaded whole on every rank."""
+    trainable = {"full": shape.params, "attention": shape.layers * shape.attention_params, "lora": 0}[mode]
+    frozen = shape.params - trainable
+    return (16 * trainable + 4 * frozen) / shards / GB + teacher_bytes * shape.params / GB
+
+
+def training_table() -> list[dict]:
+    rows = []
+    for name in ("Llama-3.2-1B", "Llama-3.1-8B", "Llama-3.1-70B"):
+        shape = SHAPES[name]
+        for mode in ("full", "attention", "lora"):
+            row = {"model": name, "train.mode": mode}
+            for label, shards in (("1 GPU or DDP", 1), ("FSDP 8 GPUs", 8), ("FSDP 16 GPUs (2 machines)", 16)):
+                row[label] = f"{training_gb(shape, mode, shards):.0f}"
+            rows.append(row)
     return rows
 
 
@@ -126,6 +159,8 @@ def measured_rows(paths: list[str]) -> list[dict]:
         results = json.loads(Path(path).read_text())
         for name, step in results.items():
             meta = step.get("size_model")
+            if meta is None and name in SIZE_MODEL:  # runs recorded before the driver tagged them
+                meta = dict(zip(("model", "source"), SIZE_MODEL[name]), tokens=_calib_tokens(step["command"]))
             if not meta or step.get("rc") != 0:
                 continue
             shape = SHAPES[meta["model"]]
@@ -137,6 +172,11 @@ def measured_rows(paths: list[str]) -> list[dict]:
     return rows
 
 
+def _calib_tokens(command: str) -> int:
+    words = command.split()
+    return int(words[words.index("--calib-tokens") + 1]) if "--calib-tokens" in words else 65536
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=65536, help="calibration tokens (the converter's default)")
@@ -146,12 +186,15 @@ def main() -> None:
     args = parser.parse_args()
     rows = table(args.tokens, args.seq_len)
     print(markdown_table(rows, [(key, key) for key in rows[0]]))
+    training = training_table()
+    print()
+    print(markdown_table(training, [(key, key) for key in training[0]]))
     measured = measured_rows([p for p in args.measured.split(",") if p])
     if measured:
         print()
         print(markdown_table(measured, [(key, key) for key in measured[0]]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"computed": rows, "measured": measured}, indent=1))
+    args.json.write_text(json.dumps({"computed": rows, "training": training, "measured": measured}, indent=1))
 
 
 if __name__ == "__main__":

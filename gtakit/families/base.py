@@ -239,7 +239,8 @@ class FamilyAdapter:
     def embed(self, ids: torch.Tensor, weights: WeightReader, config: Any) -> torch.Tensor:
         """The decoder's input for `ids` `[rows, L]` (families that scale their embeddings or add learned
         positions override it)."""
-        return torch.nn.functional.embedding(ids, weights.get(self.embedding_name).float())
+        # rows gathered before the cast: a 70B vocabulary in fp32 would be 4 GB for nothing
+        return torch.nn.functional.embedding(ids, weights.get(self.embedding_name)).float()
 
     def qk_norm_scales(self, layer: Any, x: torch.Tensor, config: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """QK-norm families: the per-token 1/rms of the queries `[N, H or 1]` and keys `[N, G or 1]` of the family's

@@ -33,7 +33,7 @@ class GemmaParticulars:
         # Gemma scales its embeddings by sqrt(hidden_size), rounded to the weights' dtype as transformers does.
         weight = weights.get(self.embedding_name)
         scale = torch.tensor(config.hidden_size**0.5, dtype=weight.dtype)
-        return torch.nn.functional.embedding(ids, weight.float()) * scale.float()
+        return torch.nn.functional.embedding(ids, weight).float() * scale.float()
 
     def check_gemma(self, config: Any) -> None:
         if config.hidden_activation not in self.activations:

@@ -67,7 +67,7 @@ class GPT2Family(FamilyAdapter):
         )
 
     def embed(self, ids: torch.Tensor, weights: WeightReader, config: Any) -> torch.Tensor:
-        tokens = torch.nn.functional.embedding(ids, weights.get(self.embedding_name).float())
+        tokens = torch.nn.functional.embedding(ids, weights.get(self.embedding_name)).float()
         positions = weights.get("transformer.wpe.weight").float()[: ids.shape[1]]
         return tokens + positions
 

