@@ -28,7 +28,8 @@ from .calibration import collect_layer_statistics
 from .layer import convert_attention
 from .options import ConvertOptions, parse_layer_overrides
 from .plan import ConversionPlan, LayerPlan, plan_layer
-from .refine import RIDGE, build_attention, output_moments, refit_output_weight, resolve_refit
+from .refine import (build_attention, choose_ridge, output_moments, refit_holdout, refit_output_weight, resolve_refit,
+                     resolve_ridge)
 
 ALLOCATIONS = ("none", "error")
 
@@ -112,9 +113,11 @@ def cheapest_allocation(elements: list[list[int]], errors: list[list[float]], bu
 @torch.no_grad()
 def measure_candidates(plan: ConversionPlan, source: SourceModel, method, calibrator, index: int, stats,
                        candidates: list[tuple[Candidate, LayerPlan | None]], refit: bool,
-                       ridge: float = RIDGE) -> None:
+                       ridge: float | str = "auto") -> None:
     """Fill in each candidate's error (see the module's docstring) on the calibrator's tokens for layer `index`."""
     residual = float(calibrator.hidden.double().pow(2).sum())
+    chosen_ridge = resolve_ridge(ridge)
+    holdout = refit_holdout(calibrator) if chosen_ridge is None else None
     pairs = list(calibrator.attention_pairs(index, advance=True))  # also advances the calibrator
     for candidate, candidate_plan in candidates:
         if candidate_plan is None:  # the source's own attention
@@ -122,9 +125,10 @@ def measure_candidates(plan: ConversionPlan, source: SourceModel, method, calibr
         converted = convert_attention(plan.family, source, index, candidate_plan, method, stats)
         spec = {**candidate_plan.spec, **converted.spec_updates}
         module = build_attention(plan.source_config, spec, index, converted.tensors).to(calibrator.device)
-        moments = output_moments(module, pairs)
-        weight = refit_output_weight(moments, converted.tensors["o_proj.weight"], ridge) if refit \
-            else module.o_proj.weight
+        moments = output_moments(module, pairs, holdout=holdout)
+        closed_form = converted.tensors["o_proj.weight"]
+        chosen = chosen_ridge if chosen_ridge is not None else choose_ridge(moments, closed_form)
+        weight = refit_output_weight(moments, closed_form, chosen) if refit else module.o_proj.weight
         candidate.error = moments.error(weight) * moments.target_energy / max(residual, 1e-30)
 
 

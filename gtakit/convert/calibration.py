@@ -36,6 +36,8 @@ ATTENTION_SAMPLE_TOKENS = 512  # GHLA conversion: attention maps are compared on
 class LayerStats:
     input_cov: torch.Tensor  # [D, D] float64, E[x x^T] of the attention input
     tokens: int
+    # E[x] of the attention input [D] float64: with q/k biases, the score energy has cross terms with the mean
+    input_mean: torch.Tensor | None = None
     # Attention-weighted E[cos(dt * theta_i)] and E[sin(dt * theta_i)] per query head and source RoPE
     # frequency ([H, d/2]), dt = query position - key position: the rotation a component would see on average.
     rotation_cos: torch.Tensor | None = None
@@ -178,15 +180,16 @@ class LayerwiseCalibrator:
             yield start, self.hidden[start : start + self.rows_per_batch].to(self.device)
 
     @torch.no_grad()
-    def _moments(self, layer: torch.nn.Module, chunk: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """x^T x (fp32) of the rows `chunk` after the input norm and, for QK-norm sources, the sums of the query and
-        key norm scalars."""
+    def _moments(self, layer: torch.nn.Module, chunk: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x^T x (fp32) of the rows `chunk` after the input norm, and the sums of x and, for QK-norm sources, of
+        the query and key norm scalars (float64)."""
         normed = self.family.input_norm(layer)(chunk)
         # One fp32 GEMM per micro-batch (a sum of a few thousand non-negative-definite terms loses ~1e-6),
         # accumulated in float64 across micro-batches: the float64 GEMM cost a tenth of the whole pass.
         x = normed.reshape(-1, normed.shape[-1])
         scales = self.family.qk_norm_scales(layer, x, self.config)
-        return x.T @ x, [s.double().sum(dim=0) for s in scales] if scales is not None else None
+        sums = [x.double().sum(dim=0)] + ([s.double().sum(dim=0) for s in scales] if scales is not None else [])
+        return x.T @ x, sums
 
     def _layer_mask(self, index: int) -> torch.Tensor | None:
         mask = self.family.calibration_mask(self.config, index, self.hidden.shape[1], self.device)
@@ -301,12 +304,12 @@ class LayerwiseCalibrator:
             rotation = (torch.ones(heads, pairs, dtype=torch.float64), torch.zeros(heads, pairs, dtype=torch.float64))
         dim = self.hidden.shape[-1]
         cov = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
-        scale_sums = None
+        sums = None
         for _, chunk in self._micro_batches():
-            moment, sums = self._moments(layer, chunk)
+            moment, chunk_sums = self._moments(layer, chunk)
             cov += moment.double()
-            if sums is not None:
-                scale_sums = sums if scale_sums is None else [a + b for a, b in zip(scale_sums, sums)]
+            sums = chunk_sums if sums is None else [a + b for a, b in zip(sums, chunk_sums)]
+        input_sum, scale_sums = sums[0], sums[1:]
         count = self.hidden.shape[0] * self.hidden.shape[1]
         self.next_layer += 1
         self.progress.update(1)
@@ -315,6 +318,7 @@ class LayerwiseCalibrator:
         return LayerStats(
             input_cov=(cov / count).cpu(),
             tokens=count,
+            input_mean=(input_sum / count).cpu(),
             rotation_cos=rotation[0].cpu(),
             rotation_sin=rotation[1].cpu(),
             attention_sample=attention_sample,

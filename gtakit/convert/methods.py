@@ -10,7 +10,7 @@ import torch
 
 from gtakit.errors import GtakitError
 from gtakit.families.base import SourceAttention
-from gtakit.forms.linalg import LayerMetric
+from gtakit.forms.linalg import LayerMetric, with_bias
 from gtakit.forms.rope import nope_query
 
 
@@ -49,7 +49,7 @@ def get_init_method(name: str) -> InitMethod:
 def pca_metric(src: SourceAttention, stats) -> LayerMetric:
     """Activation PCA (TransMLA BKV-PCA-like): joint key/value PCA under the calibration input moment,
     key/value norms balanced, RoPE components ranked by measured key and query energies."""
-    return LayerMetric(input_cov=stats.input_cov, balance=True)
+    return LayerMetric(input_cov=stats.input_cov, input_mean=stats.input_mean, balance=True)
 
 
 INIT_METHODS["pca"] = InitMethod(
@@ -77,12 +77,14 @@ def aware_metric(src: SourceAttention, stats) -> LayerMetric:
     key_weight = [torch.zeros(d, d, dtype=cov.dtype) for _ in range(src.num_kv_heads)]
     value_weight = [torch.zeros(d, d, dtype=cov.dtype) for _ in range(src.num_kv_heads)]
     for h in range(src.num_heads):
-        rows, _ = nope_query(src, h, rotation)
-        key_weight[groups[h]] += rows @ cov @ rows.T
+        rows, bias = nope_query(src, h, rotation)
+        rows, moment = with_bias(rows, bias, cov, stats.input_mean)  # E[q q^T] of the biased query
+        key_weight[groups[h]] += rows @ moment @ rows.T
         out_cols = src.wo[:, src.q_rows(h)]
         value_weight[groups[h]] += out_cols.T @ out_cols
     return LayerMetric(
         input_cov=cov,
+        input_mean=stats.input_mean,
         rotation=rotation,
         key_out_weight=[_normalised(w) for w in key_weight],
         value_out_weight=[_normalised(w) for w in value_weight],

@@ -78,10 +78,11 @@ class ConvertOptions:
         0, "Calibration tokens the output refit fits on, per layer: exactly the first N (whatever the device's "
         "batch); 0: all of them. Fewer make the conversion quicker (the refit's pass is about a third of it).",
         range=bounds(0))
-    refit_ridge: float = option(
-        1e-4, "Ridge of the output refit, relative to the mean eigenvalue of its input moment: how strongly the "
-        "refitted o_proj is pulled towards the closed-form one (larger: less fitted to the calibration text).",
-        range=bounds(0, low_open=True))
+    refit_ridge: float | str = option(
+        "auto", "Ridge of the output refit, relative to the mean eigenvalue of its input moment: how strongly the "
+        "refitted o_proj is pulled towards the closed-form one (larger: less fitted to the calibration text); "
+        "auto: per layer, the one of 1e-4, 1e-3, 1e-2, 0.1, 1 with the least error on held-out calibration tokens "
+        "(every 4th block of 64), recorded per layer as refit_ridge.", str, range=bounds(0, low_open=True))
     refine_steps: int = option(
         0, "Layer-local fitting: Adam steps per converted layer on its source attention's inputs and outputs "
         "(--refine-tokens of --calib), before the refit; 0: none.", range=bounds(0))
@@ -119,7 +120,10 @@ def check_options(options: ConvertOptions, calibrated: bool | None = None) -> No
     `calibrated`: whether calibration data will be there (default: --calib is given)."""
     from gtakit.forms.qk_norm import KEY_SCALE_MODES  # noqa: PLC0415
 
+    from .refine import resolve_ridge  # noqa: PLC0415
+
     check_ranges(options, flag_of, GtakitError)
+    resolve_ridge(options.refit_ridge)
     calibrated = bool(options.calib) if calibrated is None else calibrated
     layers = parse_layer_overrides(options.layers, None)
     every = [options, *(replace(options, **settings) for settings in layers.values())]

@@ -31,7 +31,7 @@ from .methods import get_init_method, resolve_init
 from .export import check_export_options, export_model, norm_ids, write_report
 from .options import ConvertOptions, check_options
 from .plan import ConversionPlan, plan_conversion
-from .refine import LayerRefiner, resolve_refit
+from .refine import LayerRefiner, resolve_refit, resolve_ridge
 
 
 # From this --eval-window on, conversion also records loss by position and passkey retrieval. Below it there is
@@ -111,12 +111,11 @@ def layer_refiner(source: SourceModel, options: ConvertOptions, stats_for_layer)
         raise GtakitError("--sequential calibrates every layer on the converted layers before it: pass --calib FILE")
     if options.refine_steps < 0 or options.refine_tokens < 1 or options.refit_tokens < 0:
         raise GtakitError("--refine-steps and --refit-tokens must be >= 0 and --refine-tokens >= 1")
-    if not options.refit_ridge > 0:  # the refit's least squares is rank-deficient (values narrower than o_proj)
-        raise GtakitError(f"--refit-ridge must be > 0, got {options.refit_ridge}; the default is 1e-4")
+    ridge = resolve_ridge(options.refit_ridge)
     if options.refine_steps and not live:
         raise GtakitError("--refine-steps fits each converted layer on calibration text: pass --calib FILE")
     refiner = LayerRefiner(stats_for_layer, source.config, options.refit, options.sequential, options.refine_steps,
-                           options.refine_tokens, options.refit_tokens, options.refit_ridge)
+                           options.refine_tokens, options.refit_tokens, ridge)
     return refiner if refiner.active else None
 
 

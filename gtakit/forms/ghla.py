@@ -246,7 +246,7 @@ def convert_ghla_layer(
         sub, q_heads = _block_attention(src, kv_heads)
         # Every dropped component is lost outright (GHLA keys have no position-free part): rank by plain
         # score energy, not by what a mean rotation could stand in for.
-        rope = select_shared_rope(sub, key_dim // 2, cov, None, None)
+        rope = select_shared_rope(sub, key_dim // 2, cov, None, None, input_mean=metric.input_mean)
         key_kept.append(rope.score_energy_kept)
         rows = {h: rope.query_rows[i] for i, h in enumerate(q_heads)}
         biases = {h: rope.query_bias[i] for i, h in enumerate(q_heads)} if rope.query_bias is not None else None

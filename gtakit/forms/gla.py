@@ -127,7 +127,8 @@ def convert_gla_layer(
     keeps only these frequencies, one component each (see `select_shared_rope`)."""
     H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
     cov = metric.input_cov
-    rope = select_shared_rope(src, rope_pairs, cov, metric.query_cov, metric.ranking_rotation, grid)
+    rope = select_shared_rope(src, rope_pairs, cov, metric.query_cov, metric.ranking_rotation, grid,
+                              metric.input_mean)
     nope_dim = 0 if rope_pairs == G * d // 2 else d
     groups = src.group_of_head
     per_latent = H // num_latents

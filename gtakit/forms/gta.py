@@ -62,7 +62,8 @@ def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metr
     """GTA weights: per group a tied state s (value; its first d - r coords are the no-RoPE key)."""
     H, d = src.num_heads, src.head_dim
     cov = metric.input_cov
-    rope = select_shared_rope(src, rope_dim // 2, cov, metric.query_cov, metric.ranking_rotation)
+    rope = select_shared_rope(src, rope_dim // 2, cov, metric.query_cov, metric.ranking_rotation,
+                              input_mean=metric.input_mean)
     nope = d - rope_dim
     groups = src.group_of_head
     per_group = H // num_groups

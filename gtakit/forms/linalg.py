@@ -24,6 +24,7 @@ class LayerMetric:
     """
 
     input_cov: torch.Tensor | None = None
+    input_mean: torch.Tensor | None = None  # E[x] [D]: with q/k biases (None: zero)
     query_cov: torch.Tensor | None = None  # [H, d] mean squared query per dim, for the RoPE ranking
     key_out_weight: list[torch.Tensor] | None = None
     value_out_weight: list[torch.Tensor] | None = None
@@ -44,6 +45,25 @@ class LayerMetric:
             return None
         scale = self.rotation_credit**0.5
         return self.rotation[0] * scale, self.rotation[1] * scale
+
+
+def with_bias(rows: torch.Tensor, bias: torch.Tensor | None, cov: torch.Tensor | None,
+              mean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows and input moment of the affine map `rows @ x + bias` as a linear map of [x; 1]: energies measured
+    with them count the bias (Qwen2's key biases reach 145 against key rows of norm 7; without them the shared
+    RoPE key's ranking misses the components that carry the bias's position signal). No bias: unchanged."""
+    if bias is None:
+        return rows, cov
+    rows = torch.cat([rows, bias.reshape(*rows.shape[:-1], 1).to(rows.dtype)], dim=-1)
+    if cov is None:
+        return rows, None  # identity on [x; 1]
+    size = cov.shape[0]
+    mean = mean.to(cov.dtype) if mean is not None else cov.new_zeros(size)
+    augmented = cov.new_zeros(size + 1, size + 1)
+    augmented[:size, :size] = cov
+    augmented[:size, size] = augmented[size, :size] = mean
+    augmented[size, size] = 1.0
+    return rows, augmented
 
 
 def _moment(rows: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:

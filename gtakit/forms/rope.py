@@ -16,6 +16,8 @@ import torch
 
 from gtakit.families.base import SourceAttention
 
+from .linalg import with_bias
+
 
 @dataclass
 class RopeSelection:
@@ -58,6 +60,7 @@ def select_shared_rope(
     query_cov: torch.Tensor | None = None,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     grid: list[int] | None = None,
+    input_mean: torch.Tensor | None = None,
 ) -> RopeSelection:
     """Pick `num_pairs` mixed (frequency, component) pairs for the shared RoPE key.
 
@@ -68,6 +71,7 @@ def select_shared_rope(
     becomes position-free, a fast one loses everything.
     `grid`, if given, lists the only frequencies the key may use, at most one component each (the best-scoring):
     what an output format with one global RoPE table (DeepSeek-V3) can hold.
+    `input_mean` (E[x]) with query/key biases: energies are those of the affine maps, biases included.
     """
     H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
     half = d // 2
@@ -76,14 +80,22 @@ def select_shared_rope(
         raise ValueError(f"num_pairs must be in [0, {G * half}], got {num_pairs}")
     wk = src.wk.view(G, 2, half, -1)  # [G, coord, i, D]
     wq = src.wq.view(H, 2, half, -1)
+    # Energies of the affine projections (biases as a constant input coordinate); the kept rows stay linear.
+    biased = src.bk is not None or src.bq is not None
+    k_bias = (src.bk if src.bk is not None else src.wk.new_zeros(G * d)) if biased else None
+    q_bias = (src.bq if src.bq is not None else src.wq.new_zeros(H * d)) if biased else None
+    wk_energy, energy_cov = with_bias(src.wk, k_bias, input_cov, input_mean)
+    wq_energy, _ = with_bias(src.wq, q_bias, input_cov, input_mean)
+    wk_energy = wk_energy.view(G, 2, half, -1)
+    wq_energy = wq_energy.view(H, 2, half, -1)
     mixing = torch.zeros(half, G, G, dtype=src.wk.dtype)
     key_energy = torch.zeros(half, G, dtype=src.wk.dtype)
     for i in range(half):
-        rows = wk[:, :, i, :]  # [G, 2, D]
-        if input_cov is None:
+        rows = wk_energy[:, :, i, :]  # [G, 2, D (+1)]
+        if energy_cov is None:
             cov = torch.einsum("gcd,hcd->gh", rows, rows)
         else:
-            cov = torch.einsum("gcd,de,hce->gh", rows, input_cov, rows)
+            cov = torch.einsum("gcd,de,hce->gh", rows, energy_cov, rows)
         evals, evecs = torch.linalg.eigh(cov)
         order = torch.argsort(evals, descending=True)
         mixing[i] = evecs[:, order].T
@@ -91,7 +103,7 @@ def select_shared_rope(
     if query_cov is not None:
         q_energy = query_cov.view(H, 2, half).sum(dim=1)  # [H, i]
     else:
-        q_energy = _energy(wq, input_cov).sum(dim=1)  # [H, i]
+        q_energy = _energy(wq_energy, energy_cov).sum(dim=1)  # [H, i]
     # Query energy of component m of frequency i: heads read it with weight U_i[m, g(h)].
     head_weight = mixing[:, :, groups] ** 2  # [i, m, H]
     if rotation is not None:
