@@ -84,3 +84,30 @@ def test_rotation_credit_keeps_a_strong_slow_component_that_full_credit_drops():
     assert all(i == half - 1 for i, _ in kept(0.0))
     assert all(i == half - 1 for i, _ in kept(0.5))
     assert all(i != half - 1 for i, _ in kept(1.0))
+
+
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_a_large_key_bias_makes_its_frequency_part_of_the_shared_rope_key(with_stats):
+    """Qwen2's key biases reach 145 against key rows of norm 7: the bias rotates with the key's position, so the
+    frequency that carries it must stay rotary, weights-only energy or not."""
+    src = _source()
+    half = src.head_dim // 2
+    src.bk = torch.zeros(src.num_kv_heads * src.head_dim, dtype=torch.float64)
+    src.bq = torch.zeros(src.num_heads * src.head_dim, dtype=torch.float64)
+    src.bk[half - 1] = src.bk[2 * half - 1] = 100.0  # head 0, the slowest frequency, both coordinates
+    cov, mean = (torch.eye(32, dtype=torch.float64), torch.zeros(32, dtype=torch.float64)) if with_stats else (None, None)
+    unbiased = select_shared_rope(_source(), num_pairs=2, input_cov=cov, input_mean=mean)
+    biased = select_shared_rope(src, num_pairs=2, input_cov=cov, input_mean=mean)
+    assert half - 1 not in unbiased.index and half - 1 in biased.index
+    assert biased.key_bias.abs().max() == pytest.approx(100.0)  # the kept component carries the bias
+
+
+def test_with_bias_is_the_moment_of_the_affine_map():
+    g = torch.Generator().manual_seed(1)
+    rows, bias = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    x = torch.randn(1000, 5, generator=g, dtype=torch.float64) + 0.5
+    cov, mean = x.T @ x / len(x), x.mean(0)
+    augmented, moment = linalg.with_bias(rows, bias, cov, mean)
+    y = x @ rows.T + bias
+    assert torch.allclose(augmented @ moment @ augmented.T, y.T @ y / len(x))
+    assert linalg.with_bias(rows, None, cov, mean) == (rows, cov)

@@ -180,3 +180,28 @@ def test_refinement_on_gpu_matches_cpu(calib_setup):
         reports.append(convert_in_memory(source, options, stats_for_layer=live)[1]["layers"])
     for cpu, gpu in zip(*reports):
         assert gpu["output_rel_error"] == pytest.approx(cpu["output_rel_error"], rel=1e-2, abs=1e-4)
+
+
+def test_auto_ridge_is_chosen_on_held_out_sequences():
+    """A direction the fit's sequences never excite but a held-out one does: a small ridge leaves its o_proj
+    column free (here it fits noise), and the held-out error picks a larger one."""
+    from gtakit.convert.refine import Holdout, OutputMoments, _accumulate, choose_ridge
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    total = OutputMoments(torch.zeros(6, 6, dtype=torch.float64), torch.zeros(4, 6, dtype=torch.float64), 0.0)
+    held = OutputMoments(torch.zeros(6, 6, dtype=torch.float64), torch.zeros(4, 6, dtype=torch.float64), 0.0)
+    holdout = Holdout.for_sequences(4, 32)
+    for sequence in range(4):
+        u = torch.randn(32, 6, generator=g, dtype=torch.float64)
+        u[:, 5] *= 1e-4 if sequence != 3 else 1.0  # barely excited except in the held-out sequence
+        y = u @ weight.T
+        y[:, :] += 1e-3 * torch.randn(32, 1, generator=g, dtype=torch.float64) / (u[:, 5:6].abs() + 1e-4) * 1e-4
+        _accumulate(total, u.float(), y.float())
+        if holdout.mask(torch.tensor([sequence * 32]))[0]:
+            _accumulate(held, u.float(), y.float())
+    total.held_out = held
+    assert held.tokens == 32 and Holdout.for_sequences(3, 32).every == 2 and Holdout.for_sequences(1, 32) is None
+    assert choose_ridge(total, weight) >= 1e-2
+    total.held_out = None
+    assert choose_ridge(total, weight) == 0.1  # nothing held out: the fallback
