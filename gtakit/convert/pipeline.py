@@ -300,6 +300,7 @@ def _report(source: SourceModel, plan: ConversionPlan, options: ConvertOptions, 
         "source": {
             "name": source.name,
             "kind": source.kind,
+            **({"path": str((source.folder / source.gguf_file).resolve())} if source.gguf_file else {}),
             "model_type": source.config.model_type,
             "num_attention_heads": shape.num_heads,
             "num_key_value_heads": shape.num_kv_heads,

@@ -62,4 +62,6 @@ def conversion_source(folder: str | Path) -> str | None:
     name = source["name"]
     if source["kind"] == "gguf" and not Path(name).exists() and name == SMOLLM2_GGUF:
         return None
+    if source["kind"] == "gguf" and not Path(name).exists() and Path(source.get("path", "")).is_file():
+        return source["path"]  # a GGUF given by a path relative to another working directory
     return name

@@ -250,10 +250,9 @@ class SourceChecks(Protocol):
 
 def open_source(src: str | Path | None, checks: SourceChecks | None = None) -> SourceModel:
     """Open SRC: a local HF folder, a `.gguf` file, a Hub id, or None for the bundled SmolLM2-135M."""
-    if isinstance(src, str) and src.startswith(PREFIX):
-        path = packaged_path(src)
-    else:
-        path = bundled_smollm2() if src is None else Path(src).expanduser()
+    if isinstance(src, str) and src.startswith(PREFIX):  # recorded under this name, which any machine resolves
+        return _open_gguf(packaged_path(src), checks, name=src)
+    path = bundled_smollm2() if src is None else Path(src).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise GtakitError(f"{path} is a file but not a .gguf; pass a model folder, a .gguf file or a Hub id")
@@ -309,7 +308,7 @@ def read_config(folder: Path) -> dict:
     return raw
 
 
-def _open_gguf(path: Path, checks: SourceChecks | None) -> SourceModel:
+def _open_gguf(path: Path, checks: SourceChecks | None, name: str | None = None) -> SourceModel:
     from transformers import AutoModelForCausalLM
 
     try:
@@ -330,7 +329,7 @@ def _open_gguf(path: Path, checks: SourceChecks | None) -> SourceModel:
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return SourceModel(
-        name=path.name,
+        name=name or path.name,
         kind="gguf",
         config=model.config,
         weights=StateDictReader(state),
