@@ -34,6 +34,8 @@ CONVERSIONS = {
     "gta-code": ("code", ["--to", "gta"]),
     "mla25-code": ("code", ["--to", "mla", "--kv-rank", "40", "--rope-dim", "24"]),
     "mla50-wiki": ("wiki", ["--to", "mla", "--kv-rank", "88", "--rope-dim", "40"]),
+    # what the DeepSeek-V3 export takes: the RoPE key on one global table (DeepSeek's single rope_theta)
+    "mla50-grid-code": ("code", ["--to", "mla", "--kv-rank", "88", "--rope-dim", "40", "--rope-grid", "spread"]),
     "gla25-code": ("code", ["--to", "gla", "--latent-heads", "2", "--kv-rank", "20", "--rope-dim", "24"]),
 }
 
@@ -88,13 +90,13 @@ def steps(args) -> dict[str, list[str]]:
                                              "--output", str(out / f"eval-{name}-{domain}.json")]
     for norm in ("refit", "anchor"):
         for domain in ("code", "wiki"):
-            plan[f"export:{norm}:{domain}"] = ["gtakit", "export", str(out / "mla50-code"), "--format", "deepseek-v3",
+            plan[f"export:{norm}:{domain}"] = ["gtakit", "export", str(out / "mla50-grid-code"), "--format", "deepseek-v3",
                                                "--latent-norm", norm, "--calib", str(text[domain]), "-o",
                                                str(out / f"ds-{norm}-{domain}"), "--force"]
             for held in ("code", "wiki"):
                 plan[f"eval:ds-{norm}-{domain}:{held}"] = [
                     "gtakit", "eval", str(out / f"ds-{norm}-{domain}"), "--text", str(text[f"{held}-heldout"]),
-                    "--max-tokens", str(args.eval_tokens), "--window", "1024", "--against", str(out / "mla50-code"),
+                    "--max-tokens", str(args.eval_tokens), "--window", "1024", "--against", str(out / "mla50-grid-code"),
                     "--output", str(out / f"eval-ds-{norm}-{domain}-{held}.json")]
     plan["uptrain"] = ["gtakit", "finetune", "qwen2.5-coder-0.5b-mla", f"model.path={out / 'mla50-code'}",
                        f"output.dir={out / 'mla50-uptrained'}", "output.force=true",

@@ -120,7 +120,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/recovery_curve"))
     parser.add_argument("--plot", default="benchmarks/recovery_curve.png")
+    parser.add_argument("--report", action="store_true", help="only print the table and plot of WORK's JSON")
     args = parser.parse_args()
+    if args.report:
+        results = json.loads((args.work / "recovery_curve.json").read_text())
+        print_table(results)
+        plot(results, args.plot)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     started, work = time.time(), args.work
@@ -145,13 +151,17 @@ def main() -> None:
         rows = []
         for tokens, model in checkpoint_models(start, checkpoints, args.seq_len * args.micro_batch):
             with torch.no_grad():
-                row = {"tokens": tokens, **score(args, source, tokenizer, model, code_windows, wiki_eval,
-                                                 args.passkey and tokens in (0, last))}
+                row = {**score(args, source, tokenizer, model, code_windows, wiki_eval,
+                               args.passkey and tokens in (0, last)), "training_tokens": tokens}
             print(f"{init} {tokens}: KL {row['kl']:.4f} top-1 {row['top1_agreement']:.3f} "
                   f"wiki ppl {row['wiki_perplexity']:.2f}", flush=True)
             rows.append(row)
         results["runs"][init] = rows
     results["wall_time_s"] = round(time.time() - started, 1)
+    finish(results, args, work)
+
+
+def finish(results: dict, args, work: Path) -> None:
     results["settings"] = vars(args) | {"work": str(args.work)}
     (work / "recovery_curve.json").write_text(json.dumps(results, indent=1))
     print_table(results)
@@ -159,7 +169,7 @@ def main() -> None:
 
 
 def print_table(results: dict) -> None:
-    rows = [{"start": init, "tokens": r["tokens"], "KL code": f"{r['kl']:.4f}",
+    rows = [{"start": init, "training tokens": r["training_tokens"], "KL code": f"{r['kl']:.4f}",
              "top-1 code": f"{r['top1_agreement']:.1%}", "ppl code": f"{r['perplexity']:.3f}",
              "source ppl code": f"{r['source_perplexity']:.3f}", "ppl wiki": f"{r['wiki_perplexity']:.3f}",
              "passkey": " ".join(f"{k}:{v:.0%}" for k, v in r.get("passkey", {}).items())}
@@ -179,7 +189,7 @@ def plot(results: dict, path: str) -> None:
         return
     figure, axis = plt.subplots(figsize=(6, 4))
     for init, run in results["runs"].items():
-        axis.plot([r["tokens"] for r in run], [r["kl"] for r in run], marker="o", label=f"start: {init}")
+        axis.plot([r["training_tokens"] for r in run], [r["kl"] for r in run], marker="o", label=f"start: {init}")
     axis.set_xlabel("training tokens (distillation)")
     axis.set_ylabel("KL(source || model) on held-out code, nats/token")
     axis.set_yscale("log")
