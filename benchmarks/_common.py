@@ -73,3 +73,16 @@ def finish_timing_table(rows: list[dict], columns: list[tuple[str, str]], json_p
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps({"command": " ".join(sys.argv), "threads": torch.get_num_threads(),
                                            "torch": torch.__version__, "rows": rows, "table": table}, indent=2))
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: pip install 'gtakit[bench]' (matplotlib)")
+        return None
+    return plt

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, markdown_table  # noqa: E402
+from _common import pyplot, DATA, markdown_table  # noqa: E402
 from uptrain_recovery import split_text  # noqa: E402
 
 from gtakit.convert import ConvertOptions, convert  # noqa: E402
@@ -179,13 +179,8 @@ def print_table(results: dict) -> None:
 
 
 def plot(results: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no matplotlib: plot skipped (pip install 'gtakit[bench]')")
+    plt = pyplot()
+    if plt is None:
         return
     figure, axis = plt.subplots(figsize=(6, 4))
     for init, run in results["runs"].items():

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table  # noqa: E402
+from _common import pyplot, markdown_table  # noqa: E402
 
 from gtakit.convert import ConvertOptions, convert  # noqa: E402
 from gtakit.io.source import open_source  # noqa: E402
@@ -209,13 +209,8 @@ def main() -> None:
 
 
 def plot(runs: dict, source_ppl: float, path: str, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: pip install 'gtakit[bench]' (matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for loss, run in runs.items():
