@@ -28,8 +28,7 @@ from .calibration import collect_layer_statistics
 from .layer import convert_attention
 from .options import ConvertOptions, parse_layer_overrides
 from .plan import ConversionPlan, LayerPlan, plan_layer
-from .refine import (build_attention, choose_ridge, output_moments, refit_holdout, refit_output_weight, resolve_refit,
-                     resolve_ridge)
+from .refine import build_attention, output_moments, refit_holdout, refitted_weight, resolve_refit, resolve_ridge
 
 ALLOCATIONS = ("none", "error")
 
@@ -126,9 +125,8 @@ def measure_candidates(plan: ConversionPlan, source: SourceModel, method, calibr
         spec = {**candidate_plan.spec, **converted.spec_updates}
         module = build_attention(plan.source_config, spec, index, converted.tensors).to(calibrator.device)
         moments = output_moments(module, pairs, holdout=holdout)
-        closed_form = converted.tensors["o_proj.weight"]
-        chosen = chosen_ridge if chosen_ridge is not None else choose_ridge(moments, closed_form)
-        weight = refit_output_weight(moments, closed_form, chosen) if refit else module.o_proj.weight
+        weight = refitted_weight(moments, converted.tensors["o_proj.weight"], chosen_ridge)[0] if refit \
+            else module.o_proj.weight
         candidate.error = moments.error(weight) * moments.target_energy / max(residual, 1e-30)
 
 

@@ -81,8 +81,8 @@ class ConvertOptions:
     refit_ridge: float | str = option(
         "auto", "Ridge of the output refit, relative to the mean eigenvalue of its input moment: how strongly the "
         "refitted o_proj is pulled towards the closed-form one (larger: less fitted to the calibration text); "
-        "auto: per layer, the one of 1e-4, 1e-3, 1e-2, 0.1, 1 with the least error on held-out calibration tokens "
-        "(every 4th block of 64), recorded per layer as refit_ridge.", str, range=bounds(0, low_open=True))
+        "auto: per layer, the one of 1e-4, 1e-3, 1e-2, 0.1, 1 with the least error on held-out calibration sequences "
+        "(every 4th), recorded per layer as refit_ridge.", str, range=bounds(0, low_open=True))
     refine_steps: int = option(
         0, "Layer-local fitting: Adam steps per converted layer on its source attention's inputs and outputs "
         "(--refine-tokens of --calib), before the refit; 0: none.", range=bounds(0))

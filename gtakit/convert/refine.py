@@ -119,7 +119,7 @@ def output_moments(module: torch.nn.Module, pairs: Iterable[tuple[tuple, dict, t
     captured: list[torch.Tensor] = []
     handle = o_proj.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
     total = _empty_moments(o_proj)
-    held = _empty_moments(o_proj)
+    held = _empty_moments(o_proj) if holdout is not None else None  # n^2 float64: only when a ridge is chosen
     seen = 0
     try:
         for args, kwargs, target in pairs:
@@ -135,12 +135,12 @@ def output_moments(module: torch.nn.Module, pairs: Iterable[tuple[tuple, dict, t
             position = seen + torch.arange(len(u), device=u.device)  # calibration token index, as the text runs
             seen += len(u)
             _accumulate(total, u, y)
-            if holdout is not None:
+            if held is not None:
                 chosen = holdout.mask(position)
                 _accumulate(held, u[chosen], y[chosen])
     finally:
         handle.remove()
-    total.held_out = held if holdout is not None else None
+    total.held_out = held
     return total
 
 
@@ -166,6 +166,12 @@ def choose_ridge(moments: OutputMoments, weight: torch.Tensor, grid: tuple[float
     rest = moments.without(held)
     errors = [held.error(refit_output_weight(rest, weight, ridge)) for ridge in grid]
     return grid[min(range(len(grid)), key=lambda k: (errors[k], k))]
+
+
+def refitted_weight(moments: OutputMoments, weight: torch.Tensor, ridge: float | None) -> tuple[torch.Tensor, float]:
+    """The refitted o_proj and its ridge: `ridge`, or (None) the one `choose_ridge` picks."""
+    ridge = ridge if ridge is not None else choose_ridge(moments, weight)
+    return refit_output_weight(moments, weight, ridge), ridge
 
 
 def refit_output_weight(moments: OutputMoments, weight: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
@@ -264,9 +270,8 @@ class LayerRefiner:
             moments = output_moments(module, self.calibrator.attention_pairs(index, advance=not self.sequential),
                                      self.refit_tokens, self.holdout)
             before = moments.error(module.o_proj.weight.detach())
-            ridge = self.ridge if self.ridge is not None else choose_ridge(moments, converted.tensors["o_proj.weight"])
-            weight = refit_output_weight(moments, converted.tensors["o_proj.weight"], ridge)
-            converted.metrics["refit_ridge"] = ridge
+            weight, converted.metrics["refit_ridge"] = refitted_weight(moments, converted.tensors["o_proj.weight"],
+                                                                       self.ridge)
             converted.tensors["o_proj.weight"] = weight.to(converted.tensors["o_proj.weight"].dtype)
             module.o_proj.weight.data.copy_(weight.float())
             converted.metrics["output_rel_error_before_refit"] = before
@@ -277,5 +282,6 @@ class LayerRefiner:
         return converted
 
 
-__all__ = ["REFITS", "RIDGE", "RIDGE_GRID", "LayerRefiner", "build_attention", "Holdout", "choose_ridge", "fit_locally",
-           "fixed_pairs", "output_moments", "refit_output_weight", "refit_holdout", "resolve_refit", "resolve_ridge"]
+__all__ = ["REFITS", "RIDGE", "RIDGE_GRID", "Holdout", "LayerRefiner", "build_attention", "choose_ridge",
+           "fit_locally", "fixed_pairs", "output_moments", "refit_holdout", "refit_output_weight", "refitted_weight",
+           "resolve_refit", "resolve_ridge"]
