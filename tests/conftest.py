@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import gtakit  # noqa: E402,F401  (registers the Auto classes)
-from gtakit.models import FORMS, GtakitConfig  # noqa: E402
+from gtakit.models import FORMS, GtakitConfig, layer_cache_elements  # noqa: E402
 
 from sources import COMMON as BASE  # noqa: E402
 from sources import LLAMA3_ROPE  # noqa: E402
@@ -63,8 +63,7 @@ def layer_spec(config: GtakitConfig, index: int = 0) -> dict:
 
 
 def elements_per_layer(config: GtakitConfig, index: int = 0) -> int:
-    spec = layer_spec(config, index)
-    return FORMS[spec["form"]].cache_elements(spec)
+    return layer_cache_elements(config.gtakit_layers[index], config.source_config())
 
 
 TINY_CONFIGS = {

@@ -66,7 +66,7 @@ def _ops(form: str):
     return (gta_decode, naive_gta_decode) if form.startswith("gta") else (gla_decode, naive_gla_decode)
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
@@ -86,13 +86,13 @@ def _check(form, dtype, q_len, splits, paged, lengths, total=70, page_size=16):
         cache = (pages, rope_pages)
         # The reference reads the paged layout too (same signature), and agrees with the contiguous one.
         paged_ref = naive(*queries, *cache, scale=scale, lengths=lengths, block_table=table)
-        assert _rel_err(paged_ref, ref) < 1e-6
+        assert rel_err(paged_ref, ref) < 1e-6
     out = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE)
     result = op(*queries, *cache, scale=scale, lengths=lengths, block_table=table, out=out,
                 config=DecodeConfig(num_splits=splits, **SMALL))
     assert result.data_ptr() == out.data_ptr()
     assert torch.isfinite(out).all(), "kernel left output elements unwritten"
-    assert _rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("form", ["gta", "gla2"])
@@ -131,7 +131,7 @@ def test_default_launch_heuristics():
     out = torch.full((2, 4, 1, 24), float("nan"), device=DEVICE)
     gla_decode(*queries, state, rope_key, scale=0.5, out=out)  # lengths None: every row uses all 40 tokens
     ref = naive_gla_decode(*queries, state, rope_key, scale=0.5)
-    assert _rel_err(out, ref) < 1e-4
+    assert rel_err(out, ref) < 1e-4
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -172,7 +172,7 @@ def test_model_triton_backend_matches_torch(config_fn):
         step3 = model(ids[:, 4:], cache=cache).logits
         step1 = model(ids[:, -1:], cache=cache).logits
         logits[name] = torch.cat([step3, step1], dim=1)
-    assert _rel_err(logits["triton"], logits["torch"]) < 1e-4
+    assert rel_err(logits["triton"], logits["torch"]) < 1e-4
     # generate: same tokens.
     prompt = ids[:1, :5]
     tokens = [m.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -215,7 +215,7 @@ def test_per_layer_widths_decode_through_the_kernels_as_through_torch(monkeypatc
         two = model(ids[:, 6:8], cache=cache).logits  # a masked step: the kernels may hand it to PyTorch
         calls.clear()
         logits[backend] = torch.cat([two, model(ids[:, 8:], cache=cache).logits], 1)
-    assert _rel_err(logits["triton"], logits["torch"]) < 1e-4
+    assert rel_err(logits["triton"], logits["torch"]) < 1e-4
     # The one-token step went through the kernels of the three converted layers (two GLA widths and GTA).
     assert sorted(calls) == ["gla_decode", "gla_decode", "gta_decode"]
 
@@ -307,7 +307,7 @@ def test_realistic_shapes_bf16_on_gpu(shape, q_len, paged):
         out = torch.full_like(ref, float("nan"))
         op(*queries, *cache, scale=0.06, lengths=lengths, block_table=table, num_splits=splits, out=out)
         assert torch.isfinite(out).all()
-        assert _rel_err(out, ref) < 1e-2
+        assert rel_err(out, ref) < 1e-2
 
 
 @pytest.mark.gpu
@@ -321,4 +321,4 @@ def test_model_auto_backend_bf16_on_gpu(config_fn):
         model = _tiny(config_fn, backend).to(torch.bfloat16)
         cache = output_cache(model(ids[:, :36]))
         logits[backend] = model(ids[:, 36:], cache=cache).logits.float()
-    assert _rel_err(logits["auto"], logits["torch"]) < 2e-2
+    assert rel_err(logits["auto"], logits["torch"]) < 2e-2

@@ -60,15 +60,15 @@ def test_sequential_calibration_sees_the_converted_layers(calib_setup):
         source, live = calibrator(root, "llama-gqa-llama3rope", text)
         seen = []
 
-        def record(index, live=live, seen=seen):
-            stats = live(index)
-            seen.append(stats.input_cov)
-            return stats
+        class Recording(LayerwiseCalibrator):
+            def __call__(self, index):
+                stats = super().__call__(index)
+                seen.append(stats.input_cov)
+                return stats
 
-        record.attention_pairs = live.attention_pairs
-        record.use_attention, record.device = live.use_attention, live.device
+        live.__class__ = Recording
         options = ConvertOptions(target="mla", kv_rank=8, init="aware", refit="none", sequential=sequential)
-        convert_in_memory(source, options, stats_for_layer=record)
+        convert_in_memory(source, options, stats_for_layer=live)
         moments[sequential] = seen
     assert torch.equal(moments[False][0], moments[True][0])
     assert not torch.allclose(moments[False][1], moments[True][1], rtol=1e-3)
@@ -80,8 +80,8 @@ def test_refinement_needs_live_calibration(calib_setup):
     stats = [live(i) for i in range(source.config.num_hidden_layers)]
     # Precomputed statistics: auto resolves to no refit; asking for one is refused in one line.
     options = ConvertOptions(target="mla", kv_rank=8, init="aware")
-    convert_in_memory(source, options, stats_for_layer=lambda i: stats[i])
-    assert options.refit == "none"
+    _, report = convert_in_memory(source, options, stats_for_layer=lambda i: stats[i])
+    assert report["options"].refit == "none" and options.refit == "auto"  # resolved in a copy
     for bad in (dict(refit="output"), dict(sequential=True)):
         with pytest.raises(GtakitError, match="--calib"):
             convert_in_memory(source, ConvertOptions(target="mla", kv_rank=8, init="aware", **bad),

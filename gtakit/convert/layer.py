@@ -7,7 +7,7 @@ from dataclasses import replace
 from gtakit.errors import GtakitError
 from gtakit.families import FamilyAdapter
 from gtakit.forms import qk_norm
-from gtakit.forms.base import ConvertedLayer
+from gtakit.forms.base import ConvertedLayer, TensorNames, check_tensors
 from gtakit.io.source import SourceModel
 
 from .plan import LayerPlan
@@ -25,10 +25,14 @@ def convert_attention(family: FamilyAdapter, source: SourceModel, index: int, la
             raise GtakitError("--key-norm mean folds the calibrated mean key scale: pass --calib FILE")
         attn = qk_norm.folded(source_attn, getattr(stats, "query_scale_mean", None), key_scale_mean)
     metric = method.build_metric(attn, stats)
-    converted = layer.form.convert_layer(attn, layer.spec, metric, stats, _layer_options(family, source, index, layer))
+    target = layer.form.meta_module(source.config, layer.spec)
+    names = TensorNames(target)
+    converted = layer.form.convert_layer(attn, layer.spec, metric, stats, _layer_options(family, source, index, layer),
+                                         names)
     if norm is not None:
         converted = qk_norm.complete(converted, source_attn, attn, norm["key_scale"],
-                                     layer.form.query_nope_width(layer.spec), key_scale_mean)
+                                     layer.form.query_nope_width(layer.spec), key_scale_mean, names)
+    check_tensors(converted.tensors, target)
     return converted
 
 

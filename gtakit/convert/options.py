@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import FrozenInstanceError, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from gtakit.errors import GtakitError
@@ -112,6 +112,18 @@ class ConvertOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def frozen(self) -> "ConvertOptions":
+        """A copy that refuses assignment: what `resolve_options` hands to every step (`dataclasses.replace` still
+        makes changed copies)."""
+        copy = replace(self)
+        object.__setattr__(copy, "_frozen", True)
+        return copy
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise FrozenInstanceError(f"resolved options are frozen: use dataclasses.replace to change {name}")
+        super().__setattr__(name, value)
 
 
 def check_options(options: ConvertOptions, calibrated: bool | None = None) -> None:

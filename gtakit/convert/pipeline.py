@@ -6,7 +6,7 @@ from __future__ import annotations
 import resource
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,7 +25,7 @@ from gtakit.io.text import check_text_file, read_text
 from gtakit.models import SOURCE_FORM
 
 from .allocate import allocate_budget, check_allocation
-from .calibration import check_calib_device, is_local_text
+from .calibration import LayerwiseCalibrator, check_calib_device, is_local_text
 from .layer import convert_attention
 from .methods import get_init_method, resolve_init
 from .export import check_export_options, export_model, norm_ids, write_report
@@ -97,25 +97,21 @@ def stream(source: SourceModel, plan: ConversionPlan, sink: Sink, dtype: torch.d
     for name, tensor in iter_converted_tensors(source, plan, method, stats_for_layer, layer_reports, progress,
                                                refiner):
         sink.add(name, tensor)
-    if hasattr(stats_for_layer, "finish"):  # a live calibrator: its hidden states are no longer needed
+    if isinstance(stats_for_layer, LayerwiseCalibrator):  # its hidden states are no longer needed
         stats_for_layer.finish()
     return layer_reports
 
 
 def layer_refiner(source: SourceModel, options: ConvertOptions, stats_for_layer) -> LayerRefiner | None:
-    """The refinement the options ask for (`auto` resolved and recorded in `options`), or None. Refinement runs the
-    converted layers on calibration inputs, so it needs the live calibrator (not precomputed statistics)."""
-    live = stats_for_layer is not None and hasattr(stats_for_layer, "attention_pairs")
-    options.refit = resolve_refit(options.refit, live)
-    if options.sequential and not live:
-        raise GtakitError("--sequential calibrates every layer on the converted layers before it: pass --calib FILE")
-    if options.refine_steps < 0 or options.refine_tokens < 1 or options.refit_tokens < 0:
-        raise GtakitError("--refine-steps and --refit-tokens must be >= 0 and --refine-tokens >= 1")
-    ridge = resolve_ridge(options.refit_ridge)
-    if options.refine_steps and not live:
-        raise GtakitError("--refine-steps fits each converted layer on calibration text: pass --calib FILE")
+    """The refinement the (resolved) options ask for, or None. Refinement runs the converted layers on calibration
+    inputs, so it needs the live calibrator (not precomputed statistics)."""
+    live = isinstance(stats_for_layer, LayerwiseCalibrator)
+    if (options.sequential or options.refine_steps) and not live:
+        what = "--sequential calibrates every layer on the converted layers before it" if options.sequential else \
+            "--refine-steps fits each converted layer on calibration text"
+        raise GtakitError(f"{what}: pass --calib FILE")
     refiner = LayerRefiner(stats_for_layer, source.config, options.refit, options.sequential, options.refine_steps,
-                           options.refine_tokens, options.refit_tokens, ridge)
+                           options.refine_tokens, options.refit_tokens, resolve_ridge(options.refit_ridge))
     return refiner if refiner.active else None
 
 
@@ -123,7 +119,6 @@ def _allocate(source: SourceModel, plan: ConversionPlan, options: ConvertOptions
               progress: bool) -> ConversionPlan:
     """`--allocate`: the plan with the total cache spent unevenly across layers (what was measured in its
     `allocation`)."""
-    check_allocation(options, bool(options.calib))
     if options.allocate == "none":
         return plan
     # A layer kept in source form honours no output-format constraint.
@@ -134,13 +129,28 @@ def _allocate(source: SourceModel, plan: ConversionPlan, options: ConvertOptions
     return plan
 
 
-def _init_method(options: ConvertOptions, has_statistics: bool):
-    """Resolve `auto` and check that a calibrated method has calibration text (or given statistics)."""
-    options.init = resolve_init(options.init, bool(options.calib) or has_statistics)
-    method = get_init_method(options.init)
-    if method.needs_calibration and not (options.calib or has_statistics):
-        raise GtakitError(f"--init {options.init} needs calibration text: pass --calib FILE")
-    return method
+def resolve_options(options: ConvertOptions, has_statistics: bool = False, live: bool | None = None,
+                    source: SourceModel | None = None, family: FamilyAdapter | None = None,
+                    log: Callable[[str], None] = lambda message: None) -> ConvertOptions:
+    """The options every later step reads: checked once, each `auto` resolved, as a frozen copy (the caller's
+    object is left as it was). `has_statistics`: calibration statistics are given instead of --calib text;
+    `live`: the statistics come from a live calibrator (default: exactly when --calib text is calibrated on);
+    `source`: the opened model, whose positions bound --calib-seq-len."""
+    calibrated = bool(options.calib) or has_statistics
+    check_options(options, calibrated)
+    check_allocation(options, bool(options.calib))
+    if options.refine_steps < 0 or options.refine_tokens < 1 or options.refit_tokens < 0:
+        raise GtakitError("--refine-steps and --refit-tokens must be >= 0 and --refine-tokens >= 1")
+    init = resolve_init(options.init, calibrated)
+    method = get_init_method(init)
+    if method.needs_calibration and not calibrated:
+        raise GtakitError(f"--init {init} needs calibration text: pass --calib FILE")
+    live = (method.needs_calibration and not has_statistics) if live is None else live
+    resolved = replace(options, init=init, refit=resolve_refit(options.refit, live))
+    if source is not None and (method.needs_calibration or options.output_format != FolderSink.name):
+        resolved = replace(resolved, calib_seq_len=_calib_seq_len(source, family or family_of(source.config),
+                                                                  options, log))
+    return resolved.frozen()
 
 
 def _calibrator(source: SourceModel, family: FamilyAdapter, options: ConvertOptions, progress: bool):
@@ -153,18 +163,33 @@ def convert_in_memory(
     source: SourceModel, options: ConvertOptions, progress: bool = False, stats_for_layer=None
 ) -> tuple[torch.nn.Module, dict]:
     """Convert without writing anything (benchmarks, experiments): returns (model in float32, per-layer report)."""
-    check_options(options, bool(options.calib) or stats_for_layer is not None)
+    has_statistics = stats_for_layer is not None
+    options = resolve_options(options, has_statistics,
+                              live=isinstance(stats_for_layer, LayerwiseCalibrator) if has_statistics else None)
     family = family_of(source.config)
     family.check_config(source.config)
     plan = plan_conversion(source, family, options, MemorySink.constraints, MemorySink.name)
-    method = _init_method(options, has_statistics=stats_for_layer is not None)
+    method = get_init_method(options.init)
     plan = _allocate(source, plan, options, method, MemorySink, progress)
     if method.needs_calibration and stats_for_layer is None:
         stats_for_layer = _calibrator(source, family, options, progress)
     sink = MemorySink()
     refiner = layer_refiner(source, options, stats_for_layer)
     layer_reports = stream(source, plan, sink, torch.float32, method, stats_for_layer, progress, refiner)
-    return sink.finish(plan.config(), {}), {"layers": layer_reports, "plan": plan, "allocation": plan.allocation}
+    return sink.finish(plan.config(), {}), {"layers": layer_reports, "plan": plan, "allocation": plan.allocation,
+                                            "options": options}
+
+
+def check_before_reading(options: ConvertOptions) -> None:
+    """Every check of the options and named files that needs no model: before the output folder is looked at."""
+    check_options(options)
+    if options.dtype != "auto" and options.dtype not in DTYPES:
+        raise GtakitError(f"--dtype must be auto, {', '.join(DTYPES)}; got {options.dtype!r}")
+    check_shard_size(options.max_shard_size)
+    check_calib_device(options.calib_device)
+    if options.calib is not None and is_local_text(options.calib):
+        check_text_file(options.calib, "--calib")
+    check_export_options(options)
 
 
 def convert(
@@ -180,17 +205,9 @@ def convert(
     options = options or ConvertOptions()
     log = log or (lambda message: None)
     out = Path(out).expanduser()
-    check_options(options)  # option values and --layer syntax: before the output folder is looked at
+    check_before_reading(options)
     output = OutputFolder(out, force, protect=_inputs(src, options), log=log)
     output.check()
-    method = _init_method(options, has_statistics=False)
-    if options.dtype != "auto" and options.dtype not in DTYPES:
-        raise GtakitError(f"--dtype must be auto, {', '.join(DTYPES)}; got {options.dtype!r}")
-    check_shard_size(options.max_shard_size)
-    check_calib_device(options.calib_device)
-    if options.calib is not None and is_local_text(options.calib):
-        check_text_file(options.calib, "--calib")
-    check_export_options(options)
     eval_text = _read_eval_text(options)  # before minutes of calibration, not after
     source = open_convertible(src)
     family = family_of(source.config)
@@ -198,16 +215,15 @@ def convert(
         from gtakit.evaluate.positions import check_window  # noqa: PLC0415 - only with a long evaluation
 
         check_window(source.config, options.eval_window, "--eval-window")
-    exporting = options.output_format == DeepSeekV3Sink.name
-    if method.needs_calibration or eval_text is not None or exporting:
+    output_format = OUTPUT_FORMATS[options.output_format]
+    method = get_init_method(resolve_init(options.init, bool(options.calib)))
+    if method.needs_calibration or eval_text is not None or output_format.needs_tokenizer:
         check_tokenizer(source)
-    sink_class = DeepSeekV3Sink if exporting else FolderSink
+    sink_class = output_format.sink
     plan = plan_conversion(source, family, options, sink_class.constraints, sink_class.name, sink_class.hint)
-    if method.needs_calibration or exporting:  # after every refusal: it may only log a warning
-        options.calib_seq_len = _calib_seq_len(source, family, options, log)
+    options = resolve_options(options, source=source, family=family, log=log)  # after every refusal: it may log
     plan = _allocate(source, plan, options, method, sink_class, progress)
-    if exporting:
-        deepseek_v3.check_layers(plan.config())
+    output_format.check_plan(plan)
     dtype = DTYPES[options.dtype] if options.dtype != "auto" else source.weights.get(family.embedding_name).dtype
     before, after = plan.source_elements_per_token, plan.target_elements_per_token
     if options.init == "svd":
@@ -216,70 +232,78 @@ def convert(
 
     stats_for_layer = _calibrator(source, family, options, progress) if method.needs_calibration else None
     refiner = layer_refiner(source, options, stats_for_layer)
-
-    if exporting:
-        with output.staging() as tmp:
-            report = _convert_and_export(source, plan, options, dtype, method, stats_for_layer, refiner, tmp,
-                                         eval_text, progress, log)
-            report["wall_time_s"] = round(time.time() - started, 2)
-            report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-            write_report(tmp, report)
-        log(f"wrote {out} in {report['wall_time_s']:.1f}s (peak RSS {report['peak_rss_mb']:.0f} MB)")
-        return report
-
     with output.staging() as tmp:
-        sink = FolderSink(tmp, options.max_shard_size)
-        layer_reports = stream(source, plan, sink, dtype, method, stats_for_layer, progress, refiner)
-        tokenizer = source.load_tokenizer() if source.gguf_file is not None else None
-        sink.finish(plan.config(), None, tokenizer=tokenizer, generation_config=source.generation_config())
-        if tokenizer is None:
-            _copy_tokenizer_files(source, tmp, log)
+        sink = output_format.open(tmp, options)
+        layer_reports = stream(source, plan, sink, torch.float32 if sink.in_memory else dtype, method,
+                               stats_for_layer, progress, refiner)
         report = _report(source, plan, options, dtype, layer_reports)
+        written = output_format.write(sink, plan, source, tmp, options, dtype, report, log)
         if eval_text is not None:
-            report["evaluation"] = _evaluate(source, tmp, eval_text, options, progress)
+            report["evaluation"] = evaluate_output(source, written, eval_text, options, progress)
         report["wall_time_s"] = round(time.time() - started, 2)
         report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        sink.write_report(report)
+        output_format.write_report(tmp, report)
     log(f"wrote {out} in {report['wall_time_s']:.1f}s (peak RSS {report['peak_rss_mb']:.0f} MB)")
     return report
 
 
-def _convert_and_export(source: SourceModel, plan: ConversionPlan, options: ConvertOptions, dtype: torch.dtype,
-                        method, stats_for_layer, refiner: LayerRefiner | None, folder: Path, eval_text: str | None,
-                        progress: bool, log: Callable[[str], None]) -> dict:
-    """--format deepseek-v3: convert into memory, then write and check the DeepSeek-V3 folder."""
-    sink = DeepSeekV3Sink()
-    layer_reports = stream(source, plan, sink, torch.float32, method, stats_for_layer, progress, refiner)
+@dataclass
+class Written:
+    """What an output format wrote, for the evaluation: how to load it (`load`), and models measured beside it
+    (`also`: name -> model already in memory)."""
+
+    load: Callable[[], torch.nn.Module]
+    also: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+
+def _write_folder(sink: FolderSink, plan: ConversionPlan, source: SourceModel, folder: Path,
+                  options: ConvertOptions, dtype: torch.dtype, report: dict, log: Callable[[str], None]) -> Written:
+    """The gtakit folder: weights, config, model files, tokenizer and generation config."""
+    from gtakit.evaluate import load_model  # noqa: PLC0415 - evaluation only
+
+    tokenizer = source.load_tokenizer() if source.gguf_file is not None else None
+    sink.finish(plan.config(), None, tokenizer=tokenizer, generation_config=source.generation_config())
+    if tokenizer is None:
+        _copy_tokenizer_files(source, folder, log)
+    return Written(lambda: load_model(str(folder))[0])
+
+
+def _write_deepseek_v3(sink: DeepSeekV3Sink, plan: ConversionPlan, source: SourceModel, folder: Path,
+                       options: ConvertOptions, dtype: torch.dtype, report: dict,
+                       log: Callable[[str], None]) -> Written:
+    """--format deepseek-v3: the converted MLA (in memory) written and checked as a DeepSeek-V3 folder."""
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
     model = sink.finish(plan.config(), {})
     tokenizer = source.load_tokenizer()
-    report = _report(source, plan, options, dtype, layer_reports)
     report["export"] = export_model(model, folder, norm_ids(tokenizer, options), options, dtype, log)
     tokenizer.save_pretrained(folder)
     generation_config = source.generation_config()
     if generation_config is not None:
         generation_config.save_pretrained(folder)
-    if eval_text is not None:
-        report["evaluation"] = _evaluate_export(source, model, folder, tokenizer, eval_text, options, progress)
-    return report
+    return Written(lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
+                   also={"gtakit_mla_perplexity": model})
 
 
-def _evaluate_export(source: SourceModel, model, folder: Path, tokenizer, text: str, options: ConvertOptions,
-                     progress: bool) -> dict:
-    """Perplexity of the export (loaded natively), of gtakit's MLA it came from, and of the source; with a long
-    --eval-window also the long-context records of the export and the source (see `_eval_scores`)."""
-    from transformers import AutoModelForCausalLM
+@dataclass(frozen=True)
+class OutputFormat:
+    """One `--format`: its sink, how the streamed conversion is completed into the folder, and what it needs."""
 
-    from gtakit.evaluate import perplexity
+    sink: type[Sink]
+    open: Callable[[Path, ConvertOptions], Sink]
+    write: Callable[..., Written]
+    write_report: Callable[[Path, dict], None]
+    needs_tokenizer: bool = False
+    check_plan: Callable[[ConversionPlan], None] = lambda plan: None
 
-    gtakit_result = perplexity(model, tokenizer, text, options.eval_tokens, window=options.eval_window,
-                               progress=progress)
-    native = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    result = _eval_scores(native, tokenizer, text, options, progress)
-    del native
-    source_result = _eval_scores(source.load_model(torch.float32), tokenizer, text, options, progress)
-    return {"text": str(options.eval_text), "tokens": result["tokens"], "window": result["window"],
-            "perplexity": result["perplexity"], "gtakit_mla_perplexity": gtakit_result["perplexity"],
-            "source_perplexity": source_result["perplexity"], **_long_context(result, source_result)}
+
+OUTPUT_FORMATS = {
+    FolderSink.name: OutputFormat(FolderSink, lambda folder, options: FolderSink(folder, options.max_shard_size),
+                                  _write_folder, lambda folder, report: FolderSink(folder).write_report(report)),
+    DeepSeekV3Sink.name: OutputFormat(DeepSeekV3Sink, lambda folder, options: DeepSeekV3Sink(), _write_deepseek_v3,
+                                      write_report, needs_tokenizer=True,
+                                      check_plan=lambda plan: deepseek_v3.check_layers(plan.config())),
+}
 
 
 def _copy_tokenizer_files(source: SourceModel, folder: Path, log: Callable[[str], None]) -> None:
@@ -382,22 +406,23 @@ def _read_eval_text(options: ConvertOptions) -> str | None:
     return read_text(options.eval_text, option="--eval-text")
 
 
-def _evaluate(source: SourceModel, folder: Path, text: str, options: ConvertOptions, progress: bool) -> dict:
-    from gtakit.evaluate import load_model
+def evaluate_output(source: SourceModel, written: Written, text: str, options: ConvertOptions,
+                    progress: bool) -> dict:
+    """Perplexity of the written model (loaded as a user would) and of the source on --eval-text, one model in
+    memory at a time, plus the perplexity of each model in `written.also`; with a long --eval-window also the
+    long-context records of both (see `_eval_scores`)."""
+    from gtakit.evaluate import perplexity  # noqa: PLC0415 - evaluation only
 
     tokenizer = source.load_tokenizer()
-    converted = load_model(str(folder))[0]
+    also = {name: perplexity(model, tokenizer, text, options.eval_tokens, window=options.eval_window,
+                             progress=progress)["perplexity"] for name, model in written.also.items()}
+    converted = written.load()
     result = _eval_scores(converted, tokenizer, text, options, progress)
-    del converted  # one model in memory at a time
+    del converted
     source_result = _eval_scores(source.load_model(torch.float32), tokenizer, text, options, progress)
-    return {
-        "text": str(options.eval_text),
-        "tokens": result["tokens"],
-        "window": result["window"],
-        "perplexity": result["perplexity"],
-        "source_perplexity": source_result["perplexity"],
-        **_long_context(result, source_result),
-    }
+    return {"text": str(options.eval_text), "tokens": result["tokens"], "window": result["window"],
+            "perplexity": result["perplexity"], **also, "source_perplexity": source_result["perplexity"],
+            **_long_context(result, source_result)}
 
 
 def _passkey_lengths(window: int) -> tuple[int, ...]:

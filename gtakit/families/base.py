@@ -16,7 +16,7 @@ import torch
 
 from gtakit.errors import GtakitError
 from gtakit.io.source import WeightReader
-from gtakit.models.attention_gtakit import rotary_pairs, source_head_dim
+from gtakit.models.spec_gtakit import rotary_pairs, source_head_dim
 
 
 @dataclass

@@ -19,6 +19,8 @@ class Sink:
     name = ""
     constraints: frozenset[str] = frozenset()
     hint = "choose another form or format"  # what to do when a form cannot meet `constraints`
+    # Capability: the sink collects the whole converted model in memory (float32) before anything is written.
+    in_memory = False
 
     def start(self, config: GtakitConfig, dtype: torch.dtype) -> None:
         raise NotImplementedError

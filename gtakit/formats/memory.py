@@ -13,6 +13,7 @@ from .base import Sink
 
 class MemorySink(Sink):
     name = "memory"
+    in_memory = True
 
     def start(self, config: GtakitConfig, dtype: torch.dtype) -> None:
         self.state: dict[str, torch.Tensor] = {}

@@ -1,20 +1,41 @@
-"""Target forms, conversion side: one module per form; adding a form is one module here, one entry in `FORMS`
-and its model module (`gtakit/models/form_*.py`)."""
+"""Target forms, conversion side: one module per form. Adding a form is its model module (`gtakit/models/form_*.py`:
+the attention module and its typed spec), its converter module here, and one `register` line pairing the two."""
 
 from __future__ import annotations
 
 from gtakit.errors import GtakitError
+from gtakit.models import FORMS as MODEL_FORMS
+from gtakit.models import GHLAAttention, GLAAttention, GTAAttention, GtakitAttention
 
-from .base import ConvertedLayer, FormConverter
+from .base import ConvertedLayer, FormConverter, TensorNames
 from .ghla import GHLAConverter
 from .gla import GLAConverter
 from .gta import GTAConverter
 from .linalg import LayerMetric
 
-FORMS: dict[str, FormConverter] = {
-    form.name: form for form in (GTAConverter(), GLAConverter("gla"), GLAConverter("mla"), GHLAConverter())
-}
+FORMS: dict[str, FormConverter] = {}  # what --to takes -> its converter
 DEFAULT_FORM = "gla"  # what --to is when not given
+
+
+def register(converter: FormConverter, model_class: type[GtakitAttention]) -> None:
+    """Pair a converter with the model class it converts into, checking at import that the two agree: the model
+    class is registered on the model side, and every field the converter reports is a field of its spec."""
+    if MODEL_FORMS.get(model_class.form) is not model_class:
+        raise TypeError(f"{model_class.__name__} is not the model side's {model_class.form!r} form")
+    unknown = set(converter.report_fields) - set(model_class.spec_type.field_names())
+    if unknown:
+        raise TypeError(f"{type(converter).__name__} reports {sorted(unknown)}, not fields of "
+                        f"{model_class.spec_type.__name__}")
+    converter.model_class = model_class
+    FORMS[converter.name] = converter
+
+
+register(GTAConverter(), GTAAttention)
+register(GLAConverter("gla"), GLAAttention)
+register(GLAConverter("mla"), GLAAttention)
+register(GHLAConverter(), GHLAAttention)
+if {form.model_form for form in FORMS.values()} != set(MODEL_FORMS):
+    raise TypeError(f"model forms without a converter: {sorted(set(MODEL_FORMS) - {f.model_form for f in FORMS.values()})}")
 
 
 def get_form(name: str) -> FormConverter:
@@ -28,4 +49,5 @@ def form_owning(option: str) -> list[str]:
     return [name for name, form in FORMS.items() if option in form.options]
 
 
-__all__ = ["DEFAULT_FORM", "FORMS", "ConvertedLayer", "FormConverter", "LayerMetric", "form_owning", "get_form"]
+__all__ = ["DEFAULT_FORM", "FORMS", "ConvertedLayer", "FormConverter", "LayerMetric", "TensorNames", "form_owning",
+           "get_form", "register"]

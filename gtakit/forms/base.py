@@ -1,7 +1,9 @@
 """The conversion side of a target form: planning one layer's widths and converting one source layer.
 
 A form module (`gta.py`, `gla.py`, `ghla.py`) subclasses `FormConverter`, and `forms/__init__.py` registers it
-under the name `--to` takes; the model side of the form is `gtakit/models/form_<model_form>.py`.
+under the name `--to` takes, paired with its model class (`gtakit/models/form_*.py`). The pair shares one typed
+spec (the model class's `spec_type`: the converter plans a layer by building it), and the converter names the
+tensors it writes after the attributes of the model class's module built on the meta device (`TensorNames`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,13 @@ from typing import Any
 
 import torch
 
+from torch import nn
+
 from gtakit.errors import GtakitError
 from gtakit.families.base import SourceAttention, SourceShape
+from gtakit.models import GtakitAttention, LayerSpec
+
+from gtakit.models.spec_gtakit import divisors
 
 from .linalg import LayerMetric
 
@@ -26,9 +33,38 @@ class ConvertedLayer:
     rope_key_map: torch.Tensor | None = None
 
 
+class TensorNames:
+    """The tensor names of a form's module, read from an instance on the meta device: `names.q_proj.weight` is
+    "q_proj.weight" where the module has that tensor and an AttributeError where it has not, so a converter cannot
+    write a tensor the model does not load."""
+
+    def __init__(self, module: nn.Module, prefix: str = "") -> None:
+        self._module, self._prefix = module, prefix
+
+    def __getattr__(self, attribute: str):
+        child = getattr(self._module, attribute, None)
+        if child is None:
+            raise AttributeError(f"{type(self._module).__name__} has no tensor or module "
+                                 f"{self._prefix + attribute!r}")
+        if isinstance(child, torch.Tensor):
+            return self._prefix + attribute
+        return TensorNames(child, f"{self._prefix}{attribute}.")
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], module: nn.Module) -> None:
+    """The converted tensors are exactly the module's, shape for shape (a converter bug otherwise)."""
+    expected = {name: tuple(t.shape) for name, t in module.state_dict(keep_vars=True).items()}
+    given = {name: tuple(t.shape) for name, t in tensors.items()}
+    if given != expected:
+        missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+        shapes = sorted(f"{n} {given[n]} != {expected[n]}" for n in set(given) & set(expected) if given[n] != expected[n])
+        raise RuntimeError(f"{type(module).__name__}: converted tensors disagree with the model's: missing {missing}, "
+                           f"unexpected {extra}, shapes {shapes}")
+
+
 class FormConverter:
     name = ""  # what --to takes
-    model_form = ""  # the model-side form (gtakit.models.FORMS)
+    model_class: type[GtakitAttention] = GtakitAttention  # set when registered (`forms.register`)
     title = ""  # one line for the model card
     options: tuple[str, ...] = ()  # ConvertOptions fields only this form reads
     report_fields: tuple[str, ...] = ()  # spec fields worth a line in conversion.json and the card
@@ -36,13 +72,29 @@ class FormConverter:
     takes_qk_norm = False  # converts QK-norm sources (see `qk_norm.py`)
     takes_rope_free = False  # converts layers without RoPE (a zero-width RoPE key)
 
+    @property
+    def model_form(self) -> str:
+        """The model-side form (`gtakit.models.FORMS`)."""
+        return self.model_class.form
+
+    @property
+    def spec_type(self) -> type[LayerSpec]:
+        return self.model_class.spec_type
+
     def plan(self, shape: SourceShape, options: Any) -> dict:
         """The model-side spec of one layer (without `rope_index`, which conversion chooses)."""
         raise NotImplementedError
 
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
-                      options: Any) -> ConvertedLayer:
+                      options: Any, names: TensorNames) -> ConvertedLayer:
+        """The layer's tensors, named by `names` (the model module's, see `meta_module`)."""
         raise NotImplementedError
+
+    def meta_module(self, config: Any, spec: dict) -> GtakitAttention:
+        """The model's module for one layer of `spec`, on the meta device (no memory): its tensor names and shapes
+        are what a conversion must write."""
+        with torch.device("meta"):
+            return self.model_class(config, spec, layer_idx=0)
 
     def query_nope_width(self, spec: dict) -> int:
         """Leading query dims per head that score the position-free key (the part a cached key scale multiplies)."""
@@ -56,13 +108,13 @@ class FormConverter:
     def summary(self, spec: dict) -> str:
         return ", ".join(f"{name}={spec[name]}" for name in self.report_fields)
 
-    def common_spec(self, shape: SourceShape) -> dict:
+    def make_spec(self, shape: SourceShape, **widths: Any) -> dict:
+        """The spec of one layer: the form's typed spec built from the fields every form takes from the source and
+        the form's `widths` (a field the spec does not have is a TypeError), as the config stores it."""
         scale = shape.attention_scale if shape.attention_scale is not None else shape.head_dim**-0.5
-        spec = {"form": self.model_form, "attention_bias": shape.has_qk_bias, "o_proj_bias": shape.has_o_bias,
-                "softmax_scale": scale}
-        if shape.attention_softcap is not None:
-            spec["softcap"] = float(shape.attention_softcap)
-        return spec
+        softcap = float(shape.attention_softcap) if shape.attention_softcap is not None else None
+        return self.spec_type(attention_bias=shape.has_qk_bias, o_proj_bias=shape.has_o_bias, softmax_scale=scale,
+                              softcap=softcap, **widths).to_dict()
 
 
 def as_width(value: Any, option: str) -> int | str | None:
@@ -86,10 +138,6 @@ def scaled_widths(width: int) -> list[int]:
         value = max(1, round(width * scale))
         widths.add(max(8, round(value / 8) * 8) if value >= 16 else value)
     return sorted(widths)
-
-
-def divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 def check_rope_dim(rope_dim: int, maximum: int) -> None:

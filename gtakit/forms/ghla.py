@@ -20,6 +20,7 @@ and the constant sigmoid(GATE_BIAS) is divided out of W_o so that the initial mo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,8 +29,8 @@ from gtakit.errors import GtakitError
 from gtakit.families.base import SourceAttention, SourceShape
 from gtakit.models.attention_gtakit import apply_rope, rotate_half
 
-from .base import ConvertedLayer, FormConverter, as_width, check_rope_dim, divisors, scaled_widths
-from .linalg import LayerMetric, _fold_value_bias, _moment, _sqrt_psd, _top_basis
+from .base import ConvertedLayer, FormConverter, TensorNames, as_width, check_rope_dim, divisors, scaled_widths
+from .linalg import LayerMetric, fold_value_bias, moment, sqrt_psd, top_basis
 from .rope import select_shared_rope
 
 GATE_BIAS = 6.0  # sigmoid(6) = 0.9975: the gate passes (nearly) everything and still has gradient to train
@@ -133,7 +134,7 @@ def _weight_similarity(rows: list[torch.Tensor], cov: torch.Tensor | None) -> to
     """Cosine similarity of query rows that read the same key (under the input moment when known)."""
     n = len(rows)
     sim = torch.ones(n, n, dtype=rows[0].dtype)
-    norms = [float(torch.trace(_moment(r, cov))) ** 0.5 for r in rows]
+    norms = [float(torch.trace(moment(r, cov))) ** 0.5 for r in rows]
     for a in range(n):
         for b in range(a + 1, n):
             inner = torch.trace(rows[a] @ rows[b].T if cov is None else rows[a] @ cov @ rows[b].T)
@@ -208,168 +209,196 @@ def _fit_shared_query(
     return rows, bias
 
 
-def convert_ghla_layer(
-    src: SourceAttention,
-    num_maps: int,
-    num_key_heads: int,
-    key_dim: int,
-    latent_dim: int,
-    metric: LayerMetric,
-    sample: torch.Tensor | None = None,
-    query_choice: str = "auto",
-    scale: float | None = None,
-) -> ConvertedLayer:
-    """GHLA weights of one layer; the output heads are reordered so that the members of a map are adjacent.
+@dataclass
+class SharedQueries:
+    """What choosing each map's shared query produced, map after map: the query rows and biases, the source head
+    behind each output slot, and the measured agreements (with a calibration sample)."""
+
+    query_choice: str
+    rows: list[torch.Tensor] = field(default_factory=list)
+    biases: list[torch.Tensor | None] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)  # output slot -> source query head
+    agreements: list[float] = field(default_factory=list)
+    member_agreements: list[float] = field(default_factory=list)
+    candidate_agreements: dict[str, list[float]] = field(
+        default_factory=lambda: {"mean": [], "central": [], "fit": []})
+    chosen: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("mean", "central", "fit"), 0))
+
+    def add(self, members: list[int], candidates: dict, scores: dict[str, float], similarity: torch.Tensor) -> None:
+        """Record one map: the candidate `query_choice` picks (auto: the best measured; mean without data)."""
+        if self.query_choice == "fit" and "fit" not in candidates:
+            choice = "mean"  # one head per map (nothing to fit) or no calibration sample
+        elif self.query_choice != "auto":
+            choice = self.query_choice
+        elif scores:
+            choice = max(scores, key=scores.get)
+        else:
+            choice = "mean"  # least squares in score space is the safer default without data
+        self.chosen[choice] += 1
+        if scores:
+            self.agreements.append(scores[choice])
+            for name, value in scores.items():
+                self.candidate_agreements[name].append(value)
+            pairs = [float(similarity[a, b]) for a in range(len(members)) for b in range(a + 1, len(members))]
+            self.member_agreements.append(sum(pairs) / len(pairs) if pairs else 1.0)
+        self.rows.append(candidates[choice][0])
+        self.biases.append(candidates[choice][1])
+        self.order += members
+
+    def metrics(self, num_maps: int) -> dict[str, float]:
+        metrics = {f"{name}_query_share": count / num_maps for name, count in self.chosen.items()}
+        if self.agreements:
+            metrics["map_agreement"] = sum(self.agreements) / len(self.agreements)
+            metrics["member_agreement"] = sum(self.member_agreements) / len(self.member_agreements)
+            # Both shared-query candidates, measured, so reports show which one wins where.
+            for name, values in self.candidate_agreements.items():
+                if values:
+                    metrics[f"map_agreement_{name}_query"] = sum(values) / len(values)
+        return metrics
+
+
+def group_maps(src: SourceAttention, q_heads: list[int], kv_heads: list[int], similarity: torch.Tensor,
+               per_map: int) -> list[list[int]]:
+    """The query heads of one key block partitioned into maps of `per_map` similar heads. Maps stay inside one
+    source KV head (those heads were trained against the same key) unless the block merges several KV heads into
+    one key and a free grouping agrees better."""
+    position = {h: i for i, h in enumerate(q_heads)}
+    maps = partition_heads(q_heads, similarity, per_map)
+    if (src.num_heads // src.num_kv_heads) % per_map:
+        return maps
+    within = []
+    for g in kv_heads:
+        part = [h for h in q_heads if src.group_of_head[h] == g]
+        index = torch.tensor([position[h] for h in part])
+        within += partition_heads(part, similarity[index][:, index], per_map)
+    if len(kv_heads) == 1 or _group_similarity(within, similarity, position) >= _group_similarity(
+            maps, similarity, position):
+        return within
+    return maps
+
+
+def map_candidates(members: list[int], rows: dict, biases: dict | None, central: int, query_choice: str,
+                   x: torch.Tensor | None, targets: torch.Tensor | None, rope, scale: float) -> tuple[dict, dict]:
+    """The shared-query candidates of one map (mean, central head, and with `fit` the fitted one) and, with a
+    calibration sample `x`, each one's measured agreement with the members' source attention maps `targets`."""
+    candidates = {
+        "mean": (torch.stack([rows[h] for h in members]).mean(dim=0),
+                 torch.stack([biases[h] for h in members]).mean(dim=0) if biases else None),
+        "central": (rows[central], biases[central] if biases else None),
+    }
+    if x is None:
+        return candidates, {}
+    key, key_b = rope.key_rows, rope.key_bias
+    measure = lambda cand: _agreement(x, cand, key, key_b, rope.freqs, scale, targets)  # noqa: E731
+    scores = {name: measure(cand) for name, cand in candidates.items()}
+    # Measured on SmolLM2 the fit raises map agreement by < 0.01 and leaves perplexity unchanged, at minutes of
+    # CPU: only on request, not part of auto.
+    if query_choice == "fit" and len(members) > 1:
+        best = max(scores, key=scores.get)
+        candidates["fit"] = _fit_shared_query(
+            x, [rows[h] for h in members], [biases[h] for h in members] if biases else None,
+            members.index(central) if best == "central" else None, key, key_b, rope.freqs, scale, targets)
+        scores["fit"] = measure(candidates["fit"])
+    return candidates, scores
+
+
+def latent_value(src: SourceAttention, metric: LayerMetric, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                        float]:
+    """The latent value: PCA of all KV heads' values (output-weighted when the method gives weights). Returns
+    the down-projection [c, D], the least-squares decoders of each KV head's values [G d, c] and the relative
+    value error."""
+    cov, values, vw = metric.input_cov, src.wv, metric.value_out_weight  # values [G d, D]
+    weight = torch.block_diag(*[sqrt_psd(vw[g]) for g in range(src.num_kv_heads)]) if vw else None
+    weighted = values if weight is None else weight @ values
+    basis = top_basis(moment(weighted, cov), latent_dim)  # [G d, c]
+    down = basis.T @ weighted  # [c, D]
+    cross = values @ down.T if cov is None else values @ cov @ down.T
+    decoders = cross @ torch.linalg.pinv(moment(down, cov), hermitian=True)
+    resid = decoders @ down - values
+    value_err = float(torch.trace(moment(resid, cov)).clamp(min=0) / torch.trace(moment(values, cov))) ** 0.5
+    return down, decoders, value_err
+
+
+def convert_ghla_layer(src: SourceAttention, spec: dict, metric: LayerMetric, names: TensorNames,
+                       sample: torch.Tensor | None = None, query_choice: str = "auto") -> ConvertedLayer:
+    """GHLA weights of one layer of `spec`; the output heads are reordered so that the members of a map are
+    adjacent.
 
     `sample` [L, D] is a calibration sequence's normalised layer input: with it heads are grouped by measured
     attention-map agreement and the reported agreement is measured; without it grouping uses query weights.
     """
-    H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
     if query_choice not in QUERY_CHOICES:
         raise ValueError(f"query_choice must be one of {QUERY_CHOICES}, got {query_choice!r}")
-    scale = scale if scale is not None else d**-0.5
-    cov = metric.input_cov
-    groups = src.group_of_head
-    per_map = H // num_maps
-    per_kv = H // G
-    kv_per_block = G // num_key_heads
+    H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
+    num_maps, num_key_heads, key_dim = spec["num_maps"], spec["num_key_heads"], spec["head_dim"]
+    scale = spec.get("softmax_scale") or d**-0.5
+    per_map, kv_per_block = H // num_maps, G // num_key_heads
     x = sample.double() if sample is not None else None
     source_probs = _source_probs(src, x, scale) if x is not None else None
-
-    q_rows, q_bias, k_rows, k_bias, freqs, rope_index = [], [], [], [], [], []
-    order: list[int] = []  # output slot -> source query head
-    agreements, member_agreements, key_kept = [], [], []
-    candidate_agreements: dict[str, list[float]] = {"mean": [], "central": [], "fit": []}
-    chosen = dict.fromkeys(("mean", "central", "fit"), 0)
+    queries = SharedQueries(query_choice)
+    keys, key_biases, key_kept, rope_index = [], [], [], []
     for block in range(num_key_heads):
         kv_heads = list(range(block * kv_per_block, (block + 1) * kv_per_block))
         sub, q_heads = _block_attention(src, kv_heads)
         # Every dropped component is lost outright (GHLA keys have no position-free part): rank by plain
         # score energy, not by what a mean rotation could stand in for.
-        rope = select_shared_rope(sub, key_dim // 2, cov, None, None, input_mean=metric.input_mean)
-        key_kept.append(rope.score_energy_kept)
+        rope = select_shared_rope(sub, key_dim // 2, metric.input_cov, None, None, input_mean=metric.input_mean)
         rows = {h: rope.query_rows[i] for i, h in enumerate(q_heads)}
         biases = {h: rope.query_bias[i] for i, h in enumerate(q_heads)} if rope.query_bias is not None else None
-        block_probs = source_probs[q_heads] if source_probs is not None else None
-        position = {h: i for i, h in enumerate(q_heads)}
-        if block_probs is not None and per_map > 1:
-            similarity = _pairwise_overlap(block_probs)
+        if source_probs is not None and per_map > 1:
+            similarity = _pairwise_overlap(source_probs[q_heads])
         else:
-            similarity = _weight_similarity([rows[h] for h in q_heads], cov)
-        maps = partition_heads(q_heads, similarity, per_map)
-        if per_kv % per_map == 0:
-            # Maps inside one source KV head (those heads were trained against the same key) unless the block
-            # merges several KV heads into one key and a free grouping agrees better.
-            within = []
-            for g in kv_heads:
-                part = [h for h in q_heads if groups[h] == g]
-                index = torch.tensor([position[h] for h in part])
-                within += partition_heads(part, similarity[index][:, index], per_map)
-            if len(kv_heads) == 1 or _group_similarity(within, similarity, position) >= _group_similarity(
-                maps, similarity, position
-            ):
-                maps = within
-
-        key = rope.key_rows
-        key_b = rope.key_bias
-        for members in maps:
+            similarity = _weight_similarity([rows[h] for h in q_heads], metric.input_cov)
+        position = {h: i for i, h in enumerate(q_heads)}
+        for members in group_maps(src, q_heads, kv_heads, similarity, per_map):
             index = torch.tensor([position[h] for h in members])
             sim = similarity[index][:, index]
             central = members[int(torch.argmax(sim.sum(dim=1)))]
-            candidates = {
-                "mean": (torch.stack([rows[h] for h in members]).mean(dim=0),
-                         torch.stack([biases[h] for h in members]).mean(dim=0) if biases else None),
-                "central": (rows[central], biases[central] if biases else None),
-            }
-            scores = {}
-            if x is not None:
-                targets = source_probs[members]
-                measure = lambda cand: _agreement(x, cand, key, key_b, rope.freqs, scale, targets)  # noqa: E731
-                scores = {name: measure(cand) for name, cand in candidates.items()}
-                # Measured on SmolLM2 the fit raises map agreement by < 0.01 and leaves perplexity unchanged,
-                # at minutes of CPU: only on request, not part of auto.
-                if query_choice == "fit" and len(members) > 1:
-                    best = max(scores, key=scores.get)
-                    candidates["fit"] = _fit_shared_query(
-                        x, [rows[h] for h in members], [biases[h] for h in members] if biases else None,
-                        members.index(central) if best == "central" else None, key, key_b, rope.freqs, scale,
-                        targets,
-                    )
-                    scores["fit"] = measure(candidates["fit"])
-            if query_choice == "fit" and "fit" not in candidates:
-                choice = "mean"  # one head per map (nothing to fit) or no calibration sample
-            elif query_choice != "auto":
-                choice = query_choice
-            elif scores:
-                choice = max(scores, key=scores.get)
-            else:
-                choice = "mean"  # least squares in score space is the safer default without data
-            chosen[choice] += 1
-            if scores:
-                agreements.append(scores[choice])
-                for name, value in scores.items():
-                    candidate_agreements[name].append(value)
-                pairs = [float(sim[a, b]) for a in range(len(members)) for b in range(a + 1, len(members))]
-                member_agreements.append(sum(pairs) / len(pairs) if pairs else 1.0)
-            q_rows.append(candidates[choice][0])
-            q_bias.append(candidates[choice][1])
-            order += members
-        k_rows.append(key)
-        k_bias.append(key_b)
-        freqs.append(rope.freqs)
+            targets = source_probs[members] if source_probs is not None else None
+            candidates, scores = map_candidates(members, rows, biases, central, query_choice, x, targets, rope,
+                                                scale)
+            queries.add(members, candidates, scores, sim)
+        keys.append(rope.key_rows)
+        key_biases.append(rope.key_bias)
+        key_kept.append(rope.score_energy_kept)
         rope_index += rope.index
-
-    # Latent value: PCA of all KV heads' values (output-weighted when the method gives weights).
-    values = src.wv  # [G d, D]
-    vw = metric.value_out_weight
-    weight = torch.block_diag(*[_sqrt_psd(vw[g]) for g in range(G)]) if vw else None
-    weighted = values if weight is None else weight @ values
-    basis = _top_basis(_moment(weighted, cov), latent_dim)  # [G d, c]
-    down = basis.T @ weighted  # [c, D]
-    c_moment = _moment(down, cov)
-    cross = values @ down.T if cov is None else values @ cov @ down.T
-    decoders = cross @ torch.linalg.pinv(c_moment, hermitian=True)  # [G d, c]: least-squares values from c
-    resid = decoders @ down - values
-    value_err = float(torch.trace(_moment(resid, cov)).clamp(min=0) / torch.trace(_moment(values, cov))) ** 0.5
-
-    residual = torch.eye(d, latent_dim, dtype=values.dtype)  # the model adds a_m[:v] (zero-padded) itself
-    gate = torch.sigmoid(torch.tensor(GATE_BIAS, dtype=torch.float64))
-    decoder_rows = [decoders[src.kv_rows(groups[h])] - residual for h in order]
-    o_cols = [src.wo[:, src.q_rows(h)] / gate for h in order]
-    tensors = {
-        "q_proj.weight": torch.cat(q_rows),
-        "k_proj.weight": torch.cat(k_rows),
-        "latent_proj.weight": down,
-        "value_decoder.weight": torch.cat(decoder_rows),
-        "gate_proj.weight": src.wq.new_zeros(H * d, src.wq.shape[1]),
-        "gate_proj.bias": src.wq.new_full((H * d,), GATE_BIAS),
-        "o_proj.weight": torch.cat(o_cols, dim=1),
-    }
-    if src.bq is not None or src.bk is not None:
-        zeros = src.wq.new_zeros(key_dim)
-        tensors["q_proj.bias"] = torch.cat([b if b is not None else zeros for b in q_bias])
-        tensors["k_proj.bias"] = torch.cat([b if b is not None else zeros for b in k_bias])
-        tensors["latent_proj.bias"] = src.wq.new_zeros(latent_dim)
-    o_bias = _fold_value_bias(src)
-    if o_bias is not None:
-        tensors["o_proj.bias"] = o_bias
-    metrics = {
-        "value_rel_error": value_err,
-        "key_score_kept": min(key_kept),
-        **{f"{name}_query_share": count / num_maps for name, count in chosen.items()},
-    }
-    if agreements:
-        metrics["map_agreement"] = sum(agreements) / len(agreements)
-        metrics["member_agreement"] = sum(member_agreements) / len(member_agreements)
-        # Both shared-query candidates, measured, so reports show which one wins where.
-        for name, values in candidate_agreements.items():
-            if values:
-                metrics[f"map_agreement_{name}_query"] = sum(values) / len(values)
+    down, decoders, value_err = latent_value(src, metric, spec["latent_dim"])
+    tensors = ghla_tensors(src, names, queries, keys, key_biases, down, decoders)
+    metrics = {"value_rel_error": value_err, "key_score_kept": min(key_kept), **queries.metrics(num_maps)}
     return ConvertedLayer(tensors, metrics, {"rope_index": rope_index})
 
 
+def ghla_tensors(src: SourceAttention, names: TensorNames, queries: SharedQueries, keys: list[torch.Tensor],
+                 key_biases: list[torch.Tensor | None], down: torch.Tensor, decoders: torch.Tensor
+                 ) -> dict[str, torch.Tensor]:
+    """The module's tensors: the output heads in map order, the gate open at its initial bias (o_proj divided by
+    it), each head's decoder less the residual the model adds itself (a_m[:v], zero-padded)."""
+    H, d, latent_dim = src.num_heads, src.head_dim, down.shape[0]
+    residual = torch.eye(d, latent_dim, dtype=decoders.dtype)
+    gate = torch.sigmoid(torch.tensor(GATE_BIAS, dtype=torch.float64))
+    tensors = {
+        names.q_proj.weight: torch.cat(queries.rows),
+        names.k_proj.weight: torch.cat(keys),
+        names.latent_proj.weight: down,
+        names.value_decoder.weight: torch.cat([decoders[src.kv_rows(src.group_of_head[h])] - residual
+                                               for h in queries.order]),
+        names.gate_proj.weight: src.wq.new_zeros(H * d, src.wq.shape[1]),
+        names.gate_proj.bias: src.wq.new_full((H * d,), GATE_BIAS),
+        names.o_proj.weight: torch.cat([src.wo[:, src.q_rows(h)] / gate for h in queries.order], dim=1),
+    }
+    if src.bq is not None or src.bk is not None:
+        zeros = src.wq.new_zeros(keys[0].shape[0])
+        tensors[names.q_proj.bias] = torch.cat([b if b is not None else zeros for b in queries.biases])
+        tensors[names.k_proj.bias] = torch.cat([b if b is not None else zeros for b in key_biases])
+        tensors[names.latent_proj.bias] = src.wq.new_zeros(latent_dim)
+    o_bias = fold_value_bias(src)
+    if o_bias is not None:
+        tensors[names.o_proj.bias] = o_bias
+    return tensors
+
+
 class GHLAConverter(FormConverter):
-    name = model_form = "ghla"
+    name = "ghla"
     title = "GHLA (grouped-head latent attention: shared attention maps, one latent value)"
     options = ("maps", "key_heads", "latent_dim", "ghla_query")
     report_fields = ("num_maps", "num_key_heads", "head_dim", "latent_dim", "v_head_dim")
@@ -402,14 +431,13 @@ class GHLAConverter(FormConverter):
             raise GtakitError(f"--latent-dim {latent} is out of range: it must be between 1 and {full_latent}")
         if options.ghla_query not in QUERY_CHOICES:
             raise GtakitError(f"--ghla-query must be auto, mean, central or fit; got {options.ghla_query!r}")
-        return {**self.common_spec(shape), "num_maps": maps, "num_key_heads": key_heads, "head_dim": rope_dim,
-                "latent_dim": latent, "v_head_dim": d}
+        return self.make_spec(shape, num_maps=maps, num_key_heads=key_heads, head_dim=rope_dim, latent_dim=latent,
+                              v_head_dim=d)
 
     def width_candidates(self, shape: SourceShape, spec: dict) -> list[dict[str, Any]]:
         return [{"latent_dim": width} for width in scaled_widths(spec["latent_dim"])]
 
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
-                      options: Any) -> ConvertedLayer:
+                      options: Any, names: TensorNames) -> ConvertedLayer:
         sample = getattr(stats, "attention_sample", None)
-        return convert_ghla_layer(attn, spec["num_maps"], spec["num_key_heads"], spec["head_dim"],
-                                  spec["latent_dim"], metric, sample, options.ghla_query, spec["softmax_scale"])
+        return convert_ghla_layer(attn, spec, metric, names, sample, options.ghla_query)

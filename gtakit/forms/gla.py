@@ -13,8 +13,8 @@ import torch
 from gtakit.errors import GtakitError
 from gtakit.families.base import SourceAttention, SourceShape
 
-from .base import ConvertedLayer, FormConverter, as_width, check_rope_dim, divisors, scaled_widths
-from .linalg import LayerMetric, _fold_value_bias, _moment, _rel_err, _sqrt_psd, _top_basis, _weighted
+from .base import ConvertedLayer, FormConverter, TensorNames, as_width, check_rope_dim, divisors, scaled_widths
+from .linalg import LayerMetric, fold_value_bias, moment, rel_err, sqrt_psd, top_basis, weighted_rows
 from .rope import nope_query, rope_grid, select_shared_rope
 
 GRIDS = ("none", "spread", "fastest")
@@ -22,7 +22,6 @@ DEFAULT_GRID = "fastest"  # where one global RoPE table is needed; measured: ben
 
 
 class GLAConverter(FormConverter):
-    model_form = "gla"
     options = ("latent_heads", "kv_rank", "rope_grid")
     takes_qk_norm = True
     takes_rope_free = True
@@ -83,8 +82,8 @@ class GLAConverter(FormConverter):
         if not 1 <= kv_rank <= full_rank:
             raise GtakitError(f"--kv-rank {kv_rank} is out of range: it must be between 1 and {full_rank} for this "
                               "model")
-        return {**self.common_spec(shape), "num_latent_heads": latents, "kv_lora_rank": kv_rank,
-                "qk_nope_head_dim": nope_dim, "qk_rope_head_dim": rope_dim, "v_head_dim": d}
+        return self.make_spec(shape, num_latent_heads=latents, kv_lora_rank=kv_rank, qk_nope_head_dim=nope_dim,
+                              qk_rope_head_dim=rope_dim, v_head_dim=d)
 
     def query_nope_width(self, spec: dict) -> int:
         return spec["qk_nope_head_dim"]
@@ -93,11 +92,11 @@ class GLAConverter(FormConverter):
         return [{"kv_rank": width} for width in scaled_widths(spec["kv_lora_rank"])]
 
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
-                      options: Any) -> ConvertedLayer:
+                      options: Any, names: TensorNames) -> ConvertedLayer:
         pairs = spec["qk_rope_head_dim"] // 2
         metric = replace(metric, rotation_credit=getattr(options, "rope_rotation_credit", metric.rotation_credit))
         grid = getattr(options, "rope_grid", "none")
-        return convert_gla_layer(attn, spec["num_latent_heads"], spec["kv_lora_rank"], pairs, metric,
+        return convert_gla_layer(attn, spec["num_latent_heads"], spec["kv_lora_rank"], pairs, metric, names,
                                  rope_grid(attn.head_dim, pairs, grid) if grid != "none" and pairs else None)
 
 
@@ -121,6 +120,7 @@ def convert_gla_layer(
     kv_rank: int,
     rope_pairs: int,
     metric: LayerMetric,
+    names: TensorNames,
     grid: list[int] | None = None,
 ) -> ConvertedLayer:
     """GLA/MLA weights. The no-RoPE head dim is d, or 0 when every RoPE component is kept. `grid`: the RoPE key
@@ -144,16 +144,16 @@ def convert_gla_layer(
         # next step sees; they are undone on the up-projections below.
         kw = metric.key_out_weight
         vw = metric.value_out_weight
-        keys_w = [_weighted(k, kw[g] if kw else None) for k, g in zip(keys, kv_heads)]
-        values_w = [_weighted(v, vw[g] if vw else None) for v, g in zip(values, kv_heads)]
+        keys_w = [weighted_rows(k, kw[g] if kw else None) for k, g in zip(keys, kv_heads)]
+        values_w = [weighted_rows(v, vw[g] if vw else None) for v, g in zip(values, kv_heads)]
         alpha = 1.0
         if keys_w and metric.balance:
-            k_energy = sum(float(torch.trace(_moment(k, cov))) for k in keys_w)
-            v_energy = sum(float(torch.trace(_moment(v, cov))) for v in values_w)
+            k_energy = sum(float(torch.trace(moment(k, cov))) for k in keys_w)
+            v_energy = sum(float(torch.trace(moment(v, cov))) for v in values_w)
             if k_energy > 0 and v_energy > 0:
                 alpha = (v_energy / k_energy) ** 0.5
         stacked_w = torch.cat([alpha * k for k in keys_w] + values_w)
-        basis = _top_basis(_moment(stacked_w, cov), kv_rank)  # [rows, c]
+        basis = top_basis(moment(stacked_w, cov), kv_rank)  # [rows, c]
         # Latent = projection of the weighted rows; the up-projection maps it back in unweighted coordinates:
         # stacked ~= up @ (basis^T stacked_w), with up = pinv(W) blocks applied to the basis.
         down = basis.T @ stacked_w  # [c, D]
@@ -164,13 +164,13 @@ def convert_gla_layer(
         for index, (kind, g, scale, w) in enumerate(blocks):
             rows = basis[index * d : (index + 1) * d] / scale
             if w is not None:
-                rows = torch.linalg.pinv(_sqrt_psd(w), hermitian=True) @ rows
+                rows = torch.linalg.pinv(sqrt_psd(w), hermitian=True) @ rows
             block_up[(kind, g)] = rows  # [d, c]
         if keys:
             k_recon = torch.cat([block_up[("k", g)] for g in kv_heads]) @ down
-            key_errs.append(_rel_err(k_recon - torch.cat(keys), torch.cat(keys), cov))
+            key_errs.append(rel_err(k_recon - torch.cat(keys), torch.cat(keys), cov))
         v_recon = torch.cat([block_up[("v", g)] for g in kv_heads]) @ down
-        value_errs.append(_rel_err(v_recon - torch.cat(values), torch.cat(values), cov))
+        value_errs.append(rel_err(v_recon - torch.cat(values), torch.cat(values), cov))
         down_rows.append(down)
         for h in heads:
             if nope_dim:
@@ -184,24 +184,24 @@ def convert_gla_layer(
         if q_bias is not None:
             q_bias.append(torch.cat(([nope_bias] if nope_dim else []) + [rope.query_bias[h]]))
     tensors = {
-        "q_proj.weight": torch.cat(q_rows),
-        "kv_down_proj.weight": torch.cat(down_rows),
-        "k_up_proj.weight": torch.cat(k_up) if nope_dim else src.wq.new_zeros(0, kv_rank),
-        "v_up_proj.weight": torch.cat(v_up),
-        "o_proj.weight": src.wo.clone(),
+        names.q_proj.weight: torch.cat(q_rows),
+        names.kv_down_proj.weight: torch.cat(down_rows),
+        names.k_up_proj.weight: torch.cat(k_up) if nope_dim else src.wq.new_zeros(0, kv_rank),
+        names.v_up_proj.weight: torch.cat(v_up),
+        names.o_proj.weight: src.wo.clone(),
     }
     if rope.kept:  # a layer without RoPE has no RoPE key at all
-        tensors["k_rope_proj.weight"] = rope.key_rows
+        tensors[names.k_rope_proj.weight] = rope.key_rows
     if src.bq is not None or src.bk is not None:
         q_width = H * (nope_dim + 2 * len(rope.kept))
-        tensors["q_proj.bias"] = torch.cat(q_bias) if q_bias is not None else src.wq.new_zeros(q_width)
-        tensors["kv_down_proj.bias"] = src.wq.new_zeros(num_latents * kv_rank)
+        tensors[names.q_proj.bias] = torch.cat(q_bias) if q_bias is not None else src.wq.new_zeros(q_width)
+        tensors[names.kv_down_proj.bias] = src.wq.new_zeros(num_latents * kv_rank)
         rope_width = 2 * len(rope.kept)
         if rope.kept:
-            tensors["k_rope_proj.bias"] = rope.key_bias if rope.key_bias is not None else src.wq.new_zeros(rope_width)
-    o_bias = _fold_value_bias(src)
+            tensors[names.k_rope_proj.bias] = rope.key_bias if rope.key_bias is not None else src.wq.new_zeros(rope_width)
+    o_bias = fold_value_bias(src)
     if o_bias is not None:
-        tensors["o_proj.bias"] = o_bias
+        tensors[names.o_proj.bias] = o_bias
     metrics = {
         "key_rel_error": max(key_errs) if key_errs else 0.0,
         "value_rel_error": max(value_errs),

@@ -14,15 +14,15 @@ import torch
 from gtakit.errors import GtakitError
 from gtakit.families.base import SourceAttention, SourceShape
 
-from .base import ConvertedLayer, FormConverter, as_width, check_rope_dim, divisors
-from .linalg import LayerMetric, _fold_value_bias, _moment, _rel_err, _sqrt_psd, _svd_full, _top_basis, _weighted
+from .base import ConvertedLayer, FormConverter, TensorNames, as_width, check_rope_dim, divisors
+from .linalg import LayerMetric, fold_value_bias, moment, rel_err, sqrt_psd, svd_full, top_basis, weighted_rows
 from .rope import nope_query, select_shared_rope
 
 GTA_STATES = ("joint", "value")
 
 
 class GTAConverter(FormConverter):
-    name = model_form = "gta"
+    name = "gta"
     title = "GTA (grouped-tied attention)"
     options = ("groups", "gta_state")
     takes_qk_norm = True
@@ -43,7 +43,7 @@ class GTAConverter(FormConverter):
             check_rope_dim(rope_dim, rotary)
         if options.gta_state not in GTA_STATES:
             raise GtakitError(f"--gta-state must be joint or value, got {options.gta_state!r}")
-        return {**self.common_spec(shape), "num_key_value_heads": groups, "head_dim": d, "rope_dim": rope_dim}
+        return self.make_spec(shape, num_key_value_heads=groups, head_dim=d, rope_dim=rope_dim)
 
     def query_nope_width(self, spec: dict) -> int:
         return spec["head_dim"] - spec["rope_dim"]
@@ -52,13 +52,14 @@ class GTAConverter(FormConverter):
         return [{"groups": groups} for groups in divisors(shape.num_heads)]
 
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
-                      options: Any) -> ConvertedLayer:
+                      options: Any, names: TensorNames) -> ConvertedLayer:
         metric = replace(metric, gta_state=options.gta_state,
                          rotation_credit=getattr(options, "rope_rotation_credit", metric.rotation_credit))
-        return convert_gta_layer(attn, spec["num_key_value_heads"], spec["rope_dim"], metric)
+        return convert_gta_layer(attn, spec["num_key_value_heads"], spec["rope_dim"], metric, names)
 
 
-def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metric: LayerMetric) -> ConvertedLayer:
+def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metric: LayerMetric,
+                      names: TensorNames) -> ConvertedLayer:
     """GTA weights: per group a tied state s (value; its first d - r coords are the no-RoPE key)."""
     H, d = src.num_heads, src.head_dim
     cov = metric.input_cov
@@ -79,32 +80,32 @@ def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metr
         else:
             vw = metric.value_out_weight
             weight = torch.block_diag(*[vw[g] for g in kv_heads]) if vw else None
-            value_basis = _top_basis(_moment(_weighted(values, weight), cov), d)
+            value_basis = top_basis(moment(weighted_rows(values, weight), cov), d)
             if weight is not None:
-                value_basis = torch.linalg.pinv(_sqrt_psd(weight), hermitian=True) @ value_basis
+                value_basis = torch.linalg.pinv(sqrt_psd(weight), hermitian=True) @ value_basis
                 value_basis = torch.linalg.qr(value_basis).Q
         state0 = value_basis.T @ values  # [d, D]
         keys = torch.cat([rope.residual_key[g] for g in kv_heads])  # [|S| d, D]
         kw = metric.key_out_weight
         k_weight = torch.block_diag(*[kw[g] for g in kv_heads]) if kw else None
-        keys_w = _weighted(keys, k_weight)
+        keys_w = weighted_rows(keys, k_weight)
         if metric.gta_state == "joint" and nope:
             state0, value_basis = _joint_tied_state(keys_w, values, nope, cov, metric, kv_heads)
-        value_errs.append(_rel_err(value_basis @ state0 - values, values, cov))
+        value_errs.append(rel_err(value_basis @ state0 - values, values, cov))
 
         # Reduced-rank regression of the residual (no-RoPE) keys on the state: keys ~= B s[:nope].
-        s_moment = _moment(state0, cov)
+        s_moment = moment(state0, cov)
         cross = keys_w @ state0.T if cov is None else keys_w @ cov @ state0.T
         coef = cross @ torch.linalg.pinv(s_moment, hermitian=True)  # unconstrained regression [|S| d, d]
         fitted = coef @ s_moment @ coef.T
-        top = _top_basis(fitted, nope)  # [|S| d, nope]
+        top = top_basis(fitted, nope)  # [|S| d, nope]
         reduced = top.T @ coef  # [nope, d]
-        u_c, sing, vh = _svd_full(reduced)
+        u_c, sing, vh = svd_full(reduced)
         transform = vh  # orthogonal [d, d]; first `nope` rows span the regression's row space
         b_w = top @ u_c @ torch.diag(sing) if nope else keys.new_zeros(keys.shape[0], 0)
-        b = torch.linalg.pinv(_sqrt_psd(k_weight), hermitian=True) @ b_w if k_weight is not None else b_w
+        b = torch.linalg.pinv(sqrt_psd(k_weight), hermitian=True) @ b_w if k_weight is not None else b_w
         state = transform @ state0
-        key_errs.append(_rel_err(b @ state[:nope] - keys, keys, cov) if keys.abs().sum() > 0 else 0.0)
+        key_errs.append(rel_err(b @ state[:nope] - keys, keys, cov) if keys.abs().sum() > 0 else 0.0)
         state_rows.append(state)
         for h in heads:
             pos = kv_heads.index(groups[h])
@@ -117,20 +118,20 @@ def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metr
             if src.bq is not None:
                 q_bias[h] = torch.cat([b_h.T @ nope_bias, rope.query_bias[h]])
     tensors = {
-        "q_proj.weight": torch.cat(q_rows),
-        "kv_proj.weight": torch.cat(state_rows),
-        "o_proj.weight": torch.cat(o_cols, dim=1),
+        names.q_proj.weight: torch.cat(q_rows),
+        names.kv_proj.weight: torch.cat(state_rows),
+        names.o_proj.weight: torch.cat(o_cols, dim=1),
     }
     if rope.kept:  # a layer without RoPE has no RoPE key at all
-        tensors["k_rope_proj.weight"] = rope.key_rows
+        tensors[names.k_rope_proj.weight] = rope.key_rows
     if src.bq is not None or src.bk is not None:
-        tensors["q_proj.bias"] = torch.cat(q_bias) if src.bq is not None else src.wq.new_zeros(H * d)
-        tensors["kv_proj.bias"] = src.wq.new_zeros(num_groups * d)
+        tensors[names.q_proj.bias] = torch.cat(q_bias) if src.bq is not None else src.wq.new_zeros(H * d)
+        tensors[names.kv_proj.bias] = src.wq.new_zeros(num_groups * d)
         if rope.kept:
-            tensors["k_rope_proj.bias"] = rope.key_bias if rope.key_bias is not None else src.wq.new_zeros(rope_dim)
-    o_bias = _fold_value_bias(src)
+            tensors[names.k_rope_proj.bias] = rope.key_bias if rope.key_bias is not None else src.wq.new_zeros(rope_dim)
+    o_bias = fold_value_bias(src)
     if o_bias is not None:
-        tensors["o_proj.bias"] = o_bias
+        tensors[names.o_proj.bias] = o_bias
     metrics = {
         "key_rel_error": max(key_errs),
         "value_rel_error": max(value_errs),
@@ -156,17 +157,17 @@ def _joint_tied_state(
     Returns (state rows [d, D], value map [|S| d, d] with values ~= value_map @ state).
     """
     d = values.shape[0] // len(kv_heads)
-    key_dirs = _top_basis(_moment(keys_w, cov), nope).T @ keys_w  # [nope, D]
+    key_dirs = top_basis(moment(keys_w, cov), nope).T @ keys_w  # [nope, D]
     vw = metric.value_out_weight
     v_weight = torch.block_diag(*[vw[g] for g in kv_heads]) if vw else None
-    values_w = _weighted(values, v_weight)
-    k_moment = _moment(key_dirs, cov)
+    values_w = weighted_rows(values, v_weight)
+    k_moment = moment(key_dirs, cov)
     cross = values_w @ key_dirs.T if cov is None else values_w @ cov @ key_dirs.T
     explained = cross @ torch.linalg.pinv(k_moment, hermitian=True) @ key_dirs
     residual = values_w - explained
-    extra = _top_basis(_moment(residual, cov), d - nope).T @ residual  # [d - nope, D]
+    extra = top_basis(moment(residual, cov), d - nope).T @ residual  # [d - nope, D]
     state = torch.cat([key_dirs, extra])
-    s_moment = _moment(state, cov)
+    s_moment = moment(state, cov)
     v_cross = values @ state.T if cov is None else values @ cov @ state.T
     value_map = v_cross @ torch.linalg.pinv(s_moment, hermitian=True)  # [|S| d, d]
     return state, value_map

@@ -66,23 +66,23 @@ def with_bias(rows: torch.Tensor, bias: torch.Tensor | None, cov: torch.Tensor |
     return rows, augmented
 
 
-def _moment(rows: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
+def moment(rows: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
     return rows @ rows.T if cov is None else rows @ cov @ rows.T
 
 
-def _sqrt_psd(mat: torch.Tensor) -> torch.Tensor:
+def sqrt_psd(mat: torch.Tensor) -> torch.Tensor:
     evals, evecs = torch.linalg.eigh(mat)
     return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
 
 
-def _rel_err(resid: torch.Tensor, ref: torch.Tensor, cov: torch.Tensor | None) -> float:
-    den = float(torch.trace(_moment(ref, cov)))
-    return float(torch.trace(_moment(resid, cov)).clamp(min=0).sqrt() / max(den, 1e-300) ** 0.5) if den > 0 else 0.0
+def rel_err(resid: torch.Tensor, ref: torch.Tensor, cov: torch.Tensor | None) -> float:
+    den = float(torch.trace(moment(ref, cov)))
+    return float(torch.trace(moment(resid, cov)).clamp(min=0).sqrt() / max(den, 1e-300) ** 0.5) if den > 0 else 0.0
 
 
-def _top_basis(moment: torch.Tensor, rank: int) -> torch.Tensor:
+def top_basis(second_moment: torch.Tensor, rank: int) -> torch.Tensor:
     """Orthonormal [n, rank] basis of the top eigenvectors of a PSD moment (zero columns past its size)."""
-    evals, evecs = torch.linalg.eigh(moment)
+    evals, evecs = torch.linalg.eigh(second_moment)
     order = torch.argsort(evals, descending=True)[:rank]
     basis = evecs[:, order]
     if basis.shape[1] < rank:
@@ -90,7 +90,7 @@ def _top_basis(moment: torch.Tensor, rank: int) -> torch.Tensor:
     return basis
 
 
-def _svd_full(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd_full(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD with a full orthogonal Vh; falls back to the eigendecomposition of M^T M when LAPACK's SVD fails
     to converge on an ill-conditioned M (seen on real checkpoints)."""
     try:
@@ -107,7 +107,7 @@ def _svd_full(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         return left, sing, evecs.T
 
 
-def _fold_value_bias(src: SourceAttention) -> torch.Tensor | None:
+def fold_value_bias(src: SourceAttention) -> torch.Tensor | None:
     """A value bias passes through softmax unchanged (weights sum to 1), so it folds into o_proj's bias."""
     if src.bv is None and src.bo is None:
         return None
@@ -119,5 +119,5 @@ def _fold_value_bias(src: SourceAttention) -> torch.Tensor | None:
     return bias
 
 
-def _weighted(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    return rows if weight is None else _sqrt_psd(weight) @ rows
+def weighted_rows(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    return rows if weight is None else sqrt_psd(weight) @ rows

@@ -23,7 +23,7 @@ import torch
 
 from gtakit.families.base import SourceAttention
 
-from .base import ConvertedLayer
+from .base import ConvertedLayer, TensorNames
 
 KEY_SCALE_MODES = ("cached", "mean")
 
@@ -45,11 +45,11 @@ def folded(src: SourceAttention, query_scale: torch.Tensor | None, key_scale: to
 
 
 def complete(converted: ConvertedLayer, src: SourceAttention, folded_src: SourceAttention, mode: str,
-             nope_width: int, key_scale: torch.Tensor | None) -> ConvertedLayer:
+             nope_width: int, key_scale: torch.Tensor | None, names: TensorNames) -> ConvertedLayer:
     """Replace the converted query (and, for `cached`, the RoPE key) by their QK-norm form."""
     H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
     tensors = dict(converted.tensors)
-    rows = tensors.pop("q_proj.weight").view(H, -1, src.wq.shape[1])  # [H, width, D]
+    rows = tensors.pop(names.q_proj.weight).view(H, -1, src.wq.shape[1])  # [H, width, D]
     maps = []
     for h in range(H):
         # rows_h = T_h @ folded W_q,h with T_h acting within head h: recover T_h by least squares (exact: the
@@ -62,11 +62,11 @@ def complete(converted: ConvertedLayer, src: SourceAttention, folded_src: Source
         # Keys were folded with the mean scalar; the cached scalar is the true one, so divide the mean out.
         mean = _per_head(key_scale, G)[torch.tensor(src.group_of_head)]
         q_map[:, :nope_width] /= mean[:, None, None]
-        tensors["k_proj.weight"] = src.wk.clone()
+        tensors[names.k_proj.weight] = src.wk.clone()
         if converted.rope_key_map.shape[0]:  # layers without RoPE have no RoPE key
-            tensors["k_rope_proj.weight"] = converted.rope_key_map * src.k_norm_weight.reshape(1, -1)
-    tensors["q_proj.weight"] = src.wq.clone()
-    tensors["q_map.weight"] = q_map.reshape(-1, d)
+            tensors[names.k_rope_proj.weight] = converted.rope_key_map * src.k_norm_weight.reshape(1, -1)
+    tensors[names.q_proj.weight] = src.wq.clone()
+    tensors[names.q_map.weight] = q_map.reshape(-1, d)
     return replace(converted, tensors=tensors)
 
 

@@ -28,13 +28,12 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .cache_gtakit import append, is_compressed_cache_layer, pick_cache
+from .spec_gtakit import LayerSpec, source_head_dim
 
 # Query lengths up to this use the absorbed decode path against a non-empty cache (speculative decoding
 # verifies a few tokens at once); longer chunks are prefill and use the plain path.
 MAX_ABSORBED_QUERY_LEN = 16
 ATTENTION_PATHS = ("auto", "plain", "absorbed")
-QK_NORM_SCOPES = ("head", "all")  # RMS over each head's dims (Qwen3, Gemma 3) or over all heads (OLMo-2)
-KEY_SCALES = ("cached", "mean")
 
 _KERNELS: Any = None
 _KERNEL_IMPORT_ERROR: str | None = None
@@ -184,6 +183,7 @@ class GtakitAttention(nn.Module):
     """Base of the form modules. `spec` is this layer's entry of `config.gtakit_layers`."""
 
     form: str = ""
+    spec_type: type[LayerSpec] = LayerSpec  # the form's typed spec (`spec_gtakit.py`)
     supports_decode_kernels = False  # forms with `kernel_attention(kernels, query, state, rope_key)` set it
 
     def __init__(self, config: Any, spec: dict, layer_idx: int, decode_backend: str = "auto") -> None:
@@ -210,32 +210,7 @@ class GtakitAttention(nn.Module):
     @classmethod
     def normalise_spec(cls, spec: dict, config: Any) -> dict:
         """The spec with defaults filled in; a ValueError naming the field when it is invalid."""
-        raise NotImplementedError
-
-    @classmethod
-    def cache_elements(cls, spec: dict) -> int:
-        """Elements the cache holds per token for one layer of this spec."""
-        raise NotImplementedError
-
-    @staticmethod
-    def normalise_qk_norm(spec: dict, config: Any) -> None:
-        """Check `spec["qk_norm"]` and fill in `key_scales`, the scalars it caches per token."""
-        norm = spec.get("qk_norm")
-        if norm is None:
-            return
-        if not isinstance(norm, dict) or norm.get("scope") not in QK_NORM_SCOPES or \
-                norm.get("key_scale") not in KEY_SCALES:
-            raise ValueError(f"`qk_norm` must be a dict with scope in {QK_NORM_SCOPES} and key_scale in "
-                             f"{KEY_SCALES}, got {norm!r}")
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        scales = 0 if norm["key_scale"] == "mean" else 1 if norm["scope"] == "all" else kv_heads
-        spec["qk_norm"] = {"eps": 1e-6, **norm, "key_scales": scales}
-
-    @staticmethod
-    def default_rope_index(pairs: int, config: Any) -> list[int]:
-        """Standard RoPE over the first `pairs` frequencies of the family (cycling when wider than one head)."""
-        available = max(1, rotary_pairs(config))
-        return [i % available for i in range(pairs)]
+        return cls.spec_type.from_dict(spec, config).to_dict()
 
     # ----------------------------------------------------------------------------------------- RoPE
     def rope_cos_sin(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,11 +284,6 @@ class GtakitAttention(nn.Module):
         rope_key, key_scale = self.rope_key_and_scale(x)
         rope_key = apply_rope(rope_key, cos, sin)
         return rope_key if key_scale is None else torch.cat((rope_key, key_scale), dim=-1)
-
-    @staticmethod
-    def key_scale_elements(spec: dict) -> int:
-        """Key scalars a normalised spec caches per token (0 without QK-norm or with its mean folded in)."""
-        return spec["qk_norm"]["key_scales"] if spec.get("qk_norm") else 0
 
     def update_cache(self, cache: Cache, state: torch.Tensor, rope_key: torch.Tensor):
         """Append this step's tensors to the cache and return the whole layer's. A layer without RoPE key and
@@ -478,31 +448,3 @@ class GtakitAttention(nn.Module):
 
     def absorbed_attention(self, query, state, rope_key, mask, key_scale=None):
         raise NotImplementedError
-
-
-def source_head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def rotary_pairs(config: Any) -> int:
-    """Rotating pairs of the family's RoPE per head (partial rotary counted)."""
-    head_dim = source_head_dim(config)
-    rope = getattr(config, "rope_parameters", None) or {}
-    fraction = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
-    return int(head_dim * fraction) // 2
-
-
-def check_positive(spec: dict, *names: str, minimum: int = 1) -> None:
-    for name in names:
-        value = spec.get(name)
-        if not isinstance(value, int) or value < minimum:
-            raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
-
-
-def check_rope_index(spec: dict, pairs: int, config: Any) -> None:
-    index = spec["rope_index"]
-    available = rotary_pairs(config)
-    if len(index) != pairs:
-        raise ValueError(f"`rope_index` has {len(index)} entries for {pairs} rotating pairs")
-    if any(not 0 <= int(i) < available for i in index):
-        raise ValueError(f"`rope_index` entries must lie in [0, {available}) (the family's RoPE frequencies)")

@@ -12,49 +12,51 @@ and the latent `[B, 1, T, c]`: K * d + c elements per token.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_gtakit import (
-    GtakitAttention,
-    apply_rope,
-    check_positive,
-    check_rope_index,
-    shared_matmul,
-    source_head_dim,
-)
+from .attention_gtakit import GtakitAttention, apply_rope, shared_matmul
+from .spec_gtakit import LayerSpec, source_head_dim
+
+
+@dataclass
+class GHLASpec(LayerSpec):
+    """GHLA: `num_maps` M, `num_key_heads` K (must divide M), `head_dim` d (even: RoPE on all of it), `latent_dim`
+    c, `v_head_dim` v. Defaults: one map and one key head, d and v the source's head dim, c = 2d."""
+
+    form: ClassVar[str] = "ghla"
+    num_maps: int = 1
+    num_key_heads: int = 1
+    head_dim: int | None = None
+    latent_dim: int | None = None
+    v_head_dim: int | None = None
+
+    def complete(self, config: Any) -> None:
+        head_dim = source_head_dim(config)
+        for name, default in (("head_dim", head_dim), ("latent_dim", 2 * head_dim), ("v_head_dim", head_dim)):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        self.check_positive("num_maps", "num_key_heads", "latent_dim", "v_head_dim")
+        if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"`head_dim` must be an even number >= 2 (full RoPE rotates pairs), got {self.head_dim}")
+        self.check_divides("num_maps", config.num_attention_heads, "heads")
+        if self.num_maps % self.num_key_heads:
+            raise ValueError(f"`num_key_heads` ({self.num_key_heads}) must divide `num_maps` ({self.num_maps})")
+        self.complete_rope_index(self.head_dim // 2 * self.num_key_heads, config, repeat=self.num_key_heads)
+        if self.qk_norm:
+            raise ValueError("GHLA does not take QK-norm sources yet; convert them to GTA, GLA or MLA")
+
+    def cache_elements(self) -> int:
+        return self.num_key_heads * self.head_dim + self.latent_dim
 
 
 class GHLAAttention(GtakitAttention):
     form = "ghla"
-
-    @classmethod
-    def normalise_spec(cls, spec: dict, config: Any) -> dict:
-        heads, head_dim = config.num_attention_heads, source_head_dim(config)
-        spec = {"num_maps": 1, "num_key_heads": 1, "head_dim": head_dim, "latent_dim": 2 * head_dim,
-                "attention_bias": False, "o_proj_bias": False, "softmax_scale": None, **spec}
-        spec.setdefault("v_head_dim", head_dim)
-        check_positive(spec, "num_maps", "num_key_heads", "latent_dim", "v_head_dim")
-        if not isinstance(spec["head_dim"], int) or spec["head_dim"] < 2 or spec["head_dim"] % 2:
-            raise ValueError(f"`head_dim` must be an even number >= 2 (full RoPE rotates pairs), got {spec['head_dim']}")
-        if heads % spec["num_maps"]:
-            valid = [n for n in range(1, heads + 1) if heads % n == 0]
-            raise ValueError(f"`num_maps` ({spec['num_maps']}) must divide the {heads} heads; valid: {valid}")
-        if spec["num_maps"] % spec["num_key_heads"]:
-            raise ValueError(f"`num_key_heads` ({spec['num_key_heads']}) must divide `num_maps` ({spec['num_maps']})")
-        pairs = spec["head_dim"] // 2
-        spec.setdefault("rope_index", cls.default_rope_index(pairs, config) * spec["num_key_heads"])
-        check_rope_index(spec, pairs * spec["num_key_heads"], config)
-        if spec.get("qk_norm"):
-            raise ValueError("GHLA does not take QK-norm sources yet; convert them to GTA, GLA or MLA")
-        return spec
-
-    @classmethod
-    def cache_elements(cls, spec: dict) -> int:
-        return spec["num_key_heads"] * spec["head_dim"] + spec["latent_dim"]
+    spec_type = GHLASpec
 
     def __init__(self, config: Any, spec: dict, layer_idx: int, decode_backend: str = "auto") -> None:
         super().__init__(config, spec, layer_idx, decode_backend)
@@ -156,4 +158,4 @@ class GHLAAttention(GtakitAttention):
         return self.o_proj(gate * (attended if attended.dim() == 3 else self.decode(attended)))
 
 
-__all__ = ["GHLAAttention"]
+__all__ = ["GHLAAttention", "GHLASpec"]

@@ -11,53 +11,55 @@ j = h // Hb: key [W_uk,h c_j ; RoPE(k_r)], value W_uv,h c_j. Cache per token: J 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_gtakit import (
-    GtakitAttention,
-    apply_rope,
-    attend_cache,
-    check_positive,
-    check_rope_index,
-    fused_cache_attention,
-    shared_matmul,
-    source_head_dim,
-)
+from .attention_gtakit import GtakitAttention, apply_rope, attend_cache, fused_cache_attention, shared_matmul
+from .spec_gtakit import LayerSpec, source_head_dim
+
+
+@dataclass
+class GLASpec(LayerSpec):
+    """GLA/MLA: `num_latent_heads` J (1: MLA), `kv_lora_rank` c per latent, `qk_nope_head_dim` n (0: every key
+    dim is in the RoPE key), `qk_rope_head_dim` r (0: a layer without RoPE), `v_head_dim`. Defaults: MLA with
+    c = 4d, n = d, r = d/2, v = d (d the source's head dim)."""
+
+    form: ClassVar[str] = "gla"
+    num_latent_heads: int = 1
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+
+    def complete(self, config: Any) -> None:
+        head_dim = source_head_dim(config)
+        for name, default in (("kv_lora_rank", 4 * head_dim), ("qk_nope_head_dim", head_dim),
+                              ("qk_rope_head_dim", head_dim // 2), ("v_head_dim", head_dim)):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        self.check_positive("num_latent_heads", "kv_lora_rank", "v_head_dim")
+        self.check_positive("qk_nope_head_dim", minimum=0)
+        self.check_divides("num_latent_heads", config.num_attention_heads, "heads")
+        rope = self.qk_rope_head_dim
+        if not isinstance(rope, int) or rope < 0 or rope % 2:
+            raise ValueError(f"`qk_rope_head_dim` must be an even number >= 0 (0: a layer without RoPE), "
+                             f"got {rope!r}")
+        self.complete_rope_index(rope // 2, config)
+        self.complete_qk_norm(config)
+
+    def cache_elements(self) -> int:
+        return self.num_latent_heads * self.kv_lora_rank + self.qk_rope_head_dim + self.key_scales
 
 
 class GLAAttention(GtakitAttention):
     form = "gla"
+    spec_type = GLASpec
     supports_decode_kernels = True
     fold_weights: bool | None = None  # None: fold W_uk / W_uv into q_proj / o_proj when it saves work
-
-    @classmethod
-    def normalise_spec(cls, spec: dict, config: Any) -> dict:
-        heads, head_dim = config.num_attention_heads, source_head_dim(config)
-        spec = {"num_latent_heads": 1, "kv_lora_rank": 4 * head_dim, "qk_nope_head_dim": head_dim,
-                "qk_rope_head_dim": head_dim // 2, "v_head_dim": head_dim, "attention_bias": False,
-                "o_proj_bias": False, "softmax_scale": None, **spec}
-        check_positive(spec, "num_latent_heads", "kv_lora_rank", "v_head_dim")
-        check_positive(spec, "qk_nope_head_dim", minimum=0)
-        if heads % spec["num_latent_heads"]:
-            valid = [n for n in range(1, heads + 1) if heads % n == 0]
-            raise ValueError(f"`num_latent_heads` ({spec['num_latent_heads']}) must divide the {heads} heads; "
-                             f"valid values: {valid}")
-        rope = spec["qk_rope_head_dim"]
-        if not isinstance(rope, int) or rope < 0 or rope % 2:
-            raise ValueError(f"`qk_rope_head_dim` must be an even number >= 0 (0: a layer without RoPE), "
-                             f"got {rope!r}")
-        spec.setdefault("rope_index", cls.default_rope_index(rope // 2, config))
-        check_rope_index(spec, rope // 2, config)
-        cls.normalise_qk_norm(spec, config)
-        return spec
-
-    @classmethod
-    def cache_elements(cls, spec: dict) -> int:
-        return spec["num_latent_heads"] * spec["kv_lora_rank"] + spec["qk_rope_head_dim"] + cls.key_scale_elements(spec)
 
     def __init__(self, config: Any, spec: dict, layer_idx: int, decode_backend: str = "auto") -> None:
         super().__init__(config, spec, layer_idx, decode_backend)
@@ -236,4 +238,4 @@ def plain_linear(module: nn.Module) -> bool:
             and not (module._forward_pre_hooks or module._forward_hooks))  # private dicts; no public accessor
 
 
-__all__ = ["GLAAttention"]
+__all__ = ["GLAAttention", "GLASpec"]

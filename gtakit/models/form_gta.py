@@ -9,48 +9,48 @@ Spec: `num_key_value_heads` groups G, `head_dim` d, `rope_dim` r (width of the o
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_gtakit import (
-    GtakitAttention,
-    apply_rope,
-    attend_cache,
-    check_positive,
-    check_rope_index,
-    fused_cache_attention,
-    shared_matmul,
-    source_head_dim,
-)
+from .attention_gtakit import GtakitAttention, apply_rope, attend_cache, fused_cache_attention, shared_matmul
+from .spec_gtakit import LayerSpec, source_head_dim
+
+
+@dataclass
+class GTASpec(LayerSpec):
+    """GTA: `num_key_value_heads` tied-state groups (default: one per query head), `head_dim` (default the
+    source's), `rope_dim` (default half of it; 0: a layer without RoPE)."""
+
+    form: ClassVar[str] = "gta"
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rope_dim: int | None = None
+
+    def complete(self, config: Any) -> None:
+        heads = config.num_attention_heads
+        self.num_key_value_heads = heads if self.num_key_value_heads is None else self.num_key_value_heads
+        self.head_dim = source_head_dim(config) if self.head_dim is None else self.head_dim
+        self.rope_dim = self.head_dim // 2 if self.rope_dim is None else self.rope_dim
+        self.check_positive("num_key_value_heads", "head_dim")
+        self.check_divides("num_key_value_heads", heads, "heads")
+        if not isinstance(self.rope_dim, int) or self.rope_dim % 2 or not 0 <= self.rope_dim <= self.head_dim:
+            raise ValueError(f"`rope_dim` ({self.rope_dim}) must be even and between 0 (a layer without RoPE) "
+                             "and `head_dim`")
+        self.complete_rope_index(self.rope_dim // 2, config)
+        self.complete_qk_norm(config)
+
+    def cache_elements(self) -> int:
+        return self.num_key_value_heads * self.head_dim + self.rope_dim + self.key_scales
 
 
 class GTAAttention(GtakitAttention):
     form = "gta"
+    spec_type = GTASpec
     supports_decode_kernels = True
-
-    @classmethod
-    def normalise_spec(cls, spec: dict, config: Any) -> dict:
-        heads = config.num_attention_heads
-        spec = {"num_key_value_heads": heads, "head_dim": source_head_dim(config), "attention_bias": False,
-                "o_proj_bias": False, "softmax_scale": None, **spec}
-        spec.setdefault("rope_dim", spec["head_dim"] // 2)
-        check_positive(spec, "num_key_value_heads", "head_dim")
-        if heads % spec["num_key_value_heads"]:
-            raise ValueError(f"`num_key_value_heads` ({spec['num_key_value_heads']}) must divide the {heads} heads")
-        if spec["rope_dim"] % 2 or not 0 <= spec["rope_dim"] <= spec["head_dim"]:
-            raise ValueError(f"`rope_dim` ({spec['rope_dim']}) must be even and between 0 (a layer without RoPE) "
-                             "and `head_dim`")
-        spec.setdefault("rope_index", cls.default_rope_index(spec["rope_dim"] // 2, config))
-        check_rope_index(spec, spec["rope_dim"] // 2, config)
-        cls.normalise_qk_norm(spec, config)
-        return spec
-
-    @classmethod
-    def cache_elements(cls, spec: dict) -> int:
-        return spec["num_key_value_heads"] * spec["head_dim"] + spec["rope_dim"] + cls.key_scale_elements(spec)
 
     def __init__(self, config: Any, spec: dict, layer_idx: int, decode_backend: str = "auto") -> None:
         super().__init__(config, spec, layer_idx, decode_backend)
@@ -120,4 +120,4 @@ class GTAAttention(GtakitAttention):
         return attend_cache(scores_of, attend, state, rope_key, mask)
 
 
-__all__ = ["GTAAttention"]
+__all__ = ["GTAAttention", "GTASpec"]

@@ -17,7 +17,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 
-from .attention_gtakit import ATTENTION_PATHS, GtakitAttention, source_head_dim
+from .attention_gtakit import ATTENTION_PATHS, GtakitAttention
+from .spec_gtakit import source_head_dim
 from .cache_gtakit import CACHE_FIELD, pick_cache
 from .configuration_gtakit import DECODE_BACKENDS, SOURCE_FORM, GtakitConfig
 from .form_ghla import GHLAAttention
@@ -39,8 +40,7 @@ def layer_cache_elements(spec: dict, source_config: Any) -> int:
     if spec["form"] == SOURCE_FORM:
         heads = getattr(source_config, "num_key_value_heads", None) or source_config.num_attention_heads
         return 2 * heads * source_head_dim(source_config)
-    form = attention_class(spec["form"])
-    return form.cache_elements(form.normalise_spec(spec, source_config))
+    return attention_class(spec["form"]).spec_type.from_dict(spec, source_config).cache_elements()
 
 
 def build_family_model(config: GtakitConfig) -> PreTrainedModel:
