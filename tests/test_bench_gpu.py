@@ -17,6 +17,9 @@ import pytest
 from gtakit.bench import gpu, gpu_prepare
 from gtakit.bench.gpu_steps import StepContext
 
+pytestmark = pytest.mark.slow  # dry runs of the whole GPU check script (subprocesses)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["env", "tests", "decode", "generate", "calibration", "uptrain", "results"]
 

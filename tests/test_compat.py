@@ -10,6 +10,8 @@ import pytest
 
 from gtakit.models.configuration_gtakit import SUPPORTED_TRANSFORMERS, check_transformers_version
 
+pytestmark = pytest.mark.slow  # fresh interpreters importing gtakit under a faked transformers
+
 # Pretend an older transformers is installed, then import gtakit the way a script or the command line does.
 IMPORT_WITH_VERSION = """
 import sys

@@ -32,6 +32,7 @@ def _ids(batch=2, length=24):
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(7))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SOURCES))
 @pytest.mark.parametrize("target", ["mla", "gla"])
 def test_full_budget_conversion_reproduces_source(source_dirs, tmp_path, name, target):

@@ -21,6 +21,9 @@ from gtakit.convert.export import export_model
 from gtakit.formats.deepseek_v3 import grid_stride
 from gtakit.forms.rope import rope_grid, select_shared_rope
 
+pytestmark = pytest.mark.slow  # end-to-end conversions and exports loaded natively
+
+
 # Measured on the tiny random Llama below (refit variant, 2,048 fitting tokens): attention output error 0.07-0.10
 # per layer, KL 2e-5 nats/token; random weights give latents of very uneven norm and no input direction of
 # nearly constant projection for the ballast coordinate (benchmarks/RESULTS.md has SmolLM2's).

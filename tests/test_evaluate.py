@@ -24,6 +24,9 @@ from gtakit.evaluate.positions import bucket_bounds, position_losses
 from gtakit.evaluate.stats import wilson_interval
 from gtakit.models import output_cache
 
+pytestmark = pytest.mark.slow  # end-to-end evaluations (lm-eval, passkey, position buckets) of converted folders
+
+
 runner = CliRunner()
 DATA = Path(__file__).parent / "data" / "lm_eval"
 

@@ -15,6 +15,9 @@ from gtakit.errors import GtakitError
 from gtakit.families import SUPPORTED_MODEL_TYPES, family_of
 from gtakit.models import output_cache
 
+pytestmark = pytest.mark.slow  # end-to-end conversions of a tiny checkpoint of every family
+
+
 FAMILIES = ["llama-gqa-llama3rope", "mistral-sliding", "qwen2-bias", "phi3", "mixtral", "qwen2-moe", "smollm3", "gpt-neox", "gpt2",
             "qwen3", "qwen3-moe", "olmo2", "gemma2", "gemma3"]
 QK_NORM = {"qwen3": 2, "qwen3-moe": 2, "olmo2": 1, "gemma3": 1}  # cached key scalars per token and layer

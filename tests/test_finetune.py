@@ -24,6 +24,9 @@ from gtakit.finetune import finetune, list_recipes, load_recipe
 from gtakit.finetune.data import RowSampler, pack_documents
 from gtakit.finetune.modes import distillation_kl
 
+pytestmark = pytest.mark.slow  # end-to-end training runs (two-process DDP among them)
+
+
 runner = CliRunner()
 
 

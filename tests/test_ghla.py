@@ -85,6 +85,7 @@ LOSSLESS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("calibrated", [False, True], ids=["weights", "calib"])
 @pytest.mark.parametrize("name, args", LOSSLESS, ids=[name for name, _ in LOSSLESS])
 def test_lossless_special_case_reproduces_source(sources, tmp_path, name, args, calibrated):
@@ -151,6 +152,7 @@ def test_converted_gate_starts_open_and_loads_natively(sources, tmp_path):
     assert torch.all(gate.weight == 0) and torch.allclose(gate.bias, torch.full_like(gate.bias, GATE_BIAS))
 
 
+@pytest.mark.slow
 def test_fitted_query_is_used_and_measured(sources, tmp_path):
     root, _, text = sources
     out = tmp_path / "out"

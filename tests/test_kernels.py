@@ -158,6 +158,7 @@ def _narrow_latent_gla_config(**overrides):
     return gla_config(kv_lora_rank=6, qk_nope_head_dim=12, **overrides)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 @pytest.mark.parametrize("config_fn", [gta_config, gla_config, _narrow_latent_gla_config],
                          ids=["gta", "gla2", "gla2-narrow-latent"])
@@ -198,6 +199,7 @@ def _per_layer_widths(backend: str):
     return build_model(GtakitConfig.from_source(source, layers, decode_backend=backend)).to(DEVICE)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_per_layer_widths_decode_through_the_kernels_as_through_torch(monkeypatch):
     from gtakit.models import attention_gtakit

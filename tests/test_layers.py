@@ -13,6 +13,9 @@ from typer.testing import CliRunner
 from gtakit.cli.main import app
 from gtakit.convert import ConvertOptions, convert_in_memory, open_convertible
 
+pytestmark = pytest.mark.slow  # end-to-end conversions with per-layer forms, loaded without gtakit
+
+
 LAYERS = ["0:source", "1:kv-rank=16,rope-dim=8", "2-:kv_rank=32"]
 
 

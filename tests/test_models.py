@@ -405,6 +405,7 @@ print(json.dumps({"growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxr
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gla2-no-nope-wide-rope", "gla2-narrow-latent", "ghla-m2-k1", "ghla-m4-k1",
                                   "mla-narrow-value", "gta-g2"])
 def test_long_forward_memory_is_linear_in_the_sequence(name, tmp_path):

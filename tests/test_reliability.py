@@ -170,6 +170,7 @@ convert(sys.argv[1], sys.argv[2], ConvertOptions(target="mla", kv_rank="12", rop
 """
 
 
+@pytest.mark.slow  # a conversion in a subprocess, killed
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_conversion_leaves_nothing_that_outlives_the_next_run(tmp_path, source, sig):
     out, flag = tmp_path / "out", tmp_path / "flag"

@@ -13,6 +13,9 @@ import torch
 from conftest import TINY_CONFIGS, build_model, layer_spec
 from transformers import AutoModelForCausalLM
 
+pytestmark = pytest.mark.slow  # save/load round trips of converted folders in fresh processes
+
+
 # The start of a child process in which `import gtakit` fails, however the package was installed.
 HIDE_GTAKIT = textwrap.dedent(
     """

@@ -11,6 +11,9 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from gtakit.convert import ConvertOptions, convert_in_memory, open_convertible
 from gtakit.models import output_cache
 
+pytestmark = pytest.mark.slow  # end-to-end conversions of sliding-window families
+
+
 SLIDING = ["mistral-sliding", "qwen2-sliding-layer"]
 
 

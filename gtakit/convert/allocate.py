@@ -21,10 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from gtakit.errors import GtakitError
+from gtakit.forms import TensorNames
 from gtakit.io.source import SourceModel
 from gtakit.models import SOURCE_FORM, layer_cache_elements
 
-from .calibration import collect_layer_statistics
+from .calibration import CalibrationLayer, collect_layer_statistics
 from .layer import convert_attention
 from .options import ConvertOptions, parse_layer_overrides
 from .plan import ConversionPlan, LayerPlan, plan_layer
@@ -110,22 +111,23 @@ def cheapest_allocation(elements: list[list[int]], errors: list[list[float]], bu
 
 
 @torch.no_grad()
-def measure_candidates(plan: ConversionPlan, source: SourceModel, method, calibrator, index: int, stats,
+def measure_candidates(plan: ConversionPlan, source: SourceModel, method, layer: CalibrationLayer,
                        candidates: list[tuple[Candidate, LayerPlan | None]], refit: bool,
                        ridge: float | str = "auto") -> None:
-    """Fill in each candidate's error (see the module's docstring) on the calibrator's tokens for layer `index`."""
-    residual = float(calibrator.hidden.double().pow(2).sum())
+    """Fill in each candidate's error (see the module's docstring) on the calibration tokens of `layer`."""
+    index, stats = layer.index, layer.stats
+    residual = layer.hidden_energy()
     chosen_ridge = resolve_ridge(ridge)
-    holdout = refit_holdout(calibrator) if chosen_ridge is None else None
-    pairs = list(calibrator.attention_pairs(index, advance=True))  # also advances the calibrator
+    holdout = refit_holdout(layer) if chosen_ridge is None else None
+    pairs = list(layer.pairs_then_next_layer())
     for candidate, candidate_plan in candidates:
         if candidate_plan is None:  # the source's own attention
             continue
         converted = convert_attention(plan.family, source, index, candidate_plan, method, stats)
         spec = {**candidate_plan.spec, **converted.spec_updates}
-        module = build_attention(plan.source_config, spec, index, converted.tensors).to(calibrator.device)
+        module = build_attention(plan.source_config, spec, index, converted.tensors).to(layer.device)
         moments = output_moments(module, pairs, holdout=holdout)
-        weight = refitted_weight(moments, converted.tensors["o_proj.weight"], chosen_ridge)[0] if refit \
+        weight = refitted_weight(moments, converted.tensors[TensorNames(module).o_proj.weight], chosen_ridge)[0] if refit \
             else module.o_proj.weight
         candidate.error = moments.error(weight) * moments.target_energy / max(residual, 1e-30)
 
@@ -141,13 +143,13 @@ def allocate_budget(source: SourceModel, plan: ConversionPlan, options: ConvertO
     tables: list[list[Candidate]] = []
     tokens = 0
     for index, layer in enumerate(tqdm(plan.layers, desc="allocating", disable=not progress)):
-        stats = calibrator(index)
-        tokens = stats.tokens
+        live = calibrator.layer(index)
+        tokens = live.stats.tokens
         if index in fixed or layer.form is None:
             tables.append([Candidate({}, plan.layer_elements[index])])
             continue
         candidates = layer_candidates(plan, index, source_allowed)
-        measure_candidates(plan, source, method, calibrator, index, stats, candidates, refit, options.refit_ridge)
+        measure_candidates(plan, source, method, live, candidates, refit, options.refit_ridge)
         tables.append([candidate for candidate, _ in candidates])
     calibrator.finish()
     budget = plan.target_elements_per_token

@@ -284,6 +284,10 @@ class LayerwiseCalibrator:
         finally:
             handle.remove()
 
+    def layer(self, index: int) -> CalibrationLayer:
+        """Move on to layer `index` (the next one) and return it with its statistics."""
+        return CalibrationLayer(index, self(index), self)
+
     @torch.no_grad()
     def __call__(self, index: int) -> LayerStats:
         if index != self.next_layer:
@@ -325,6 +329,42 @@ class LayerwiseCalibrator:
             query_scale_mean=(scale_sums[0] / count).cpu() if scale_sums else None,
             key_scale_mean=(scale_sums[1] / count).cpu() if scale_sums else None,
         )
+
+
+@dataclass
+class CalibrationLayer:
+    """One layer of a live calibration, as init, refine, the output refit and allocation see it: its statistics,
+    its attention's (arguments, source output) pairs on the calibration text, and the step that moves on to the
+    next layer. Moving on is explicit: either `pairs_then_next_layer` (one pass that also feeds the next layer) or
+    the calibrator's next `layer` call; `next_layer_through` makes the next layer see this layer's converted
+    attention (sequential calibration)."""
+
+    index: int
+    stats: LayerStats
+    calibrator: "LayerwiseCalibrator"
+
+    @property
+    def device(self) -> torch.device:
+        return self.calibrator.device
+
+    @property
+    def sequences(self) -> tuple[int, int]:
+        """(calibration sequences, tokens per sequence)."""
+        return self.calibrator.hidden.shape[0], self.calibrator.hidden.shape[1]
+
+    def hidden_energy(self) -> float:
+        """Sum of squares of this layer's input hidden states (the residual stream the attention adds to)."""
+        return float(self.calibrator.hidden.double().pow(2).sum())
+
+    def attention_pairs(self) -> Iterator[tuple[tuple, dict, torch.Tensor]]:
+        return self.calibrator.attention_pairs(self.index)
+
+    def pairs_then_next_layer(self) -> Iterator[tuple[tuple, dict, torch.Tensor]]:
+        """The pairs of a pass that also computes the layer's output for the next layer (consume it to the end)."""
+        return self.calibrator.attention_pairs(self.index, advance=True)
+
+    def next_layer_through(self, attention: torch.nn.Module) -> None:
+        self.calibrator.use_attention(self.index, attention)
 
 
 class _StopLayer(Exception):

@@ -25,7 +25,7 @@ from gtakit.io.text import check_text_file, read_text
 from gtakit.models import SOURCE_FORM
 
 from .allocate import allocate_budget, check_allocation
-from .calibration import LayerwiseCalibrator, check_calib_device, is_local_text
+from .calibration import CalibrationLayer, LayerwiseCalibrator, check_calib_device, is_local_text
 from .layer import convert_attention
 from .methods import get_init_method, resolve_init
 from .export import check_export_options, export_model, norm_ids, write_report
@@ -67,21 +67,25 @@ def iter_converted_tensors(
     for name in by_layer.get(None, []):
         yield name, family.read(weights, source.config, name)
     for index, layer in enumerate(tqdm(plan.layers, desc="converting layers", disable=not progress)):
-        stats = stats_for_layer(index) if stats_for_layer is not None else None  # sequential: every layer
+        # Every layer in order: a live calibration moves on one layer at a time.
+        live = stats_for_layer.layer(index) if isinstance(stats_for_layer, LayerwiseCalibrator) else None
+        stats = live.stats if live is not None else stats_for_layer(index) if stats_for_layer is not None else None
         if layer.form is None:
             layer_reports.append({"layer": index, "form": SOURCE_FORM})
         else:
-            yield from _convert_layer(family, source, index, layer, method, stats, layer_reports, refiner)
+            yield from _convert_layer(family, source, index, layer, method, stats, layer_reports,
+                                      refiner if live is not None else None, live)
         for name in by_layer.get(index, []):
             yield name, family.read(weights, source.config, name)
 
 
 def _convert_layer(family: FamilyAdapter, source: SourceModel, index: int, layer, method, stats,
-                   layer_reports: list[dict], refiner: LayerRefiner | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                   layer_reports: list[dict], refiner: LayerRefiner | None = None,
+                   live: CalibrationLayer | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     converted = convert_attention(family, source, index, layer, method, stats)
     layer.spec.update(converted.spec_updates)
     if refiner is not None:
-        converted = refiner(index, layer.spec, converted)
+        converted = refiner(live, layer.spec, converted)
     prefix = family.attention_prefix(index)
     for name, tensor in converted.tensors.items():
         yield prefix + name, tensor
@@ -110,7 +114,7 @@ def layer_refiner(source: SourceModel, options: ConvertOptions, stats_for_layer)
         what = "--sequential calibrates every layer on the converted layers before it" if options.sequential else \
             "--refine-steps fits each converted layer on calibration text"
         raise GtakitError(f"{what}: pass --calib FILE")
-    refiner = LayerRefiner(stats_for_layer, source.config, options.refit, options.sequential, options.refine_steps,
+    refiner = LayerRefiner(source.config, options.refit, options.sequential, options.refine_steps,
                            options.refine_tokens, options.refit_tokens, resolve_ridge(options.refit_ridge))
     return refiner if refiner.active else None
 

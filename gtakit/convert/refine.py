@@ -17,13 +17,16 @@ receives (`LayerwiseCalibrator.attention_pairs`) and:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
 from gtakit.errors import GtakitError
-from gtakit.forms.base import ConvertedLayer
+from gtakit.forms.base import ConvertedLayer, TensorNames
 from gtakit.models import attention_class
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationLayer
 
 REFITS = ("auto", "none", "output")
 RIDGE = 1e-4  # relative to the mean eigenvalue of the input moment; pulls the fit towards the converted o_proj
@@ -227,23 +230,19 @@ def fit_locally(module: torch.nn.Module, pairs: list[tuple[tuple, dict, torch.Te
     return losses
 
 
-def refit_holdout(calibrator: Any, refit_tokens: int = 0) -> Holdout | None:
-    """The held-out sequences of the calibrator's text that the refit's tokens span."""
-    hidden = getattr(calibrator, "hidden", None)
-    if hidden is None:
-        return None
-    sequences, seq_len = hidden.shape[0], hidden.shape[1]
+def refit_holdout(layer: "CalibrationLayer", refit_tokens: int = 0) -> Holdout | None:
+    """The held-out sequences of the calibration text that the refit's tokens span."""
+    sequences, seq_len = layer.sequences
     if refit_tokens:
         sequences = min(sequences, -(-refit_tokens // seq_len))
     return Holdout.for_sequences(sequences, seq_len)
 
 
 class LayerRefiner:
-    """Refines each converted layer right after its conversion, with the calibrator's inputs for that layer."""
+    """Refines each converted layer right after its conversion, on the calibration inputs of that layer."""
 
-    def __init__(self, calibrator: Any, source_config: Any, refit: str, sequential: bool, steps: int = 0,
-                 tokens: int = 0, refit_tokens: int = 0, ridge: float | None = None) -> None:
-        self.calibrator = calibrator
+    def __init__(self, source_config: Any, refit: str, sequential: bool, steps: int = 0, tokens: int = 0,
+                 refit_tokens: int = 0, ridge: float | None = None) -> None:
         self.source_config = source_config
         self.refit = refit
         self.sequential = sequential
@@ -251,35 +250,43 @@ class LayerRefiner:
         self.tokens = tokens
         self.refit_tokens = refit_tokens
         self.ridge = ridge
-        self.holdout = refit_holdout(calibrator, refit_tokens) if ridge is None else None
 
     @property
     def active(self) -> bool:
         return self.refit != "none" or self.sequential or self.steps > 0
 
-    def __call__(self, index: int, spec: dict, converted: ConvertedLayer) -> ConvertedLayer:
-        module = build_attention(self.source_config, spec, index, converted.tensors).to(self.calibrator.device)
+    def __call__(self, layer: "CalibrationLayer", spec: dict, converted: ConvertedLayer) -> ConvertedLayer:
+        module = build_attention(self.source_config, spec, layer.index, converted.tensors).to(layer.device)
         if self.steps:
-            losses = fit_locally(module, fixed_pairs(self.calibrator.attention_pairs(index), self.tokens), self.steps)
-            state = module.state_dict()
-            for name, tensor in converted.tensors.items():
-                converted.tensors[name] = state[name].detach().to(device="cpu", dtype=tensor.dtype)
-            converted.metrics["refine_loss_first"], converted.metrics["refine_loss_last"] = losses[0], losses[-1]
+            self.fit(module, layer, converted)
         if self.refit == "output":
-            # Without sequential calibration the same pass advances the calibrator to the next layer.
-            moments = output_moments(module, self.calibrator.attention_pairs(index, advance=not self.sequential),
-                                     self.refit_tokens, self.holdout)
-            before = moments.error(module.o_proj.weight.detach())
-            weight, converted.metrics["refit_ridge"] = refitted_weight(moments, converted.tensors["o_proj.weight"],
-                                                                       self.ridge)
-            converted.tensors["o_proj.weight"] = weight.to(converted.tensors["o_proj.weight"].dtype)
-            module.o_proj.weight.data.copy_(weight.float())
-            converted.metrics["output_rel_error_before_refit"] = before
-            converted.metrics["output_rel_error"] = moments.error(weight)
-            converted.metrics["refit_tokens"] = moments.tokens
+            self.refit_output(module, layer, converted)
         if self.sequential:
-            self.calibrator.use_attention(index, module)
+            layer.next_layer_through(module)
         return converted
+
+    def fit(self, module: torch.nn.Module, layer: "CalibrationLayer", converted: ConvertedLayer) -> None:
+        """Layer-local fitting: Adam steps on the layer's source attention inputs and outputs."""
+        losses = fit_locally(module, fixed_pairs(layer.attention_pairs(), self.tokens), self.steps)
+        state = module.state_dict()
+        for name, tensor in converted.tensors.items():
+            converted.tensors[name] = state[name].detach().to(device="cpu", dtype=tensor.dtype)
+        converted.metrics["refine_loss_first"], converted.metrics["refine_loss_last"] = losses[0], losses[-1]
+
+    def refit_output(self, module: torch.nn.Module, layer: "CalibrationLayer", converted: ConvertedLayer) -> None:
+        """o_proj refitted by least squares to the source attention's output on the calibration inputs."""
+        holdout = refit_holdout(layer, self.refit_tokens) if self.ridge is None else None
+        # Without sequential calibration the same pass moves the calibration on to the next layer.
+        pairs = layer.attention_pairs() if self.sequential else layer.pairs_then_next_layer()
+        moments = output_moments(module, pairs, self.refit_tokens, holdout)
+        o_name = TensorNames(module).o_proj.weight
+        before = moments.error(module.o_proj.weight.detach())
+        weight, converted.metrics["refit_ridge"] = refitted_weight(moments, converted.tensors[o_name], self.ridge)
+        converted.tensors[o_name] = weight.to(converted.tensors[o_name].dtype)
+        module.o_proj.weight.data.copy_(weight.float())
+        converted.metrics["output_rel_error_before_refit"] = before
+        converted.metrics["output_rel_error"] = moments.error(weight)
+        converted.metrics["refit_tokens"] = moments.tokens
 
 
 __all__ = ["REFITS", "RIDGE", "RIDGE_GRID", "Holdout", "LayerRefiner", "build_attention", "choose_ridge",
