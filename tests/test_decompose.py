@@ -77,10 +77,10 @@ def test_rotation_credit_keeps_a_strong_slow_component_that_full_credit_drops():
     rotation = (cos, torch.zeros_like(cos))
 
     def kept(credit: float) -> list[tuple[int, int]]:
-        metric = linalg.LayerMetric(rotation=rotation, rotation_credit=credit)
-        return select_shared_rope(src, 2, rotation=metric.ranking_rotation).kept
+        metric = linalg.LayerMetric(rotation=rotation)
+        return select_shared_rope(src, 2, rotation=metric.ranking_rotation(credit)).kept
 
-    assert linalg.LayerMetric(rotation=rotation, rotation_credit=0.0).ranking_rotation is None
+    assert linalg.LayerMetric(rotation=rotation).ranking_rotation(0.0) is None
     assert all(i == half - 1 for i, _ in kept(0.0))
     assert all(i == half - 1 for i, _ in kept(0.5))
     assert all(i != half - 1 for i, _ in kept(1.0))

@@ -287,8 +287,6 @@ def _results_json(result: dict) -> str:
 
 
 def _print_evals(result: dict) -> None:
-    from gtakit.bench.tables import markdown_table
-
     if "perplexity" in result:
         typer.echo(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens ({result['windows']} x "
                    f"{result['window']})")

@@ -41,7 +41,7 @@ def _layer_options(family: FamilyAdapter, source: SourceModel, index: int, layer
     rotation holds at every distance the layer sees, so its RoPE ranking trusts that rotation fully."""
     window = family.sliding_window(source.config, index)
     options = layer.options
-    if window is not None and window <= options.calib_seq_len and hasattr(options, "rope_rotation_credit"):
+    if window is not None and window <= options.calib_seq_len:
         return replace(options, rope_rotation_credit=1.0)
     return options
 

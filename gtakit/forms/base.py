@@ -19,7 +19,7 @@ from gtakit.errors import GtakitError
 from gtakit.families.base import SourceAttention, SourceShape
 from gtakit.models import GtakitAttention, LayerSpec
 
-from gtakit.models.spec_gtakit import divisors
+from gtakit.models.spec_gtakit import divisors  # noqa: F401 - the form modules take it from here
 
 from .linalg import LayerMetric
 

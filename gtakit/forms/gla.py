@@ -5,7 +5,6 @@ The model side is `gtakit/models/form_gla.py` (MLA is its `num_latent_heads = 1`
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -62,7 +61,7 @@ class GLAConverter(FormConverter):
             rope_dim = max_rope
         if not shape.rope_free:
             check_rope_dim(rope_dim, max_rope)
-        grid = getattr(options, "rope_grid", "none")
+        grid = options.rope_grid
         if grid not in GRIDS:
             raise GtakitError(f"--rope-grid must be one of {', '.join(GRIDS)}, got {grid!r}")
         if grid != "none" and rope_dim > d:
@@ -94,10 +93,10 @@ class GLAConverter(FormConverter):
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
                       options: Any, names: TensorNames) -> ConvertedLayer:
         pairs = spec["qk_rope_head_dim"] // 2
-        metric = replace(metric, rotation_credit=getattr(options, "rope_rotation_credit", metric.rotation_credit))
-        grid = getattr(options, "rope_grid", "none")
+        grid = options.rope_grid
         return convert_gla_layer(attn, spec["num_latent_heads"], spec["kv_lora_rank"], pairs, metric, names,
-                                 rope_grid(attn.head_dim, pairs, grid) if grid != "none" and pairs else None)
+                                 rope_grid(attn.head_dim, pairs, grid) if grid != "none" and pairs else None,
+                                 options.rope_rotation_credit)
 
 
 def default_rope_dim(budget: int, head_dim: int) -> int:
@@ -122,12 +121,13 @@ def convert_gla_layer(
     metric: LayerMetric,
     names: TensorNames,
     grid: list[int] | None = None,
+    rotation_credit: float = 0.5,
 ) -> ConvertedLayer:
     """GLA/MLA weights. The no-RoPE head dim is d, or 0 when every RoPE component is kept. `grid`: the RoPE key
     keeps only these frequencies, one component each (see `select_shared_rope`)."""
     H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
     cov = metric.input_cov
-    rope = select_shared_rope(src, rope_pairs, cov, metric.query_cov, metric.ranking_rotation, grid,
+    rope = select_shared_rope(src, rope_pairs, cov, metric.query_cov, metric.ranking_rotation(rotation_credit), grid,
                               metric.input_mean)
     nope_dim = 0 if rope_pairs == G * d // 2 else d
     groups = src.group_of_head

@@ -30,20 +30,18 @@ class LayerMetric:
     value_out_weight: list[torch.Tensor] | None = None
     balance: bool = True
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # [H, d/2] mean cos/sin per head and frequency
-    gta_state: str = "value"  # GTA tied state: "value" (values exact) or "joint" (key/value subspace)
-    rotation_credit: float = 0.5  # share of the mean rotation trusted when ranking RoPE components (issue 31)
 
-    @property
-    def ranking_rotation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def ranking_rotation(self, credit: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The mean rotation as the shared RoPE key's ranking credits it (`select_shared_rope` discounts each
         component's energy by 1 - |M|^2; scaling M by sqrt(credit) credits that share of it). None: plain energy.
+        `credit` is the share of the mean rotation trusted (--rope-rotation-credit).
 
         The rotation is measured over calibration attention, mostly a few hundred tokens: full credit drops the
         slow, strong components that retrieval heads match at thousands of tokens (SmolLM2 MLA 50%: passkey at 4k
         40% with full credit, 100% with half, for 0.4% of short-window perplexity)."""
-        if self.rotation is None or self.rotation_credit == 0:
+        if self.rotation is None or credit == 0:
             return None
-        scale = self.rotation_credit**0.5
+        scale = credit**0.5
         return self.rotation[0] * scale, self.rotation[1] * scale
 
 

@@ -38,7 +38,7 @@ def _per_head(mean: torch.Tensor | None, heads: int) -> torch.Tensor:
 def folded(src: SourceAttention, query_scale: torch.Tensor | None, key_scale: torch.Tensor | None) -> SourceAttention:
     """`src` with the norm weights and mean scalars folded into its query and key rows (biases are refused
     for QK-norm sources, so there are none)."""
-    H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
+    H, G = src.num_heads, src.num_kv_heads
     q_gain = src.q_norm_weight * _per_head(query_scale, H)[:, None]  # [H, d]
     k_gain = src.k_norm_weight * _per_head(key_scale, G)[:, None]  # [G, d]
     return replace(src, wq=src.wq * q_gain.reshape(-1, 1), wk=src.wk * k_gain.reshape(-1, 1))
