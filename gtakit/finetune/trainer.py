@@ -9,7 +9,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -245,16 +245,82 @@ def finetune(
         raise
 
 
+@dataclass
+class Run:
+    """What one uptraining run holds between its phases (setup, start or resume, train, save)."""
+
+    recipe: Recipe
+    accelerator: Any
+    say: Callable[[str], None]
+    tokenizer: Any
+    data: Any
+    model: Any
+    teacher: Any
+    teacher_device: torch.device | None
+    scorer: Any
+    optimizer: Any
+    scheduler: Any
+    steps: int
+    state: TrainerState
+
+
 def _finetune(recipe: Recipe, resume: bool, progress: bool, log, callback, started: float) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    run = _setup(recipe, resume, log)
+    _start_or_resume(run, resume)
+    _train(run, progress, callback)
+    return _save(run, started)
 
-    import gtakit  # noqa: F401 - registers the gtakit architectures
-    from gtakit.evaluate import load_model
 
+def _setup(recipe: Recipe, resume: bool, log) -> Run:
+    """The accelerator, the checkpoint folder, data, student, teacher, recovery scorer, optimiser and schedule."""
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    accelerator = _accelerator(recipe)
+    say = (log or (lambda message: None)) if accelerator.is_main_process else (lambda message: None)
+    _prepare_checkpoint_dir(recipe, accelerator, resume, say)
+    set_seed(recipe.train.seed)
     t = recipe.train
-    ckpt_dir = recipe.checkpoint_dir
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+    cache_dir = Path(recipe.data.cache_dir).expanduser() if recipe.data.cache_dir else recipe.checkpoint_dir
+    data = load_packed_data(recipe.data, tokenizer, t.seq_len, cache_dir, accelerator)
+    say(f"accelerate: {accelerator.distributed_type.value} over {accelerator.num_processes} process(es) on "
+        f"{accelerator.device.type}")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type.value != "FSDP":
+        say("warning: an FSDP config was launched but accelerate runs FSDP only on GPUs; this run is plain data "
+            "parallel (every process holds the whole model)")
+    say(f"data: {len(data.train)} training and {len(data.eval)} evaluation sequences of {t.seq_len} tokens")
+    model = _student(recipe, say)
+    teacher, teacher_device = _teacher(recipe, accelerator)
+    scorer = _recovery_scorer(recipe, tokenizer, data, teacher, accelerator)
+    recovery_before = None
+    if scorer is not None and not resume:
+        recovery_before = scorer.score(model)
+        say(f"before uptraining, against {scorer.source_name}: KL {recovery_before['kl']:.4f} nats/token, top-1 "
+            f"{recovery_before['top1_agreement']:.1%}")
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+    )
+    steps = total_steps(recipe, accelerator.num_processes)
+    if warmup_steps(recipe, steps) > steps:
+        say(f"warning: train.warmup_steps {warmup_steps(recipe, steps)} is longer than the run's {steps} steps; the "
+            "learning rate never reaches train.lr")
+    # The scheduler is not passed to prepare(): accelerate would step it once per process; here it steps once
+    # per optimiser step. It and the trainer state are checkpointed as JSON, not as accelerate custom objects:
+    # accelerate unpickles those (weights_only=False), so a tampered checkpoint could run code on --resume.
+    scheduler = _scheduler(recipe, optimizer, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if recipe.log.tensorboard:
+        accelerator.init_trackers("gtakit-finetune", config=_flat(recipe.to_dict()))
+    return Run(recipe, accelerator, say, tokenizer, data, model, teacher, teacher_device, scorer, optimizer,
+               scheduler, steps, TrainerState(recovery_before=recovery_before))
+
+
+def _accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    t, ckpt_dir = recipe.train, recipe.checkpoint_dir
     log_dir = Path(recipe.log.dir).expanduser() if recipe.log.dir else ckpt_dir / "runs"
     accelerator = Accelerator(
         mixed_precision=t.precision,
@@ -268,7 +334,11 @@ def _finetune(recipe: Recipe, resume: bool, progress: bool, log, callback, start
         # write the same files
         raise GtakitError(f"launched as {launched} processes but accelerate set up {accelerator.num_processes}; on "
                           "a CPU-only machine launch with ACCELERATE_USE_CPU=true")
-    say = (log or (lambda message: None)) if accelerator.is_main_process else (lambda message: None)
+    return accelerator
+
+
+def _prepare_checkpoint_dir(recipe: Recipe, accelerator, resume: bool, say: Callable[[str], None]) -> None:
+    ckpt_dir = recipe.checkpoint_dir
     if accelerator.is_main_process:
         if not resume:  # start over: only what an earlier run wrote (preflight refused anything else)
             for entry in _run_entries(ckpt_dir):
@@ -276,137 +346,136 @@ def _finetune(recipe: Recipe, resume: bool, progress: bool, log, callback, start
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _check_resumed_recipe(recipe, ckpt_dir, resume, say)
     accelerator.wait_for_everyone()
-    set_seed(t.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
-    cache_dir = Path(recipe.data.cache_dir).expanduser() if recipe.data.cache_dir else ckpt_dir
-    data = load_packed_data(recipe.data, tokenizer, t.seq_len, cache_dir, accelerator)
-    say(f"accelerate: {accelerator.distributed_type.value} over {accelerator.num_processes} process(es) on "
-        f"{accelerator.device.type}")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type.value != "FSDP":
-        say("warning: an FSDP config was launched but accelerate runs FSDP only on GPUs; this run is plain data "
-            "parallel (every process holds the whole model)")
-    say(f"data: {len(data.train)} training and {len(data.eval)} evaluation sequences of {t.seq_len} tokens")
+
+def _student(recipe: Recipe, say: Callable[[str], None]):
+    """The converted model to train, in training mode with the recipe's parameters trainable."""
+    from transformers import AutoModelForCausalLM
+
+    import gtakit  # noqa: F401 - registers the gtakit architectures
 
     model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=DTYPES[recipe.model.dtype])
     if getattr(model.config, "model_type", "") != "gtakit":
         raise GtakitError(f"{recipe.model.path} is not a gtakit model ({model.config.model_type}); convert it first")
-    if t.gradient_checkpointing:
+    if recipe.train.gradient_checkpointing:
         enable_checkpointing(model)
     model.config.use_cache = False
-    model = apply_mode(model, t.mode, recipe.lora)
+    model = apply_mode(model, recipe.train.mode, recipe.lora)
     model.train()
     trainable, everything = count_parameters(model)
-    say(f"mode {t.mode}: {trainable:,} of {everything:,} parameters train ({trainable / everything:.1%})")
+    say(f"mode {recipe.train.mode}: {trainable:,} of {everything:,} parameters train ({trainable / everything:.1%})")
+    return model
 
-    teacher, teacher_device = None, None
-    if recipe.loss.kind != "ce":
-        spec = resolve_teacher(recipe.teacher.model, recipe.model.path)
-        teacher = load_model(spec if spec is not None else str(_bundled()), dtype=DTYPES[recipe.teacher.dtype])[0]
-        teacher_device = accelerator.device if recipe.teacher.device == "auto" else torch.device(recipe.teacher.device)
-        teacher.to(teacher_device).eval().requires_grad_(False)
 
-    scorer = _recovery_scorer(recipe, tokenizer, data, teacher, accelerator)
-    if scorer is not None and not resume:
-        state_before = scorer.score(model)
-        say(f"before uptraining, against {scorer.source_name}: KL {state_before['kl']:.4f} nats/token, top-1 "
-            f"{state_before['top1_agreement']:.1%}")
-    else:
-        state_before = None
+def _teacher(recipe: Recipe, accelerator) -> tuple[Any, torch.device | None]:
+    """The distillation teacher, frozen on its device (None without distillation)."""
+    if recipe.loss.kind == "ce":
+        return None, None
+    from gtakit.evaluate import load_model
 
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
-    )
-    steps = total_steps(recipe, accelerator.num_processes)
-    if warmup_steps(recipe, steps) > steps:
-        say(f"warning: train.warmup_steps {warmup_steps(recipe, steps)} is longer than the run's {steps} steps; the "
-            "learning rate never reaches train.lr")
-    # The scheduler is not passed to prepare(): accelerate would step it once per process; here it steps once
-    # per optimiser step. It and the trainer state are checkpointed as JSON, not as accelerate custom objects:
-    # accelerate unpickles those (weights_only=False), so a tampered checkpoint could run code on --resume.
-    scheduler = _scheduler(recipe, optimizer, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainerState(recovery_before=state_before)
-    if recipe.log.tensorboard:
-        accelerator.init_trackers("gtakit-finetune", config=_flat(recipe.to_dict()))
+    spec = resolve_teacher(recipe.teacher.model, recipe.model.path)
+    teacher = load_model(spec if spec is not None else str(_bundled()), dtype=DTYPES[recipe.teacher.dtype])[0]
+    device = accelerator.device if recipe.teacher.device == "auto" else torch.device(recipe.teacher.device)
+    teacher.to(device).eval().requires_grad_(False)
+    return teacher, device
 
+
+def _start_or_resume(run: Run, resume: bool) -> None:
+    """Resume from the latest checkpoint, or measure the starting perplexity (and the teacher's)."""
+    recipe, accelerator, state = run.recipe, run.accelerator, run.state
     if resume:
-        last = latest_checkpoint(ckpt_dir)
+        last = latest_checkpoint(recipe.checkpoint_dir)
         _refuse_pickled_objects(last)
         accelerator.load_state(str(last))  # model, optimiser, RNG: tensors only (weights_only=True)
-        _load_progress(last, state, scheduler)
-        say(f"resumed from {last} at step {state.step} ({state.tokens:,} tokens)")
-    else:
-        state.before_perplexity = evaluate_perplexity(model, data.eval, recipe.eval.batch, accelerator)
-        state.evals.append({"step": 0, "tokens": 0, "perplexity": state.before_perplexity})
-        if teacher is not None and accelerator.is_main_process:
-            state.teacher_perplexity = teacher_perplexity(teacher, data.eval, recipe.eval.batch, teacher_device)
-        say(f"perplexity before uptraining: {state.before_perplexity:.3f}"
+        _load_progress(last, state, run.scheduler)
+        run.say(f"resumed from {last} at step {state.step} ({state.tokens:,} tokens)")
+        return
+    state.before_perplexity = evaluate_perplexity(run.model, run.data.eval, recipe.eval.batch, accelerator)
+    state.evals.append({"step": 0, "tokens": 0, "perplexity": state.before_perplexity})
+    if run.teacher is not None and accelerator.is_main_process:
+        state.teacher_perplexity = teacher_perplexity(run.teacher, run.data.eval, recipe.eval.batch, run.teacher_device)
+    run.say(f"perplexity before uptraining: {state.before_perplexity:.3f}"
             + (f" (teacher {state.teacher_perplexity:.3f})" if state.teacher_perplexity else ""))
 
-    sampler = RowSampler(len(data.train), t.seed)
+
+def _train(run: Run, progress: bool, callback) -> None:
+    """Optimiser steps until the recipe's tokens are spent: log, evaluate and checkpoint as the recipe says."""
+    recipe, accelerator, state, t = run.recipe, run.accelerator, run.state, run.recipe.train
+    sampler = RowSampler(len(run.data.train), t.seed)
     tokens_per_step = t.seq_len * t.micro_batch * t.grad_accum * accelerator.num_processes
-    bar = tqdm(total=steps, initial=state.step, desc="uptraining", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(total=run.steps, initial=state.step, desc="uptraining",
+               disable=not (progress and accelerator.is_main_process))
     window_start, window_tokens = time.time(), 0
-    while state.step < steps:
+    while state.step < run.steps:
         step_start = time.time()
-        sums = torch.zeros(3, device=accelerator.device)  # loss, ce, kd
-        lr = scheduler.get_last_lr()[0]  # the rate this step trains at
-        for micro in range(t.grad_accum):
-            rows = sampler.micro_batch_rows(state.step, micro, t.grad_accum, t.micro_batch,
-                                            accelerator.process_index, accelerator.num_processes)
-            ids = data.train[rows].long().to(accelerator.device)
-            with accelerator.accumulate(model):
-                loss, ce, kd = _loss(model, teacher, teacher_device, ids, recipe)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.grad_clip is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).float() / t.grad_accum
-        if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
-        sums = accelerator.reduce(sums, reduction="mean")
+        record = _train_step(run, sampler)
         state.step += 1
         state.tokens += tokens_per_step
         state.train_seconds += time.time() - step_start
         window_tokens += tokens_per_step
-        record = {"step": state.step, "tokens": state.tokens, "loss": float(sums[0]), "ce": float(sums[1]),
-                  "kd": float(sums[2]), "lr": lr}
+        record = {"step": state.step, "tokens": state.tokens, **record}
         state.history.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        last_step = state.step == steps
+        last_step = state.step == run.steps
         if recipe.log.every and (state.step % recipe.log.every == 0 or last_step):
             rate = window_tokens / max(time.time() - window_start, 1e-9)
             record["tokens_per_s"] = rate
-            say(f"step {state.step}/{steps} tokens {state.tokens:,} loss {record['loss']:.4f} "
-                f"lr {record['lr']:.2e} {rate:,.0f} tok/s")
+            run.say(f"step {state.step}/{run.steps} tokens {state.tokens:,} loss {record['loss']:.4f} "
+                    f"lr {record['lr']:.2e} {rate:,.0f} tok/s")
             window_start, window_tokens = time.time(), 0
         if recipe.eval.every and state.step % recipe.eval.every == 0 and not last_step:
-            ppl = evaluate_perplexity(model, data.eval, recipe.eval.batch, accelerator)
+            ppl = evaluate_perplexity(run.model, run.data.eval, recipe.eval.batch, accelerator)
             state.evals.append({"step": state.step, "tokens": state.tokens, "perplexity": ppl})
             record["eval_perplexity"] = ppl
-            say(f"step {state.step}: eval perplexity {ppl:.3f}")
+            run.say(f"step {state.step}: eval perplexity {ppl:.3f}")
         if recipe.log.tensorboard:
             accelerator.log({k: v for k, v in record.items() if k not in ("step",)}, step=state.step)
         if (recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0) or last_step:
-            _save_checkpoint(accelerator, ckpt_dir, state, scheduler, recipe.checkpoint.keep)
+            _save_checkpoint(accelerator, recipe.checkpoint_dir, state, run.scheduler, recipe.checkpoint.keep)
         if callback is not None:
             callback(state.step, record)
     bar.close()
 
-    after = evaluate_perplexity(model, data.eval, recipe.eval.batch, accelerator)
-    if not state.evals or state.evals[-1]["step"] != state.step:
-        state.evals.append({"step": state.step, "tokens": state.tokens, "perplexity": after})
-    say(f"perplexity: {state.before_perplexity:.3f} before -> {after:.3f} after {state.tokens:,} tokens")
-    if recipe.log.tensorboard:
-        accelerator.end_training()
 
+def _train_step(run: Run, sampler: RowSampler) -> dict:
+    """One optimiser step over grad_accum micro-batches; the losses averaged over them and over processes, and
+    the learning rate the step trained at."""
+    t, accelerator, model = run.recipe.train, run.accelerator, run.model
+    sums = torch.zeros(3, device=accelerator.device)  # loss, ce, kd
+    lr = run.scheduler.get_last_lr()[0]
+    for micro in range(t.grad_accum):
+        rows = sampler.micro_batch_rows(run.state.step, micro, t.grad_accum, t.micro_batch,
+                                        accelerator.process_index, accelerator.num_processes)
+        ids = run.data.train[rows].long().to(accelerator.device)
+        with accelerator.accumulate(model):
+            loss, ce, kd = _loss(model, run.teacher, run.teacher_device, ids, run.recipe)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.grad_clip is not None:
+                accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).float() / t.grad_accum
+    if not accelerator.optimizer_step_was_skipped:
+        run.scheduler.step()
+    sums = accelerator.reduce(sums, reduction="mean")
+    return {"loss": float(sums[0]), "ce": float(sums[1]), "kd": float(sums[2]), "lr": lr}
+
+
+def _save(run: Run, started: float) -> dict:
+    """The final perplexity, then the uptrained folder (and its report) on the main process."""
     from .export import export_model
 
-    report = export_model(accelerator, model, recipe, tokenizer, state, after, data, started, say, scorer)
-    del teacher
+    recipe, accelerator, state = run.recipe, run.accelerator, run.state
+    after = evaluate_perplexity(run.model, run.data.eval, recipe.eval.batch, accelerator)
+    if not state.evals or state.evals[-1]["step"] != state.step:
+        state.evals.append({"step": state.step, "tokens": state.tokens, "perplexity": after})
+    run.say(f"perplexity: {state.before_perplexity:.3f} before -> {after:.3f} after {state.tokens:,} tokens")
+    if recipe.log.tensorboard:
+        accelerator.end_training()
+    report = export_model(accelerator, run.model, recipe, run.tokenizer, state, after, run.data, started, run.say,
+                          run.scorer)
+    run.teacher = None
     accelerator.free_memory()
     # The per-step records stay out of conversion.json (long runs have many); callers get them here.
     return dict(report, history=state.history) if report else {}
