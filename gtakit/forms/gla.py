@@ -5,6 +5,7 @@ The model side is `gtakit/models/form_gla.py` (MLA is its `num_latent_heads = 1`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,6 +114,17 @@ def default_rope_dim(budget: int, head_dim: int) -> int:
     return max(2, width - width % 2)
 
 
+@dataclass
+class Latent:
+    """One latent head: its down-projection [c, D], the up-projection of each of its KV heads' no-RoPE keys and
+    values ((kind, KV head) -> [d, c]), and the relative errors of both."""
+
+    down: torch.Tensor
+    up: dict[tuple[str, int], torch.Tensor]
+    key_error: float | None
+    value_error: float
+
+
 def convert_gla_layer(
     src: SourceAttention,
     num_latents: int,
@@ -126,57 +138,13 @@ def convert_gla_layer(
     """GLA/MLA weights. The no-RoPE head dim is d, or 0 when every RoPE component is kept. `grid`: the RoPE key
     keeps only these frequencies, one component each (see `select_shared_rope`)."""
     H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
-    cov = metric.input_cov
-    rope = select_shared_rope(src, rope_pairs, cov, metric.query_cov, metric.ranking_rotation(rotation_credit), grid,
-                              metric.input_mean)
+    rope = select_shared_rope(src, rope_pairs, metric.input_cov, metric.query_cov,
+                              metric.ranking_rotation(rotation_credit), grid, metric.input_mean)
     nope_dim = 0 if rope_pairs == G * d // 2 else d
-    groups = src.group_of_head
-    per_latent = H // num_latents
-
-    down_rows, k_up, v_up = [], [None] * H, [None] * H
-    key_errs, value_errs = [], []
-    for j in range(num_latents):
-        heads = range(j * per_latent, (j + 1) * per_latent)
-        kv_heads = sorted({groups[h] for h in heads})
-        keys = [rope.residual_key[g] for g in kv_heads] if nope_dim else []
-        values = [src.wv[src.kv_rows(g)] for g in kv_heads]
-        # Error weights (identity unless the method supplies them) make the decomposition minimise what the
-        # next step sees; they are undone on the up-projections below.
-        kw = metric.key_out_weight
-        vw = metric.value_out_weight
-        keys_w = [weighted_rows(k, kw[g] if kw else None) for k, g in zip(keys, kv_heads)]
-        values_w = [weighted_rows(v, vw[g] if vw else None) for v, g in zip(values, kv_heads)]
-        alpha = 1.0
-        if keys_w and metric.balance:
-            k_energy = sum(float(torch.trace(moment(k, cov))) for k in keys_w)
-            v_energy = sum(float(torch.trace(moment(v, cov))) for v in values_w)
-            if k_energy > 0 and v_energy > 0:
-                alpha = (v_energy / k_energy) ** 0.5
-        stacked_w = torch.cat([alpha * k for k in keys_w] + values_w)
-        basis = top_basis(moment(stacked_w, cov), kv_rank)  # [rows, c]
-        # Latent = projection of the weighted rows; the up-projection maps it back in unweighted coordinates:
-        # stacked ~= up @ (basis^T stacked_w), with up = pinv(W) blocks applied to the basis.
-        down = basis.T @ stacked_w  # [c, D]
-        # Blocks of `basis` follow the stacking order: one d-row block per key head, then per value head.
-        blocks = [("k", g, alpha, kw[g] if kw else None) for g in (kv_heads if keys else [])]
-        blocks += [("v", g, 1.0, vw[g] if vw else None) for g in kv_heads]
-        block_up = {}
-        for index, (kind, g, scale, w) in enumerate(blocks):
-            rows = basis[index * d : (index + 1) * d] / scale
-            if w is not None:
-                rows = torch.linalg.pinv(sqrt_psd(w), hermitian=True) @ rows
-            block_up[(kind, g)] = rows  # [d, c]
-        if keys:
-            k_recon = torch.cat([block_up[("k", g)] for g in kv_heads]) @ down
-            key_errs.append(rel_err(k_recon - torch.cat(keys), torch.cat(keys), cov))
-        v_recon = torch.cat([block_up[("v", g)] for g in kv_heads]) @ down
-        value_errs.append(rel_err(v_recon - torch.cat(values), torch.cat(values), cov))
-        down_rows.append(down)
-        for h in heads:
-            if nope_dim:
-                k_up[h] = block_up[("k", groups[h])]
-            v_up[h] = block_up[("v", groups[h])]
-
+    groups, per_latent = src.group_of_head, H // num_latents
+    latents = [latent_head(src, rope, metric, sorted({groups[h] for h in range(j * per_latent, (j + 1) * per_latent)}),
+                           kv_rank, with_keys=bool(nope_dim)) for j in range(num_latents)]
+    up_of_head = [latents[h // per_latent].up for h in range(H)]
     q_rows, q_bias = [], [] if src.bq is not None else None
     for h in range(H):
         nope_rows, nope_bias = nope_query(src, h, metric.rotation)
@@ -185,9 +153,10 @@ def convert_gla_layer(
             q_bias.append(torch.cat(([nope_bias] if nope_dim else []) + [rope.query_bias[h]]))
     tensors = {
         names.q_proj.weight: torch.cat(q_rows),
-        names.kv_down_proj.weight: torch.cat(down_rows),
-        names.k_up_proj.weight: torch.cat(k_up) if nope_dim else src.wq.new_zeros(0, kv_rank),
-        names.v_up_proj.weight: torch.cat(v_up),
+        names.kv_down_proj.weight: torch.cat([latent.down for latent in latents]),
+        names.k_up_proj.weight: torch.cat([up[("k", groups[h])] for h, up in enumerate(up_of_head)]) if nope_dim
+        else src.wq.new_zeros(0, kv_rank),
+        names.v_up_proj.weight: torch.cat([up[("v", groups[h])] for h, up in enumerate(up_of_head)]),
         names.o_proj.weight: src.wo.clone(),
     }
     if rope.kept:  # a layer without RoPE has no RoPE key at all
@@ -202,12 +171,52 @@ def convert_gla_layer(
     o_bias = fold_value_bias(src)
     if o_bias is not None:
         tensors[names.o_proj.bias] = o_bias
+    key_errors = [latent.key_error for latent in latents if latent.key_error is not None]
     metrics = {
-        "key_rel_error": max(key_errs) if key_errs else 0.0,
-        "value_rel_error": max(value_errs),
+        "key_rel_error": max(key_errors) if key_errors else 0.0,
+        "value_rel_error": max(latent.value_error for latent in latents),
         "rope_score_kept": rope.score_energy_kept,
     }
     return ConvertedLayer(tensors, metrics, {"rope_index": rope.index},
                           rope.key_map(src.num_kv_heads, src.head_dim))
 
 
+def latent_head(src: SourceAttention, rope, metric: LayerMetric, kv_heads: list[int], kv_rank: int,
+                with_keys: bool) -> Latent:
+    """One latent of width `kv_rank` for the no-RoPE keys (residual of the shared RoPE key) and the values of
+    `kv_heads`: the top principal directions of their stacked (error-weighted, balanced) rows."""
+    d, cov = src.head_dim, metric.input_cov
+    keys = [rope.residual_key[g] for g in kv_heads] if with_keys else []
+    values = [src.wv[src.kv_rows(g)] for g in kv_heads]
+    # Error weights (identity unless the method supplies them) make the decomposition minimise what the next step
+    # sees; they are undone on the up-projections below.
+    kw, vw = metric.key_out_weight, metric.value_out_weight
+    keys_w = [weighted_rows(k, kw[g] if kw else None) for k, g in zip(keys, kv_heads)]
+    values_w = [weighted_rows(v, vw[g] if vw else None) for v, g in zip(values, kv_heads)]
+    alpha = 1.0
+    if keys_w and metric.balance:
+        k_energy = sum(float(torch.trace(moment(k, cov))) for k in keys_w)
+        v_energy = sum(float(torch.trace(moment(v, cov))) for v in values_w)
+        if k_energy > 0 and v_energy > 0:
+            alpha = (v_energy / k_energy) ** 0.5
+    stacked_w = torch.cat([alpha * k for k in keys_w] + values_w)
+    basis = top_basis(moment(stacked_w, cov), kv_rank)  # [rows, c]
+    # Latent = projection of the weighted rows; the up-projection maps it back in unweighted coordinates:
+    # stacked ~= up @ (basis^T stacked_w), with up = pinv(W) blocks applied to the basis.
+    down = basis.T @ stacked_w  # [c, D]
+    # Blocks of `basis` follow the stacking order: one d-row block per key head, then per value head.
+    blocks = [("k", g, alpha, kw[g] if kw else None) for g in (kv_heads if keys else [])]
+    blocks += [("v", g, 1.0, vw[g] if vw else None) for g in kv_heads]
+    up = {}
+    for index, (kind, g, scale, w) in enumerate(blocks):
+        rows = basis[index * d : (index + 1) * d] / scale
+        if w is not None:
+            rows = torch.linalg.pinv(sqrt_psd(w), hermitian=True) @ rows
+        up[(kind, g)] = rows  # [d, c]
+    key_error = None
+    if keys:
+        k_recon = torch.cat([up[("k", g)] for g in kv_heads]) @ down
+        key_error = rel_err(k_recon - torch.cat(keys), torch.cat(keys), cov)
+    v_recon = torch.cat([up[("v", g)] for g in kv_heads]) @ down
+    value_error = rel_err(v_recon - torch.cat(values), torch.cat(values), cov)
+    return Latent(down, up, key_error, value_error)

@@ -73,21 +73,48 @@ def select_shared_rope(
     what an output format with one global RoPE table (DeepSeek-V3) can hold.
     `input_mean` (E[x]) with query/key biases: energies are those of the affine maps, biases included.
     """
-    H, G, d = src.num_heads, src.num_kv_heads, src.head_dim
-    half = d // 2
-    groups = src.group_of_head
+    G, half = src.num_kv_heads, src.head_dim // 2
     if not 0 <= num_pairs <= G * half:
         raise ValueError(f"num_pairs must be in [0, {G * half}], got {num_pairs}")
-    wk = src.wk.view(G, 2, half, -1)  # [G, coord, i, D]
-    wq = src.wq.view(H, 2, half, -1)
     # Energies of the affine projections (biases as a constant input coordinate); the kept rows stay linear.
     biased = src.bk is not None or src.bq is not None
-    k_bias = (src.bk if src.bk is not None else src.wk.new_zeros(G * d)) if biased else None
-    q_bias = (src.bq if src.bq is not None else src.wq.new_zeros(H * d)) if biased else None
+    k_bias = (src.bk if src.bk is not None else src.wk.new_zeros(G * src.head_dim)) if biased else None
+    q_bias = (src.bq if src.bq is not None else src.wq.new_zeros(src.num_heads * src.head_dim)) if biased else None
     wk_energy, energy_cov = with_bias(src.wk, k_bias, input_cov, input_mean)
     wq_energy, _ = with_bias(src.wq, q_bias, input_cov, input_mean)
+    mixing, key_energy = component_mixing(src, wk_energy, energy_cov)
+    score = component_scores(src, mixing, key_energy, wq_energy, energy_cov, query_cov, rotation)
+    if src.rotary_pairs is not None:  # frequency-0 pairs (partial rotary) never enter the RoPE key
+        if num_pairs > G * src.rotary_pairs:
+            raise ValueError(f"num_pairs must be at most {G * src.rotary_pairs} (rotating pairs), got {num_pairs}")
+        score[src.rotary_pairs :] = -1.0
+    if grid is not None:
+        score = on_grid(score, grid, num_pairs)
+    flat = torch.argsort(score.flatten(), descending=True)[:num_pairs]
+    kept = sorted((int(f) // G, int(f) % G) for f in flat)  # high frequencies first, like standard RoPE
+    total = float(score.sum())
+    kept_score = float(sum(score[i, m] for i, m in kept))
+    key_rows, key_bias, residual = shared_key_rows(src, kept, mixing)
+    query_rows, query_bias = shared_query_rows(src, kept, mixing)
+    return RopeSelection(
+        kept=kept,
+        mixing=mixing,
+        freqs=torch.tensor([float(src.inv_freq[i]) for i, _ in kept], dtype=torch.float32),
+        key_rows=key_rows,
+        key_bias=key_bias,
+        query_rows=query_rows,
+        query_bias=query_bias,
+        residual_key=residual,
+        score_energy_kept=kept_score / total if total > 0 else 1.0,
+    )
+
+
+def component_mixing(src: SourceAttention, wk_energy: torch.Tensor, energy_cov: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frequency, the KV heads' key components mixed into orthogonal ones, strongest first: the mixing
+    [d/2, G, G] (row m of mixing[i] is component m) and each component's key energy [d/2, G]."""
+    G, half = src.num_kv_heads, src.head_dim // 2
     wk_energy = wk_energy.view(G, 2, half, -1)
-    wq_energy = wq_energy.view(H, 2, half, -1)
     mixing = torch.zeros(half, G, G, dtype=src.wk.dtype)
     key_energy = torch.zeros(half, G, dtype=src.wk.dtype)
     for i in range(half):
@@ -100,29 +127,32 @@ def select_shared_rope(
         order = torch.argsort(evals, descending=True)
         mixing[i] = evecs[:, order].T
         key_energy[i] = evals[order].clamp(min=0)
+    return mixing, key_energy
+
+
+def component_scores(src: SourceAttention, mixing: torch.Tensor, key_energy: torch.Tensor, wq_energy: torch.Tensor,
+                     energy_cov: torch.Tensor | None, query_cov: torch.Tensor | None,
+                     rotation: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """[d/2, G]: the score energy of each mixed component, key energy times the energy of the queries reading it
+    (less what the mean rotation reproduces, with `rotation`)."""
+    H, half = src.num_heads, src.head_dim // 2
     if query_cov is not None:
         q_energy = query_cov.view(H, 2, half).sum(dim=1)  # [H, i]
     else:
-        q_energy = _energy(wq_energy, energy_cov).sum(dim=1)  # [H, i]
+        q_energy = _energy(wq_energy.view(H, 2, half, -1), energy_cov).sum(dim=1)  # [H, i]
     # Query energy of component m of frequency i: heads read it with weight U_i[m, g(h)].
-    head_weight = mixing[:, :, groups] ** 2  # [i, m, H]
+    head_weight = mixing[:, :, src.group_of_head] ** 2  # [i, m, H]
     if rotation is not None:
         kept_share = (rotation[0] ** 2 + rotation[1] ** 2).clamp(max=1.0)  # [H, i]
         q_energy = q_energy * (1.0 - kept_share)
-    comp_q_energy = torch.einsum("imh,hi->im", head_weight, q_energy)
-    score = key_energy * comp_q_energy
-    if src.rotary_pairs is not None:  # frequency-0 pairs (partial rotary) never enter the RoPE key
-        if num_pairs > G * src.rotary_pairs:
-            raise ValueError(f"num_pairs must be at most {G * src.rotary_pairs} (rotating pairs), got {num_pairs}")
-        score[src.rotary_pairs :] = -1.0
-    if grid is not None:
-        score = on_grid(score, grid, num_pairs)
-    flat = torch.argsort(score.flatten(), descending=True)[:num_pairs]
-    kept = sorted((int(f) // G, int(f) % G) for f in flat)  # high frequencies first, like standard RoPE
-    total = float(score.sum())
-    kept_score = float(sum(score[i, m] for i, m in kept))
+    return key_energy * torch.einsum("imh,hi->im", head_weight, q_energy)
 
-    P = len(kept)
+
+def shared_key_rows(src: SourceAttention, kept: list[tuple[int, int]], mixing: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """The shared RoPE key's rows [2P, D] and bias, and each KV head's key with the kept components removed."""
+    G, half, P = src.num_kv_heads, src.head_dim // 2, len(kept)
+    wk = src.wk.view(G, 2, half, -1)  # [G, coord, i, D]
     key_rows = torch.zeros(2 * P, wk.shape[-1], dtype=wk.dtype)
     residual = [src.wk[src.kv_rows(g)].clone() for g in range(G)]
     key_bias = torch.zeros(2 * P, dtype=wk.dtype) if src.bk is not None else None
@@ -136,6 +166,15 @@ def select_shared_rope(
                 residual[g][i + c * half] -= u[g] * row
             if key_bias is not None:
                 key_bias[j + c * P] = torch.dot(u, bk[:, c, i])
+    return key_rows, key_bias, residual
+
+
+def shared_query_rows(src: SourceAttention, kept: list[tuple[int, int]], mixing: torch.Tensor
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Per head, the query rows [2P, D] (and bias) that score against the shared RoPE key."""
+    H, half, P = src.num_heads, src.head_dim // 2, len(kept)
+    wq = src.wq.view(H, 2, half, -1)
+    groups = src.group_of_head
     query_rows, query_bias = [], [] if src.bq is not None else None
     bq = src.bq.view(H, 2, half) if src.bq is not None else None
     for h in range(H):
@@ -150,18 +189,7 @@ def select_shared_rope(
         query_rows.append(rows)
         if query_bias is not None:
             query_bias.append(bias)
-    freqs = torch.tensor([float(src.inv_freq[i]) for i, _ in kept], dtype=torch.float32)
-    return RopeSelection(
-        kept=kept,
-        mixing=mixing,
-        freqs=freqs,
-        key_rows=key_rows,
-        key_bias=key_bias,
-        query_rows=query_rows,
-        query_bias=query_bias,
-        residual_key=residual,
-        score_energy_kept=kept_score / total if total > 0 else 1.0,
-    )
+    return query_rows, query_bias
 
 
 def on_grid(score: torch.Tensor, grid: list[int], num_pairs: int) -> torch.Tensor:
