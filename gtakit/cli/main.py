@@ -197,10 +197,10 @@ def evaluate(
     gtakit eval OUT --tasks hellaswag,arc_easy --limit 200
     gtakit eval OUT --tasks my_task --include-path my_tasks/"""
     from gtakit.evaluate import kv_bytes_per_token, load_model
+    from gtakit.evaluate.loading import check_eval_models
+    from gtakit.families import check_positions
     from gtakit.io.output import check_output_file, write_output_file
     from gtakit.io.text import read_text
-    from gtakit.families import check_positions
-    from gtakit.io.weights import check_eval_models
 
     with _one_line_errors():
         if against is not None and text is None:

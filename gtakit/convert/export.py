@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -193,7 +193,7 @@ def export_folder(folder: str | Path, out: str | Path, options: ConvertOptions, 
                   log: Callable[[str], None] | None = None) -> dict:
     """`gtakit export FOLDER`: a converted (or uptrained) gtakit MLA folder -> a DeepSeek-V3 folder."""
     from gtakit.evaluate import load_model
-    from gtakit.io.weights import check_model_folder
+    from gtakit.families.folders import check_model_folder
 
     log = log or (lambda message: None)
     folder, out = Path(folder).expanduser(), Path(out).expanduser()

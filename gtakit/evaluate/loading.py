@@ -65,3 +65,20 @@ def conversion_source(folder: str | Path) -> str | None:
     if source["kind"] == "gguf" and not Path(name).exists() and Path(source.get("path", "")).is_file():
         return source["path"]  # a GGUF given by a path relative to another working directory
     return name
+
+
+def check_eval_models(model: str | None, against: str | None = None) -> None:
+    """`gtakit eval`, before any work: MODEL's and --against's weights (names and values), and that both score the
+    same vocabulary (KL and top-1 agreement compare their next-token distributions token by token)."""
+    from gtakit.families.folders import check_model_folder  # noqa: PLC0415
+    from gtakit.io.weights import vocab_size  # noqa: PLC0415
+
+    check_model_folder(model)
+    if against is None:
+        return
+    source = conversion_source(model) if against == "source" else against
+    check_model_folder(source, "--against")
+    mine, theirs = vocab_size(model), vocab_size(source)
+    if mine and theirs and mine != theirs:
+        raise GtakitError(f"--against {against} has a vocabulary of {theirs} tokens and {model} one of {mine}; "
+                          "compare models that share a tokenizer")

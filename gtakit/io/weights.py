@@ -91,65 +91,6 @@ def check_reader(config: Any, reader: Any, where: Path | str, names: Iterable[st
     check_finite(((name, reader.get(name)) for name in reader.keys()), where)
 
 
-def check_causal_lm(config: Any, where: Path | str) -> None:
-    """Refuse encoders (BERT and the like) by the config alone: transformers maps several of them to a causal-LM
-    class (BertLMHeadModel) that then fails deep inside a forward pass or attends both ways and gives numbers."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as MASKED
-
-    from gtakit.families import BY_MODEL_TYPE
-
-    model_type = getattr(config, "model_type", None)
-    if model_type == "gtakit" or model_type in BY_MODEL_TYPE:
-        return
-    architectures = getattr(config, "architectures", None) or []
-    if architectures:  # what the checkpoint was saved as (BertForMaskedLM, BertModel) decides
-        causal = any(name in set(CAUSAL.values()) for name in architectures)
-    else:  # no record: a type with a masked-LM head is an encoder that merely has a causal-LM variant
-        causal = model_type in CAUSAL and model_type not in MASKED
-    if not causal:
-        saved = f" saved as {', '.join(architectures)}" if architectures else ""
-        raise GtakitError(f"{where} (model_type {model_type!r}{saved}) is not a causal language model; gtakit "
-                          "supports decoder-only LLMs")
-
-
-def check_model_folder(path: str | Path | None, what: str = "") -> None:
-    """Before loading a local HF folder (eval, finetune, export): refuse weights that do not match its config or
-    are not finite. Other sources (.gguf, Hub ids, None) pass: their loaders check them or gtakit convert does."""
-    from transformers import AutoConfig
-
-    from gtakit.io.source import read_config, weight_reader
-
-    if path is None:
-        return
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        return
-    label = f"{what} {folder}".strip()
-    read_config(folder)  # a one-line refusal of a missing or broken config.json
-    import gtakit  # noqa: F401 - registers the gtakit architectures
-
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (ValueError, TypeError, KeyError, OSError) as err:
-        raise GtakitError(f"{folder / 'config.json'} is not a valid config: {str(err).splitlines()[0]}") from None
-    check_causal_lm(config, label)
-    reader = weight_reader(folder, label)
-    check_reader(config, reader, label, _model_side_names(config, reader))
-
-
-def _model_side_names(config: Any, reader: Any) -> list[str]:
-    """The reader's tensor names as the model class calls them (a source family renames some, and fuses MoE
-    experts stored one by one)."""
-    from gtakit.families import BY_MODEL_TYPE
-
-    family = BY_MODEL_TYPE.get(getattr(config, "model_type", None))
-    if family is None:
-        return reader.keys()
-    every_layer = frozenset(range(config.num_hidden_layers))
-    return [name for name, _ in family.passthrough(reader, config, every_layer)]
-
-
 def vocab_size(path: str | Path | None) -> int | None:
     """A local model folder's vocabulary size from its config.json (None for other sources)."""
     if path is None or not Path(path).expanduser().is_dir():
@@ -158,19 +99,3 @@ def vocab_size(path: str | Path | None) -> int | None:
 
     raw = read_config(Path(path).expanduser())
     return raw.get("vocab_size") or (raw.get("text_config") or {}).get("vocab_size")
-
-
-def check_eval_models(model: str | None, against: str | None = None) -> None:
-    """`gtakit eval`, before any work: MODEL's and --against's weights (names and values), and that both score the
-    same vocabulary (KL and top-1 agreement compare their next-token distributions token by token)."""
-    check_model_folder(model)
-    if against is None:
-        return
-    from gtakit.evaluate.loading import conversion_source
-
-    source = conversion_source(model) if against == "source" else against
-    check_model_folder(source, "--against")
-    mine, theirs = vocab_size(model), vocab_size(source)
-    if mine and theirs and mine != theirs:
-        raise GtakitError(f"--against {against} has a vocabulary of {theirs} tokens and {model} one of {mine}; "
-                          "compare models that share a tokenizer")
