@@ -71,7 +71,7 @@ def check_eval_models(model: str | None, against: str | None = None) -> None:
     """`gtakit eval`, before any work: MODEL's and --against's weights (names and values), and that both score the
     same vocabulary (KL and top-1 agreement compare their next-token distributions token by token)."""
     from gtakit.families.folders import check_model_folder  # noqa: PLC0415
-    from gtakit.io.weights import vocab_size  # noqa: PLC0415
+    from gtakit.io.source import vocab_size  # noqa: PLC0415
 
     check_model_folder(model)
     if against is None:

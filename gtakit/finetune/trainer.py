@@ -19,7 +19,7 @@ from gtakit.evaluate.windows import sequence_nll
 from gtakit.families.folders import check_model_folder
 from gtakit.io import DTYPES
 from gtakit.io.output import follow_umask, terminate_as_interrupt
-from gtakit.io.weights import vocab_size
+from gtakit.io.source import vocab_size
 
 from .data import RowSampler, load_packed_data, resolve_files
 from .export import output_folder

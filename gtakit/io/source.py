@@ -337,3 +337,11 @@ def _open_gguf(path: Path, checks: SourceChecks | None, name: str | None = None)
         gguf_file=path.name,
         extra={"model": model},
     )
+
+
+def vocab_size(path: str | Path | None) -> int | None:
+    """A local model folder's vocabulary size from its config.json (None for other sources)."""
+    if path is None or not Path(path).expanduser().is_dir():
+        return None
+    raw = read_config(Path(path).expanduser())
+    return raw.get("vocab_size") or (raw.get("text_config") or {}).get("vocab_size")

@@ -89,13 +89,3 @@ def check_reader(config: Any, reader: Any, where: Path | str, names: Iterable[st
     """Names (as the model class calls them: `names`, default the reader's) and values of a `WeightReader`."""
     check_weight_names(config, reader.keys() if names is None else names, where)
     check_finite(((name, reader.get(name)) for name in reader.keys()), where)
-
-
-def vocab_size(path: str | Path | None) -> int | None:
-    """A local model folder's vocabulary size from its config.json (None for other sources)."""
-    if path is None or not Path(path).expanduser().is_dir():
-        return None
-    from gtakit.io.source import read_config
-
-    raw = read_config(Path(path).expanduser())
-    return raw.get("vocab_size") or (raw.get("text_config") or {}).get("vocab_size")
