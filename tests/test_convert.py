@@ -256,3 +256,23 @@ def test_default_rope_width_is_about_a_third_of_the_cache(budget, head_dim, expe
     width = default_rope_dim(budget, head_dim)
     assert width == expected
     assert width % 2 == 0 and width <= min(64, head_dim) and width <= budget // 2
+
+
+def test_options_are_resolved_once_into_a_frozen_copy():
+    from dataclasses import FrozenInstanceError, replace
+
+    from gtakit.convert import ConvertOptions
+    from gtakit.convert.pipeline import resolve_options
+    from gtakit.errors import GtakitError
+
+    options = ConvertOptions(target="mla", calib="calib.txt")
+    resolved = resolve_options(options)
+    assert (options.init, options.refit) == ("auto", "auto")  # the caller's object is untouched
+    assert (resolved.init, resolved.refit) == ("aware", "output")
+    with pytest.raises(FrozenInstanceError):
+        resolved.kv_rank = 8
+    assert replace(resolved, kv_rank=8).kv_rank == 8
+    weights_only = resolve_options(ConvertOptions(target="mla"))
+    assert (weights_only.init, weights_only.refit) == ("svd", "none")
+    with pytest.raises(GtakitError, match="needs calibration text"):
+        resolve_options(ConvertOptions(target="mla", init="aware"))

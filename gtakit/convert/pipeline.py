@@ -133,28 +133,30 @@ def _allocate(source: SourceModel, plan: ConversionPlan, options: ConvertOptions
     return plan
 
 
-def resolve_options(options: ConvertOptions, has_statistics: bool = False, live: bool | None = None,
-                    source: SourceModel | None = None, family: FamilyAdapter | None = None,
-                    log: Callable[[str], None] = lambda message: None) -> ConvertOptions:
+def resolve_options(options: ConvertOptions, has_statistics: bool = False, live: bool | None = None
+                    ) -> ConvertOptions:
     """The options every later step reads: checked once, each `auto` resolved, as a frozen copy (the caller's
     object is left as it was). `has_statistics`: calibration statistics are given instead of --calib text;
-    `live`: the statistics come from a live calibrator (default: exactly when --calib text is calibrated on);
-    `source`: the opened model, whose positions bound --calib-seq-len."""
+    `live`: the statistics come from a live calibrator (default: exactly when --calib text is calibrated on)."""
     calibrated = bool(options.calib) or has_statistics
     check_options(options, calibrated)
     check_allocation(options, bool(options.calib))
     if options.refine_steps < 0 or options.refine_tokens < 1 or options.refit_tokens < 0:
         raise GtakitError("--refine-steps and --refit-tokens must be >= 0 and --refine-tokens >= 1")
     init = resolve_init(options.init, calibrated)
-    method = get_init_method(init)
-    if method.needs_calibration and not calibrated:
+    if get_init_method(init).needs_calibration and not calibrated:
         raise GtakitError(f"--init {init} needs calibration text: pass --calib FILE")
-    live = (method.needs_calibration and not has_statistics) if live is None else live
-    resolved = replace(options, init=init, refit=resolve_refit(options.refit, live))
-    if source is not None and (method.needs_calibration or options.output_format != FolderSink.name):
-        resolved = replace(resolved, calib_seq_len=_calib_seq_len(source, family or family_of(source.config),
-                                                                  options, log))
-    return resolved.frozen()
+    live = (get_init_method(init).needs_calibration and not has_statistics) if live is None else live
+    return replace(options, init=init, refit=resolve_refit(options.refit, live)).frozen()
+
+
+def with_calib_seq_len(options: ConvertOptions, source: SourceModel, family: FamilyAdapter,
+                       log: Callable[[str], None]) -> ConvertOptions:
+    """The resolved options with --calib-seq-len within the model's positions (see `_calib_seq_len`), where
+    anything calibrates (an init that needs it, or an export's latent-norm fit)."""
+    if not (get_init_method(options.init).needs_calibration or options.output_format != FolderSink.name):
+        return options
+    return replace(options, calib_seq_len=_calib_seq_len(source, family, options, log)).frozen()
 
 
 def _calibrator(source: SourceModel, family: FamilyAdapter, options: ConvertOptions, progress: bool):
@@ -219,13 +221,14 @@ def convert(
         from gtakit.evaluate.positions import check_window  # noqa: PLC0415 - only with a long evaluation
 
         check_window(source.config, options.eval_window, "--eval-window")
+    options = resolve_options(options)
     output_format = OUTPUT_FORMATS[options.output_format]
-    method = get_init_method(resolve_init(options.init, bool(options.calib)))
+    method = get_init_method(options.init)
     if method.needs_calibration or eval_text is not None or output_format.needs_tokenizer:
         check_tokenizer(source)
     sink_class = output_format.sink
     plan = plan_conversion(source, family, options, sink_class.constraints, sink_class.name, sink_class.hint)
-    options = resolve_options(options, source=source, family=family, log=log)  # after every refusal: it may log
+    options = with_calib_seq_len(options, source, family, log)  # after every refusal: it may log a warning
     plan = _allocate(source, plan, options, method, sink_class, progress)
     output_format.check_plan(plan)
     dtype = DTYPES[options.dtype] if options.dtype != "auto" else source.weights.get(family.embedding_name).dtype
