@@ -127,8 +127,8 @@ def measure_candidates(plan: ConversionPlan, source: SourceModel, method, layer:
         spec = {**candidate_plan.spec, **converted.spec_updates}
         module = build_attention(plan.source_config, spec, index, converted.tensors).to(layer.device)
         moments = output_moments(module, pairs, holdout=holdout)
-        weight = refitted_weight(moments, converted.tensors[TensorNames(module).o_proj.weight], chosen_ridge)[0] if refit \
-            else module.o_proj.weight
+        o_weight = converted.tensors[TensorNames(module).o_proj.weight]
+        weight = refitted_weight(moments, o_weight, chosen_ridge)[0] if refit else module.o_proj.weight
         candidate.error = moments.error(weight) * moments.target_energy / max(residual, 1e-30)
 
 

@@ -34,8 +34,9 @@ register(GTAConverter(), GTAAttention)
 register(GLAConverter("gla"), GLAAttention)
 register(GLAConverter("mla"), GLAAttention)
 register(GHLAConverter(), GHLAAttention)
-if {form.model_form for form in FORMS.values()} != set(MODEL_FORMS):
-    raise TypeError(f"model forms without a converter: {sorted(set(MODEL_FORMS) - {f.model_form for f in FORMS.values()})}")
+_UNCONVERTED = set(MODEL_FORMS) - {form.model_form for form in FORMS.values()}
+if _UNCONVERTED:
+    raise TypeError(f"model forms without a converter: {sorted(_UNCONVERTED)}")
 
 
 def get_form(name: str) -> FormConverter:

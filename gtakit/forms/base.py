@@ -12,13 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from torch import nn
 
 from gtakit.errors import GtakitError
 from gtakit.families.base import SourceAttention, SourceShape
 from gtakit.models import GtakitAttention, LayerSpec
-
 from gtakit.models.spec_gtakit import divisors  # noqa: F401 - the form modules take it from here
 
 from .linalg import LayerMetric
@@ -57,9 +55,10 @@ def check_tensors(tensors: dict[str, torch.Tensor], module: nn.Module) -> None:
     given = {name: tuple(t.shape) for name, t in tensors.items()}
     if given != expected:
         missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-        shapes = sorted(f"{n} {given[n]} != {expected[n]}" for n in set(given) & set(expected) if given[n] != expected[n])
-        raise RuntimeError(f"{type(module).__name__}: converted tensors disagree with the model's: missing {missing}, "
-                           f"unexpected {extra}, shapes {shapes}")
+        shapes = sorted(f"{n} {given[n]} != {expected[n]}" for n in set(given) & set(expected)
+                        if given[n] != expected[n])
+        raise RuntimeError(f"{type(module).__name__}: converted tensors disagree with the model's: missing "
+                           f"{missing}, unexpected {extra}, shapes {shapes}")
 
 
 class FormConverter:

@@ -165,9 +165,9 @@ def convert_gla_layer(
         q_width = H * (nope_dim + 2 * len(rope.kept))
         tensors[names.q_proj.bias] = torch.cat(q_bias) if q_bias is not None else src.wq.new_zeros(q_width)
         tensors[names.kv_down_proj.bias] = src.wq.new_zeros(num_latents * kv_rank)
-        rope_width = 2 * len(rope.kept)
         if rope.kept:
-            tensors[names.k_rope_proj.bias] = rope.key_bias if rope.key_bias is not None else src.wq.new_zeros(rope_width)
+            tensors[names.k_rope_proj.bias] = rope.key_bias if rope.key_bias is not None \
+                else src.wq.new_zeros(2 * len(rope.kept))
     o_bias = fold_value_bias(src)
     if o_bias is not None:
         tensors[names.o_proj.bias] = o_bias
