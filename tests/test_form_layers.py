@@ -181,3 +181,33 @@ def test_converted_tensors_must_match_the_module():
     tensors["kv_down_proj.weight"] = tensors["kv_down_proj.weight"][:-1]
     with pytest.raises(RuntimeError, match="kv_down_proj.weight"):
         check_tensors(tensors, meta)
+
+
+def test_register_refuses_a_pair_that_disagrees():
+    from gtakit.forms import register
+    from gtakit.forms.gta import GTAConverter
+    from gtakit.models import GTAAttention
+
+    class ReportsAnotherFormsField(GTAConverter):
+        report_fields = ("num_latent_heads",)
+
+    with pytest.raises(TypeError, match="num_latent_heads"):
+        register(ReportsAnotherFormsField(), GTAAttention)
+
+    class Unregistered(GTAAttention):
+        pass
+
+    with pytest.raises(TypeError, match="not the model side"):
+        register(GTAConverter(), Unregistered)
+
+
+def test_the_spec_refuses_unknown_fields_and_fills_its_defaults():
+    src = source_attention(4, 2)
+    spec_type = FORMS["mla"].spec_type
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        spec_type.from_dict({"form": "gla", "num_key_value_heads": 2}, family_config(src))
+    with pytest.raises(ValueError, match="must divide"):
+        spec_type.from_dict({"form": "gla", "num_latent_heads": 3}, family_config(src))
+    spec = spec_type.from_dict({"form": "gla"}, family_config(src))
+    assert (spec.kv_lora_rank, spec.qk_rope_head_dim, len(spec.rope_index)) == (4 * HEAD_DIM, HEAD_DIM // 2, 2)
+    assert "softcap" not in spec.to_dict() and spec.to_dict()["form"] == "gla"
