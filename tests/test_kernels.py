@@ -95,10 +95,23 @@ def _check(form, dtype, q_len, splits, paged, lengths, total=70, page_size=16):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("form", ["gta", "gla2"])
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-@pytest.mark.parametrize("q_len", [1, 4])
-@pytest.mark.parametrize("splits", [1, 3], ids=["unsplit", "split3"])
+def _fp32_cases() -> list:
+    """Every (form, layout, query length, split) combination; the quick tier keeps the two corners per form (one
+    query token, unsplit, contiguous; four tokens, three splits, paged), the rest run with the slow tests."""
+    cases = []
+    for splits in (1, 3):
+        for q_len in (1, 4):
+            for paged in (False, True):
+                for form in ("gta", "gla2"):
+                    corner = (splits, q_len, paged) in ((1, 1, False), (3, 4, True))
+                    layout = "paged" if paged else "contiguous"
+                    name = f"{'split3' if splits == 3 else 'unsplit'}-{q_len}-{layout}-{form}"
+                    cases.append(pytest.param(form, paged, q_len, splits, id=name,
+                                              marks=() if corner else pytest.mark.slow))
+    return cases
+
+
+@pytest.mark.parametrize("form, paged, q_len, splits", _fp32_cases())
 def test_kernel_matches_reference_fp32(form, paged, q_len, splits):
     # Ragged: a full row, a row shorter than one block, a row ending mid-page; split 3 of the short row is empty.
     _check(form, torch.float32, q_len, splits, paged, lengths=[70, 9, 37])
