@@ -211,3 +211,20 @@ def test_the_spec_refuses_unknown_fields_and_fills_its_defaults():
     spec = spec_type.from_dict({"form": "gla"}, family_config(src))
     assert (spec.kv_lora_rank, spec.qk_rope_head_dim, len(spec.rope_index)) == (4 * HEAD_DIM, HEAD_DIM // 2, 2)
     assert "softcap" not in spec.to_dict() and spec.to_dict()["form"] == "gla"
+
+
+def test_the_flat_model_files_import_nothing_from_gtakit():
+    """The model files are copied next to converted weights (trust_remote_code): the spec the converter shares
+    with them lives on their side, and at import they need only each other (the Triton kernels are an optional
+    import inside a function, guarded)."""
+    import ast
+    from pathlib import Path
+
+    import gtakit.models
+
+    for path in Path(gtakit.models.__file__).parent.glob("*_gtakit.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert not (node.module or "").startswith("gtakit"), f"{path.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("gtakit") for a in node.names), path.name
