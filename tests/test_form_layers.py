@@ -228,3 +228,16 @@ def test_the_flat_model_files_import_nothing_from_gtakit():
                 assert not (node.module or "").startswith("gtakit"), f"{path.name} imports {node.module}"
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("gtakit") for a in node.names), path.name
+
+
+@pytest.mark.parametrize("tied_state", ["joint", "value"])
+def test_every_gta_group_gets_the_tied_state_asked_for(tied_state):
+    """Group 1 a copy of group 0: a conversion that treats every group alike gives both the same tied state."""
+    src = source_attention(4, 2)
+    d = HEAD_DIM
+    src.wk[d:], src.wv[d:], src.wq[2 * d:] = src.wk[:d], src.wv[:d], src.wq[: 2 * d]
+    module, _, _ = convert(src, "gta", groups=2, rope_dim=4, gta_state=tied_state)
+    kv = module.kv_proj.weight
+    assert torch.allclose(kv[:d], kv[d:], atol=1e-9)
+    other, _, _ = convert(src, "gta", groups=2, rope_dim=4, gta_state={"joint": "value", "value": "joint"}[tied_state])
+    assert not torch.allclose(kv[:d], other.kv_proj.weight[:d], atol=1e-6)  # the two states differ here

@@ -53,11 +53,11 @@ class GTAConverter(FormConverter):
     def convert_layer(self, attn: SourceAttention, spec: dict, metric: LayerMetric, stats: Any,
                       options: Any, names: TensorNames) -> ConvertedLayer:
         return convert_gta_layer(attn, spec["num_key_value_heads"], spec["rope_dim"], metric, names,
-                                 state=options.gta_state, rotation_credit=options.rope_rotation_credit)
+                                 tied_state=options.gta_state, rotation_credit=options.rope_rotation_credit)
 
 
 def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metric: LayerMetric,
-                      names: TensorNames, state: str = "joint", rotation_credit: float = 0.5) -> ConvertedLayer:
+                      names: TensorNames, tied_state: str = "joint", rotation_credit: float = 0.5) -> ConvertedLayer:
     """GTA weights: per group a tied state s (value; its first d - r coords are the no-RoPE key)."""
     H, d = src.num_heads, src.head_dim
     cov = metric.input_cov
@@ -87,7 +87,7 @@ def convert_gta_layer(src: SourceAttention, num_groups: int, rope_dim: int, metr
         kw = metric.key_out_weight
         k_weight = torch.block_diag(*[kw[g] for g in kv_heads]) if kw else None
         keys_w = weighted_rows(keys, k_weight)
-        if state == "joint" and nope:
+        if tied_state == "joint" and nope:
             state0, value_basis = _joint_tied_state(keys_w, values, nope, cov, metric, kv_heads)
         value_errs.append(rel_err(value_basis @ state0 - values, values, cov))
 
