@@ -103,8 +103,9 @@ def steps(args) -> dict[str, list[str]]:
                        f"data.train=[{text['code']}]", f"recovery.text=[{text['code-heldout']}]",
                        f"train.tokens={args.uptrain_tokens}"]
     for name, model in (("source", SOURCE), ("mla50-code", str(out / "mla50-code"))):
+        # --max-tokens: the prose is the passkey's haystack; its perplexity is scored elsewhere (one window here)
         plan[f"passkey:{name}"] = ["gtakit", "eval", model, "--passkey", "--lengths", "1024,2048", "--trials", "1",
-                                   "--text", str(text["wiki-heldout"]),
+                                   "--text", str(text["wiki-heldout"]), "--max-tokens", "1024",
                                    "--output", str(out / f"passkey-{name}.json")]
     return plan
 
