@@ -70,7 +70,7 @@ def train(args, work: Path, start: Path, name: str) -> Path:
                  "eval_sequences": 1, "cache_dir": str(work / "data-cache")},
         "train": {"max_steps": points[-1] // tokens_per_step, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
                   "lr": args.lr, "warmup_steps": 1},
-        "loss": {"kind": args.loss}, "eval": {"every": 0}, "recovery": {"against": None},
+        "loss": {"kind": args.loss, "attention_weight": args.attention_weight}, "eval": {"every": 0}, "recovery": {"against": None},
         "checkpoint": {"every": every, "keep": 1000}, "log": {"every": 1}, "output": {"dir": str(out), "force": True},
     })
     finetune(recipe, progress=False, log=print)
@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--loss", default="distill", choices=["ce", "distill", "mix"])
+    parser.add_argument("--attention-weight", type=float, default=0.0,
+                        help="loss.attention_weight: also match each layer's attention output to the source's")
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--code", default="out/text/code-heldout.txt", help="held-out domain (code_text.py)")
     parser.add_argument("--code-tokens", type=int, default=4096)
@@ -147,23 +149,29 @@ def main() -> None:
         results["source_passkey"] = score(args, source, tokenizer, source, code_windows[:1], wiki_eval, True)["passkey"]
     last = int(args.points.split(",")[-1])
     for init, start in convert_starts(args, work).items():
-        checkpoints = train(args, work, start, f"{args.form}-{init}")
+        label = init + (f"+attention{args.attention_weight:g}" if args.attention_weight else "")
+        checkpoints = train(args, work, start, f"{args.form}-{label}")
         rows = []
         for tokens, model in checkpoint_models(start, checkpoints, args.seq_len * args.micro_batch):
             with torch.no_grad():
                 row = {**score(args, source, tokenizer, model, code_windows, wiki_eval,
                                args.passkey and tokens in (0, last)), "training_tokens": tokens}
-            print(f"{init} {tokens}: KL {row['kl']:.4f} top-1 {row['top1_agreement']:.3f} "
+            print(f"{label} {tokens}: KL {row['kl']:.4f} top-1 {row['top1_agreement']:.3f} "
                   f"wiki ppl {row['wiki_perplexity']:.2f}", flush=True)
             rows.append(row)
-        results["runs"][init] = rows
+        results["runs"][label] = rows
     results["wall_time_s"] = round(time.time() - started, 1)
     finish(results, args, work)
 
 
 def finish(results: dict, args, work: Path) -> None:
-    results["settings"] = vars(args) | {"work": str(args.work)}
-    (work / "recovery_curve.json").write_text(json.dumps(results, indent=1))
+    """Write the JSON, keeping the runs (and their settings) of earlier invocations on the same WORK."""
+    path = work / "recovery_curve.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    settings = vars(args) | {"work": str(args.work)}
+    results["settings_by_run"] = {**earlier.get("settings_by_run", {}), **{run: settings for run in results["runs"]}}
+    results["runs"] = {**earlier.get("runs", {}), **results["runs"]}
+    path.write_text(json.dumps(results, indent=1))
     print_table(results)
     plot(results, args.plot)
 

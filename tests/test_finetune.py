@@ -22,7 +22,7 @@ from gtakit.convert import ConvertOptions, convert
 from gtakit.errors import GtakitError
 from gtakit.finetune import finetune, list_recipes, load_recipe
 from gtakit.finetune.data import RowSampler, pack_documents
-from gtakit.finetune.modes import distillation_kl
+from gtakit.finetune.modes import attention_matching, distillation_kl
 
 pytestmark = pytest.mark.slow  # end-to-end training runs (two-process DDP among them)
 
@@ -342,3 +342,24 @@ def test_recovery_text_must_exist(workdir, tmp_path):
     recipe = load_recipe(recipe_dict(workdir, "x", recovery={"text": [str(tmp_path / "missing.txt")]}))
     with pytest.raises(GtakitError, match="recovery.text"):
         finetune(recipe, progress=False)
+
+
+def test_attention_matching_is_zero_against_itself_and_adds_to_the_loss(workdir):
+    outputs = [torch.randn(2, 5, 8) for _ in range(3)]
+    assert attention_matching(outputs, [o.clone() for o in outputs]).item() == 0.0
+    assert attention_matching([2 * o for o in outputs], outputs).item() == pytest.approx(1.0)
+    # the student's own folder as teacher: before any update its attention outputs are the teacher's
+    report = run(workdir, "self-attn", train={"max_steps": 1}, teacher={"model": str(workdir / "converted")},
+                 loss={"kind": "distill", "attention_weight": 1.0})
+    assert abs(report["history"][0]["attention"]) < 1e-10
+    # against the source, the converted attention differs: the term is positive and in the loss
+    report = run(workdir, "source-attn", train={"max_steps": 2}, teacher={"model": "source"},
+                 loss={"kind": "distill", "attention_weight": 0.5})
+    first = report["history"][0]
+    assert first["attention"] > 0
+    assert first["loss"] == pytest.approx(first["kd"] + 0.5 * first["attention"], rel=1e-5)
+
+
+def test_attention_matching_needs_the_teacher(workdir):
+    with pytest.raises(GtakitError, match="attention_weight"):
+        load_recipe(recipe_dict(workdir, "x", loss={"kind": "ce", "attention_weight": 1.0}))

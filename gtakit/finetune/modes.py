@@ -104,3 +104,34 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     log_p_teacher = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
     return kl * temperature**2
+
+
+class AttentionOutputs:
+    """Each layer's attention output during one forward, in layer order (forward hooks on the modules the
+    attention attribute names: `self_attn` in the converted model and in its source alike)."""
+
+    def __init__(self, model: nn.Module, attribute: str, active: bool = True) -> None:
+        self.outputs: list[torch.Tensor] = []
+        modules = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == attribute] if active else []
+        self._handles = [m.register_forward_hook(self._keep) for m in modules]
+
+    def _keep(self, module: nn.Module, args, output) -> None:
+        self.outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    def __enter__(self) -> "AttentionOutputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def attention_matching(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of ||a_student - a_teacher||^2 / ||a_teacher||^2: relative, so layers whose outputs are
+    large (a few massive directions in Qwen2.5's early layers) do not drown the others."""
+    if len(student) != len(teacher) or not student:
+        raise GtakitError(f"loss.attention_weight: the model has {len(student)} attention outputs and the teacher "
+                          f"{len(teacher)}; both must be the same family with the same layers")
+    errors = [(s.float() - t.to(s.device).float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+              for s, t in zip(student, teacher)]
+    return torch.stack(errors).mean()

@@ -98,6 +98,10 @@ class LossSection:
     distill_weight: float = _f(0.5, "mix: loss = (1 - w) * CE + w * KD.", bounds(0, 1))
     temperature: float = _f(
         1.0, "Distillation temperature; the KL is scaled by T^2 so gradients keep their size.", bounds(0, low_open=True))
+    attention_weight: float = _f(
+        0.0, "distill/mix: add this times the mean over layers of the relative squared error between each layer's "
+        "attention output and the teacher's (from the teacher's forward the logits need anyway); 0 = off.",
+        bounds(0))
 
 
 @dataclass
@@ -379,6 +383,8 @@ def validate(recipe: Recipe) -> None:
     loss = recipe.loss
     if loss.kind in ("distill", "mix") and not recipe.teacher.model:
         raise GtakitError(f"loss.kind {loss.kind} needs a teacher: set teacher.model (e.g. 'source')")
+    if loss.attention_weight and loss.kind == "ce":
+        raise GtakitError("loss.attention_weight matches the teacher's attention outputs: use loss.kind distill or mix")
 
 
 def describe_schema(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, Any, str]]:

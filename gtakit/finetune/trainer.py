@@ -23,7 +23,8 @@ from gtakit.io.source import vocab_size
 
 from .data import RowSampler, load_packed_data, resolve_files
 from .export import output_folder
-from .modes import apply_mode, count_parameters, cross_entropy, distillation_kl
+from .modes import (AttentionOutputs, apply_mode, attention_marker, attention_matching, count_parameters,
+                    cross_entropy, distillation_kl)
 from .recipe import Recipe
 
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
@@ -422,7 +423,8 @@ def _train(run: Run, progress: bool, callback) -> None:
         if recipe.log.every and (state.step % recipe.log.every == 0 or last_step):
             rate = window_tokens / max(time.time() - window_start, 1e-9)
             record["tokens_per_s"] = rate
-            run.say(f"step {state.step}/{run.steps} tokens {state.tokens:,} loss {record['loss']:.4f} "
+            parts = f" (attention {record['attention']:.4f})" if "attention" in record else ""
+            run.say(f"step {state.step}/{run.steps} tokens {state.tokens:,} loss {record['loss']:.4f}{parts} "
                     f"lr {record['lr']:.2e} {rate:,.0f} tok/s")
             window_start, window_tokens = time.time(), 0
         if recipe.eval.every and state.step % recipe.eval.every == 0 and not last_step:
@@ -443,24 +445,27 @@ def _train_step(run: Run, sampler: RowSampler) -> dict:
     """One optimiser step over grad_accum micro-batches; the losses averaged over them and over processes, and
     the learning rate the step trained at."""
     t, accelerator, model = run.recipe.train, run.accelerator, run.model
-    sums = torch.zeros(3, device=accelerator.device)  # loss, ce, kd
+    sums = torch.zeros(4, device=accelerator.device)  # loss, ce, kd, attention matching
     lr = run.scheduler.get_last_lr()[0]
     for micro in range(t.grad_accum):
         rows = sampler.micro_batch_rows(run.state.step, micro, t.grad_accum, t.micro_batch,
                                         accelerator.process_index, accelerator.num_processes)
         ids = run.data.train[rows].long().to(accelerator.device)
         with accelerator.accumulate(model):
-            loss, ce, kd = _loss(model, run.teacher, run.teacher_device, ids, run.recipe)
+            loss, ce, kd, attn = _loss(model, run.teacher, run.teacher_device, ids, run.recipe)
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.grad_clip is not None:
                 accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).float() / t.grad_accum
+        sums += torch.stack([loss.detach(), ce.detach(), kd.detach(), attn.detach()]).float() / t.grad_accum
     if not accelerator.optimizer_step_was_skipped:
         run.scheduler.step()
     sums = accelerator.reduce(sums, reduction="mean")
-    return {"loss": float(sums[0]), "ce": float(sums[1]), "kd": float(sums[2]), "lr": lr}
+    record = {"loss": float(sums[0]), "ce": float(sums[1]), "kd": float(sums[2]), "lr": lr}
+    if run.recipe.loss.attention_weight:
+        record["attention"] = float(sums[3])
+    return record
 
 
 def _save(run: Run, started: float) -> dict:
@@ -526,15 +531,22 @@ def _bundled() -> Path:
 
 
 def _loss(model, teacher, teacher_device, ids: torch.Tensor, recipe: Recipe):
-    logits = model(input_ids=ids, use_cache=False).logits
+    """The step's loss and its parts: (loss, ce, kd, attention matching)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    kind, weight = recipe.loss.kind, recipe.loss.attention_weight
+    attribute = attention_marker(extract_model_from_parallel(model)).strip(".")
+    with AttentionOutputs(model, attribute, active=weight > 0) as student_attn:
+        logits = model(input_ids=ids, use_cache=False).logits
     zero = logits.new_zeros((), dtype=torch.float32)
-    kind = recipe.loss.kind
     ce = cross_entropy(logits, ids) if kind in ("ce", "mix") else zero
-    kd = zero
+    kd = attn = zero
     if kind in ("distill", "mix"):
-        with torch.no_grad():
+        with torch.no_grad(), AttentionOutputs(teacher, attribute, active=weight > 0) as teacher_attn:
             teacher_logits = teacher(input_ids=ids.to(teacher_device), use_cache=False).logits
         kd = distillation_kl(logits, teacher_logits.to(logits.device), recipe.loss.temperature)
+        if weight:
+            attn = attention_matching(student_attn.outputs, teacher_attn.outputs)
     if kind == "ce":
         loss = ce
     elif kind == "distill":
@@ -542,7 +554,7 @@ def _loss(model, teacher, teacher_device, ids: torch.Tensor, recipe: Recipe):
     else:
         w = recipe.loss.distill_weight
         loss = (1.0 - w) * ce + w * kd
-    return loss, ce, kd
+    return loss + weight * attn, ce, kd, attn
 
 
 def _refuse_pickled_objects(checkpoint: Path) -> None:
