@@ -102,7 +102,8 @@ def steps(args) -> dict[str, list[str]]:
                        f"output.dir={out / 'mla50-uptrained'}", "output.force=true",
                        f"data.train=[{text['code']}]", f"recovery.text=[{text['code-heldout']}]",
                        f"train.tokens={args.uptrain_tokens}"]
-    for name, model in (("source", SOURCE), ("mla50-code", str(out / "mla50-code"))):
+    for name, model in (("source", SOURCE), ("mla50-code", str(out / "mla50-code")),
+                        ("mla50-wiki", str(out / "mla50-wiki"))):
         # --max-tokens: the prose is the passkey's haystack; its perplexity is scored elsewhere (one window here)
         plan[f"passkey:{name}"] = ["gtakit", "eval", model, "--passkey", "--lengths", "1024,2048", "--trials", "1",
                                    "--text", str(text["wiki-heldout"]), "--max-tokens", "1024",
