@@ -68,7 +68,7 @@ def train(args, work: Path, start: Path, name: str) -> Path:
         "model": {"path": str(start)}, "teacher": {"model": "source"},
         "data": {"train": [str(p) for p in sorted(work.glob("train-*.txt"))], "eval": [str(work / "eval.txt")],
                  "eval_sequences": 1, "cache_dir": str(work / "data-cache")},
-        "train": {"max_steps": points[-1] // tokens_per_step, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+        "train": {"mode": args.mode, "max_steps": points[-1] // tokens_per_step, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
                   "lr": args.lr, "warmup_steps": 1},
         "loss": {"kind": args.loss, "attention_weight": args.attention_weight}, "eval": {"every": 0}, "recovery": {"against": None},
         "checkpoint": {"every": every, "keep": 1000}, "log": {"every": 1}, "output": {"dir": str(out), "force": True},
@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--loss", default="distill", choices=["ce", "distill", "mix"])
+    parser.add_argument("--mode", default="full", choices=["full", "attention", "lora"],
+                        help="train.mode: which parameters learn")
     parser.add_argument("--attention-weight", type=float, default=0.0,
                         help="loss.attention_weight: also match each layer's attention output to the source's")
     parser.add_argument("--calib-tokens", type=int, default=16384)
@@ -149,7 +151,8 @@ def main() -> None:
         results["source_passkey"] = score(args, source, tokenizer, source, code_windows[:1], wiki_eval, True)["passkey"]
     last = int(args.points.split(",")[-1])
     for init, start in convert_starts(args, work).items():
-        label = init + (f"+attention{args.attention_weight:g}" if args.attention_weight else "")
+        label = init + (f"+attention{args.attention_weight:g}" if args.attention_weight else "") + (
+            "" if args.mode == "full" else f"+{args.mode}-only")
         checkpoints = train(args, work, start, f"{args.form}-{label}")
         rows = []
         for tokens, model in checkpoint_models(start, checkpoints, args.seq_len * args.micro_batch):
