@@ -68,9 +68,10 @@ def train(args, work: Path, start: Path, name: str) -> Path:
         "model": {"path": str(start)}, "teacher": {"model": "source"},
         "data": {"train": [str(p) for p in sorted(work.glob("train-*.txt"))], "eval": [str(work / "eval.txt")],
                  "eval_sequences": 1, "cache_dir": str(work / "data-cache")},
-        "train": {"mode": args.mode, "max_steps": points[-1] // tokens_per_step, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-                  "lr": args.lr, "warmup_steps": 1},
-        "loss": {"kind": args.loss, "attention_weight": args.attention_weight}, "eval": {"every": 0}, "recovery": {"against": None},
+        "train": {"mode": args.mode, "max_steps": points[-1] // tokens_per_step, "seq_len": args.seq_len,
+                  "micro_batch": args.micro_batch, "lr": args.lr, "warmup_steps": 1},
+        "loss": {"kind": args.loss, "attention_weight": args.attention_weight}, "eval": {"every": 0},
+        "recovery": {"against": None},
         "checkpoint": {"every": every, "keep": 1000}, "log": {"every": 1}, "output": {"dir": str(out), "force": True},
     })
     finetune(recipe, progress=False, log=print)

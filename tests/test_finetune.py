@@ -363,3 +363,11 @@ def test_attention_matching_is_zero_against_itself_and_adds_to_the_loss(workdir)
 def test_attention_matching_needs_the_teacher(workdir):
     with pytest.raises(GtakitError, match="attention_weight"):
         load_recipe(recipe_dict(workdir, "x", loss={"kind": "ce", "attention_weight": 1.0}))
+
+
+def test_attention_matching_refuses_a_teacher_whose_layers_do_not_pair_up(workdir):
+    write_source("llama-3-layers", workdir / "three-layers")
+    with pytest.raises(GtakitError, match="attention_weight.*attention modules"):
+        run(workdir, "unpaired", train={"max_steps": 1}, teacher={"model": str(workdir / "three-layers")},
+            loss={"kind": "distill", "attention_weight": 1.0})
+    assert not (workdir / "unpaired").exists()

@@ -14,9 +14,18 @@ from .recipe import LoraSection
 DEFAULT_MODULES_TO_SAVE = ("k_rope_proj",)
 
 
+def attention_attribute(model: nn.Module) -> str:
+    """`self_attn` for Llama-style families: the config names the attribute that holds each layer's attention."""
+    return getattr(model.config, "gtakit_attention_name", "self_attn")
+
+
 def attention_marker(model: nn.Module) -> str:
-    """`.self_attn.` for Llama-style families: the config names the attribute that holds each layer's attention."""
-    return f".{getattr(model.config, 'gtakit_attention_name', 'self_attn')}."
+    return f".{attention_attribute(model)}."
+
+
+def attention_modules(model: nn.Module, attribute: str) -> list[nn.Module]:
+    """The modules held under ATTRIBUTE (one per decoder layer), in layer order."""
+    return [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == attribute]
 
 
 def is_attention_param(model: nn.Module, name: str) -> bool:
@@ -107,12 +116,10 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 
 class AttentionOutputs:
-    """Each layer's attention output during one forward, in layer order (forward hooks on the modules the
-    attention attribute names: `self_attn` in the converted model and in its source alike)."""
+    """Each given module's output during one forward, in order (forward hooks, removed on leaving the block)."""
 
-    def __init__(self, model: nn.Module, attribute: str, active: bool = True) -> None:
+    def __init__(self, modules: list[nn.Module]) -> None:
         self.outputs: list[torch.Tensor] = []
-        modules = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == attribute] if active else []
         self._handles = [m.register_forward_hook(self._keep) for m in modules]
 
     def _keep(self, module: nn.Module, args, output) -> None:
@@ -129,9 +136,6 @@ class AttentionOutputs:
 def attention_matching(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
     """Mean over layers of ||a_student - a_teacher||^2 / ||a_teacher||^2: relative, so layers whose outputs are
     large (a few massive directions in Qwen2.5's early layers) do not drown the others."""
-    if len(student) != len(teacher) or not student:
-        raise GtakitError(f"loss.attention_weight: the model has {len(student)} attention outputs and the teacher "
-                          f"{len(teacher)}; both must be the same family with the same layers")
     errors = [(s.float() - t.to(s.device).float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
-              for s, t in zip(student, teacher)]
+              for s, t in zip(student, teacher, strict=True)]
     return torch.stack(errors).mean()

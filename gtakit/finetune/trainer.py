@@ -23,8 +23,8 @@ from gtakit.io.source import vocab_size
 
 from .data import RowSampler, load_packed_data, resolve_files
 from .export import output_folder
-from .modes import (AttentionOutputs, apply_mode, attention_marker, attention_matching, count_parameters,
-                    cross_entropy, distillation_kl)
+from .modes import (AttentionOutputs, apply_mode, attention_attribute, attention_matching, attention_modules,
+                    count_parameters, cross_entropy, distillation_kl)
 from .recipe import Recipe
 
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
@@ -259,6 +259,7 @@ class Run:
     model: Any
     teacher: Any
     teacher_device: torch.device | None
+    matched_attention: tuple[list, list] | None  # (student's, teacher's) attention modules for loss.attention_weight
     scorer: Any
     optimizer: Any
     scheduler: Any
@@ -294,6 +295,7 @@ def _setup(recipe: Recipe, resume: bool, log) -> Run:
     say(f"data: {len(data.train)} training and {len(data.eval)} evaluation sequences of {t.seq_len} tokens")
     model = _student(recipe, say)
     teacher, teacher_device = _teacher(recipe, accelerator)
+    matched_attention = _matched_attention(recipe, model, teacher)
     scorer = _recovery_scorer(recipe, tokenizer, data, teacher, accelerator)
     recovery_before = None
     if scorer is not None and not resume:
@@ -314,8 +316,22 @@ def _setup(recipe: Recipe, resume: bool, log) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     if recipe.log.tensorboard:
         accelerator.init_trackers("gtakit-finetune", config=_flat(recipe.to_dict()))
-    return Run(recipe, accelerator, say, tokenizer, data, model, teacher, teacher_device, scorer, optimizer,
-               scheduler, steps, TrainerState(recovery_before=recovery_before))
+    return Run(recipe, accelerator, say, tokenizer, data, model, teacher, teacher_device, matched_attention, scorer,
+               optimizer, scheduler, steps, TrainerState(recovery_before=recovery_before))
+
+
+def _matched_attention(recipe: Recipe, model, teacher) -> tuple[list, list] | None:
+    """The student's and the teacher's attention modules, layer for layer, when loss.attention_weight needs them;
+    refused before any training when the two do not pair up."""
+    if not recipe.loss.attention_weight:
+        return None
+    attribute = attention_attribute(model)
+    student, theirs = attention_modules(model, attribute), attention_modules(teacher, attribute)
+    if not student or len(student) != len(theirs):
+        raise GtakitError(f"loss.attention_weight: the model has {len(student)} '{attribute}' attention modules and "
+                          f"the teacher {len(theirs)}; match them with a teacher of the same family and layers, or "
+                          "set loss.attention_weight 0")
+    return student, theirs
 
 
 def _accelerator(recipe: Recipe):
@@ -452,7 +468,7 @@ def _train_step(run: Run, sampler: RowSampler) -> dict:
                                         accelerator.process_index, accelerator.num_processes)
         ids = run.data.train[rows].long().to(accelerator.device)
         with accelerator.accumulate(model):
-            loss, ce, kd, attn = _loss(model, run.teacher, run.teacher_device, ids, run.recipe)
+            loss, ce, kd, attn = _loss(model, run.teacher, run.teacher_device, ids, run.recipe, run.matched_attention)
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.grad_clip is not None:
                 accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -530,19 +546,17 @@ def _bundled() -> Path:
     return bundled_smollm2()
 
 
-def _loss(model, teacher, teacher_device, ids: torch.Tensor, recipe: Recipe):
+def _loss(model, teacher, teacher_device, ids: torch.Tensor, recipe: Recipe, matched_attention=None):
     """The step's loss and its parts: (loss, ce, kd, attention matching)."""
-    from accelerate.utils import extract_model_from_parallel
-
     kind, weight = recipe.loss.kind, recipe.loss.attention_weight
-    attribute = attention_marker(extract_model_from_parallel(model)).strip(".")
-    with AttentionOutputs(model, attribute, active=weight > 0) as student_attn:
+    student_modules, teacher_modules = matched_attention or ([], [])
+    with AttentionOutputs(student_modules) as student_attn:
         logits = model(input_ids=ids, use_cache=False).logits
     zero = logits.new_zeros((), dtype=torch.float32)
     ce = cross_entropy(logits, ids) if kind in ("ce", "mix") else zero
     kd = attn = zero
     if kind in ("distill", "mix"):
-        with torch.no_grad(), AttentionOutputs(teacher, attribute, active=weight > 0) as teacher_attn:
+        with torch.no_grad(), AttentionOutputs(teacher_modules) as teacher_attn:
             teacher_logits = teacher(input_ids=ids.to(teacher_device), use_cache=False).logits
         kd = distillation_kl(logits, teacher_logits.to(logits.device), recipe.loss.temperature)
         if weight:
