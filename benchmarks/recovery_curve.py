@@ -90,14 +90,15 @@ def checkpoint_models(start: Path, checkpoints: Path, tokens_per_step: int):
         yield int(step.name.split("_")[1]) * tokens_per_step, model
 
 
-def score(args, source, tokenizer, model, code_windows, wiki_text: str, with_passkey: bool) -> dict:
+def score(args, source, tokenizer, model, code_windows, wiki_text: str, haystack: str | None) -> dict:
+    """Distance to the source on code, perplexity on WikiText-2, and passkey retrieval when given a haystack."""
     result = window_agreement(model, source, code_windows)
     result["wiki_perplexity"] = perplexity(model, tokenizer, wiki_text, args.eval_windows * args.seq_len,
                                            window=args.seq_len)["perplexity"]
-    if with_passkey:
+    if haystack:
         lengths = tuple(int(n) for n in args.passkey_lengths.split(","))
         result["passkey"] = {str(k): v["accuracy"] for k, v in passkey(
-            model, tokenizer, lengths, (0.0, 0.25, 0.5, 0.75, 1.0), args.passkey_trials, haystack=wiki_text
+            model, tokenizer, lengths, (0.0, 0.25, 0.5, 0.75, 1.0), args.passkey_trials, haystack=haystack
         )["by_length"].items()}
     return result
 
@@ -122,13 +123,23 @@ def main() -> None:
     parser.add_argument("--passkey", action="store_true")
     parser.add_argument("--passkey-lengths", default="1024,2048")
     parser.add_argument("--passkey-trials", type=int, default=2)
+    parser.add_argument("--passkey-chars", type=int, default=60_000,
+                        help="haystack: this many characters of WikiText-2 from the evaluation span's start (filler only)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/recovery_curve"))
     parser.add_argument("--plot", default="benchmarks/recovery_curve.png")
     parser.add_argument("--report", action="store_true", help="only print the table and plot of WORK's JSON")
+    parser.add_argument("--merge", default="", help="with --report: other WORK folders whose runs join the table and plot")
     args = parser.parse_args()
     if args.report:
         results = json.loads((args.work / "recovery_curve.json").read_text())
+        if args.merge:  # runs of several forms: each label says its form
+            runs = {}
+            for work in [args.work, *map(Path, args.merge.split(","))]:
+                merged = json.loads((work / "recovery_curve.json").read_text())
+                runs.update({f"{merged['settings_by_run'][label]['form']} {label}": run
+                             for label, run in merged["runs"].items()})
+            results["runs"] = runs
         print_table(results)
         plot(results, args.plot)
         return
@@ -138,7 +149,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     source_model = open_source(None)
     tokenizer = source_model.load_tokenizer()
-    calib, wiki_eval, train_parts = split_text(read_text(str(DATA)), tokenizer, 300_000, 400_000, args.eval_windows,
+    text = read_text(str(DATA))
+    calib, wiki_eval, train_parts = split_text(text, tokenizer, 300_000, 400_000, args.eval_windows,
                                                args.seq_len)
     (work / "calib.txt").write_text(calib)
     (work / "eval.txt").write_text(wiki_eval)
@@ -148,18 +160,20 @@ def main() -> None:
     code_windows = token_windows(tokenizer, read_text(args.code), args.code_tokens, 1024)
     results: dict = {"source_wiki_perplexity": perplexity(source, tokenizer, wiki_eval, args.eval_windows * args.seq_len,
                                                           window=args.seq_len)["perplexity"], "runs": {}}
+    haystack = text[400_000: 400_000 + args.passkey_chars] if args.passkey else None
     if args.passkey:
-        results["source_passkey"] = score(args, source, tokenizer, source, code_windows[:1], wiki_eval, True)["passkey"]
+        results["source_passkey"] = score(args, source, tokenizer, source, code_windows[:1], wiki_eval,
+                                          haystack)["passkey"]
     last = int(args.points.split(",")[-1])
     for init, start in convert_starts(args, work).items():
         label = init + (f"+attention{args.attention_weight:g}" if args.attention_weight else "") + (
-            "" if args.mode == "full" else f"+{args.mode}-only")
+            "" if args.mode == "full" else f"+{args.mode}-only") + ("" if args.lr == 2e-4 else f"+lr{args.lr:g}")
         checkpoints = train(args, work, start, f"{args.form}-{label}")
         rows = []
         for tokens, model in checkpoint_models(start, checkpoints, args.seq_len * args.micro_batch):
             with torch.no_grad():
                 row = {**score(args, source, tokenizer, model, code_windows, wiki_eval,
-                               args.passkey and tokens in (0, last)), "training_tokens": tokens}
+                               haystack if tokens in (0, last) else None), "training_tokens": tokens}
             print(f"{label} {tokens}: KL {row['kl']:.4f} top-1 {row['top1_agreement']:.3f} "
                   f"wiki ppl {row['wiki_perplexity']:.2f}", flush=True)
             rows.append(row)
@@ -175,6 +189,8 @@ def finish(results: dict, args, work: Path) -> None:
     settings = vars(args) | {"work": str(args.work)}
     results["settings_by_run"] = {**earlier.get("settings_by_run", {}), **{run: settings for run in results["runs"]}}
     results["runs"] = {**earlier.get("runs", {}), **results["runs"]}
+    if "source_passkey" in earlier:
+        results.setdefault("source_passkey", earlier["source_passkey"])
     path.write_text(json.dumps(results, indent=1))
     print_table(results)
     plot(results, args.plot)
@@ -187,6 +203,8 @@ def print_table(results: dict) -> None:
              "passkey": " ".join(f"{k}:{v:.0%}" for k, v in r.get("passkey", {}).items())}
             for init, run in results["runs"].items() for r in run]
     print(f"source wiki perplexity {results['source_wiki_perplexity']:.3f}")
+    if "source_passkey" in results:
+        print("source passkey " + " ".join(f"{k}:{v:.0%}" for k, v in results["source_passkey"].items()))
     print(markdown_table(rows, [(k, k) for k in rows[0]]))
 
 
@@ -196,7 +214,7 @@ def plot(results: dict, path: str) -> None:
         return
     figure, axis = plt.subplots(figsize=(6, 4))
     for init, run in results["runs"].items():
-        axis.plot([r["training_tokens"] for r in run], [r["kl"] for r in run], marker="o", label=f"start: {init}")
+        axis.plot([r["training_tokens"] for r in run], [r["kl"] for r in run], marker="o", label=init)
     axis.set_xlabel("training tokens (distillation)")
     axis.set_ylabel("KL(source || model) on held-out code, nats/token")
     axis.set_yscale("log")
