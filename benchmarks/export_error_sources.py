@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table  # noqa: E402
 
 from gtakit.convert.calibration import text_ids  # noqa: E402
+from gtakit.convert.export import CHECK_ROWS  # noqa: E402
 from gtakit.evaluate import token_windows, window_agreement  # noqa: E402
 from gtakit.formats import deepseek_v3, latent_norm  # noqa: E402
 from gtakit.io.text import read_text  # noqa: E402
@@ -78,10 +79,11 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     ids = text_ids(tokenizer, args.calib, args.calib_tokens, args.seq_len)
-    moments = deepseek_v3.collect_moments(model, ids[:-1], "refit", print)  # the export holds out its last row
+    fit = ids[:-CHECK_ROWS]  # the rows the export fits on (it holds out the last ones to check itself)
+    moments = deepseek_v3.collect_moments(model, fit, "refit", print)
     held = {name: token_windows(tokenizer, read_text(path), args.eval_tokens, args.window)
             for name, path in (item.split("=", 1) for item in args.held)}
-    results: dict = {"model": str(args.model), "calib": args.calib, "fit_tokens": int(ids[:-1].numel()), "rows": []}
+    results: dict = {"model": str(args.model), "calib": args.calib, "fit_tokens": int(fit.numel()), "rows": []}
     variant = biases_absorbed(model, moments)
     score(results, "biases absorbed (gtakit MLA, nothing else changed)", variant, model, held)
     del variant
@@ -91,7 +93,8 @@ def main() -> None:
     results["wall_time_s"] = round(time.time() - started, 1)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
-    columns = [("variant", "variant")] + [(f"{name} {key}", f"{name} {key}") for name in held for key in ("KL", "top-1")]
+    columns = [("variant", "variant")] + [(f"{name} {key}", f"{name} {key}")
+                                          for name in held for key in ("KL", "top-1")]
     print(markdown_table(results["rows"], columns))
 
 
