@@ -48,7 +48,8 @@ def convert_starts(args, work: Path) -> dict[str, Path]:
     for init in args.inits.split(","):
         folder = work / f"{args.form}-{init}"
         calibrated = init != "svd"
-        options = ConvertOptions(**FORMS[args.form], init=init, calib=str(work / "calib.txt") if calibrated else None,
+        calib = args.calib_data or str(work / "calib.txt")
+        options = ConvertOptions(**FORMS[args.form], init=init, calib=calib if calibrated else None,
                                  calib_tokens=args.calib_tokens, calib_seq_len=min(2048, args.calib_tokens))
         if not (folder / "conversion.json").exists():
             convert(None, folder, options, force=True, progress=False)
@@ -65,9 +66,10 @@ def train(args, work: Path, start: Path, name: str) -> Path:
     out = work / "runs" / name
     if (out / "conversion.json").exists():
         return out.with_name(out.name + ".checkpoints")
+    train_files = [args.train_data] if args.train_data else [str(p) for p in sorted(work.glob("train-*.txt"))]
     recipe = load_recipe({
         "model": {"path": str(start)}, "teacher": {"model": "source"},
-        "data": {"train": [str(p) for p in sorted(work.glob("train-*.txt"))], "eval": [str(work / "eval.txt")],
+        "data": {"train": train_files, "eval": [str(work / "eval.txt")],
                  "eval_sequences": 1, "cache_dir": str(work / "data-cache")},
         "train": {"mode": args.mode, "max_steps": points[-1] // tokens_per_step, "seq_len": args.seq_len,
                   "micro_batch": args.micro_batch, "lr": args.lr, "warmup_steps": 1},
@@ -96,6 +98,9 @@ def score(args, source, tokenizer, model, code_windows, wiki_text: str, haystack
     result = window_agreement(model, source, code_windows)
     result["wiki_perplexity"] = perplexity(model, tokenizer, wiki_text, args.eval_windows * args.seq_len,
                                            window=args.seq_len)["perplexity"]
+    # the distance on WikiText-2 too: the training domain, unless --train-data trains on something else
+    wiki_windows = token_windows(tokenizer, wiki_text, args.eval_windows * args.seq_len, args.seq_len)
+    result["wiki_kl"] = window_agreement(model, source, wiki_windows)["kl"]
     if haystack:
         lengths = tuple(int(n) for n in args.passkey_lengths.split(","))
         result["passkey"] = {str(k): v["accuracy"] for k, v in passkey(
@@ -112,6 +117,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
+    parser.add_argument("--train-data", default=None,
+                        help="train on this file instead of WikiText-2 (e.g. source_samples.py's JSON lines)")
+    parser.add_argument("--calib-data", default=None,
+                        help="calibrate the conversion on this file instead of WikiText-2 (use a WORK of its own)")
     parser.add_argument("--loss", default="distill", choices=["ce", "distill", "mix"])
     parser.add_argument("--mode", default="full", choices=["full", "attention", "lora"],
                         help="train.mode: which parameters learn")
@@ -132,7 +141,13 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only print the table and plot of WORK's JSON")
     parser.add_argument("--merge", default="",
                         help="with --report: other WORK folders whose runs join the table and plot")
+    parser.add_argument("--rescore-wiki", action="store_true",
+                        help="add the KL on WikiText-2 to WORK's runs scored before it was measured")
     args = parser.parse_args()
+    if args.rescore_wiki:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        rescore_wiki(args.work)
+        return
     if args.report:
         results = json.loads((args.work / "recovery_curve.json").read_text())
         if args.merge:  # runs of several forms: each label says its form
@@ -160,16 +175,15 @@ def main() -> None:
         (work / f"train-{index}.txt").write_text(part)
     source = source_model.load_model().eval()
     code_windows = token_windows(tokenizer, read_text(args.code), args.code_tokens, 1024)
-    results: dict = {"source_wiki_perplexity": perplexity(source, tokenizer, wiki_eval, args.eval_windows * args.seq_len,
-                                                          window=args.seq_len)["perplexity"], "runs": {}}
+    source_wiki = perplexity(source, tokenizer, wiki_eval, args.eval_windows * args.seq_len, window=args.seq_len)
+    results: dict = {"source_wiki_perplexity": source_wiki["perplexity"], "runs": {}}
     haystack = text[400_000: 400_000 + args.passkey_chars] if args.passkey else None
     if args.passkey:
         results["source_passkey"] = score(args, source, tokenizer, source, code_windows[:1], wiki_eval,
                                           haystack)["passkey"]
     last = int(args.points.split(",")[-1])
     for init, start in convert_starts(args, work).items():
-        label = init + (f"+attention{args.attention_weight:g}" if args.attention_weight else "") + (
-            "" if args.mode == "full" else f"+{args.mode}-only") + ("" if args.lr == DEFAULT_LR else f"+lr{args.lr:g}")
+        label = run_label(args, init)
         checkpoints = train(args, work, start, f"{args.form}-{label}")
         rows = []
         for tokens, model in checkpoint_models(start, checkpoints, args.seq_len * args.micro_batch):
@@ -182,6 +196,37 @@ def main() -> None:
         results["runs"][label] = rows
     results["wall_time_s"] = round(time.time() - started, 1)
     finish(results, args, work)
+
+
+def rescore_wiki(work: Path) -> None:
+    """Score the KL on the WikiText-2 evaluation windows for every kept checkpoint that lacks it."""
+    path = work / "recovery_curve.json"
+    results = json.loads(path.read_text())
+    source_model = open_source(None)
+    tokenizer, source = source_model.load_tokenizer(), source_model.load_model().eval()
+    wiki_text = (work / "eval.txt").read_text()
+    for label, run in results["runs"].items():
+        settings = results["settings_by_run"][label]
+        checkpoints = work / "runs" / f"{settings['form']}-{label}.checkpoints"
+        start = work / f"{settings['form']}-{label.split('+')[0]}"
+        if not checkpoints.exists():
+            continue
+        windows = token_windows(tokenizer, wiki_text, settings["eval_windows"] * settings["seq_len"],
+                                settings["seq_len"])
+        by_tokens = {row["training_tokens"]: row for row in run}
+        for tokens, model in checkpoint_models(start, checkpoints, settings["seq_len"] * settings["micro_batch"]):
+            with torch.no_grad():
+                by_tokens[tokens]["wiki_kl"] = window_agreement(model, source, windows)["kl"]
+            print(f"{label} {tokens}: KL wiki {by_tokens[tokens]['wiki_kl']:.4f}", flush=True)
+    path.write_text(json.dumps(results, indent=1))
+
+
+def run_label(args, init: str) -> str:
+    """The start, plus every setting that differs from the default recipe."""
+    return init + ("" if args.loss == "distill" else f"+{args.loss}") + (
+        f"+attention{args.attention_weight:g}" if args.attention_weight else "") + (
+        "" if args.mode == "full" else f"+{args.mode}-only") + ("" if args.lr == DEFAULT_LR else f"+lr{args.lr:g}") + (
+        f"+{Path(args.train_data).stem}" if args.train_data else "")
 
 
 def finish(results: dict, args, work: Path) -> None:
@@ -202,6 +247,7 @@ def print_table(results: dict) -> None:
     rows = [{"start": init, "training tokens": r["training_tokens"], "KL code": f"{r['kl']:.4f}",
              "top-1 code": f"{r['top1_agreement']:.1%}", "ppl code": f"{r['perplexity']:.3f}",
              "source ppl code": f"{r['source_perplexity']:.3f}", "ppl wiki": f"{r['wiki_perplexity']:.3f}",
+             "KL wiki": f"{r['wiki_kl']:.4f}" if "wiki_kl" in r else "",
              "passkey": " ".join(f"{k}:{v:.0%}" for k, v in r.get("passkey", {}).items())}
             for init, run in results["runs"].items() for r in run]
     print(f"source wiki perplexity {results['source_wiki_perplexity']:.3f}")

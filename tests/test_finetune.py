@@ -180,6 +180,28 @@ def test_mix_with_source_teacher_runs(workdir):
     assert report["uptraining"]["teacher_perplexity"] is not None
 
 
+def test_training_on_teacher_samples_alone_writes_them_once(workdir):
+    """data.train empty: the teacher writes the rows; a second run reads them from data.cache_dir; with
+    cross-entropy the teacher is dropped after writing."""
+    messages: list[str] = []
+    sections = dict(train={"max_steps": 3, "seq_len": 16}, teacher={"model": "source"},
+                    data={"train": [], "teacher_samples": 400, "sample_length": 24, "eval_sequences": 2,
+                          "cache_dir": str(workdir / "samples-cache")})
+    raw = recipe_dict(workdir, "samples-only", **sections, loss={"kind": "distill"})
+    raw["data"]["train"] = []
+    report = finetune(load_recipe(raw), progress=False, log=messages.append)
+    assert any("the teacher writes 400 tokens" in m for m in messages)
+    assert report["history"][0]["kd"] > 0 and report["uptraining"]["teacher_perplexity"] is not None
+    messages.clear()
+    raw["output"]["force"] = True
+    finetune(load_recipe(raw), progress=False, log=messages.append)
+    assert not any("the teacher writes" in m for m in messages)  # the packed rows came from the cache
+    raw = recipe_dict(workdir, "samples-ce", **sections, loss={"kind": "ce"})
+    raw["data"]["train"] = []
+    report = finetune(load_recipe(raw), progress=False)
+    assert report["uptraining"]["teacher_perplexity"] is None and report["history"][0]["kd"] == 0
+
+
 def test_bad_recipe_fails_up_front_with_one_line(workdir, tmp_path):
     path = tmp_path / "recipe.yaml"
     raw = recipe_dict(workdir, "never")

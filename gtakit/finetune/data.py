@@ -18,7 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -109,8 +109,8 @@ def _documents(specs: list[str], text_field: str, max_chars: int | None) -> Iter
                 return
 
 
-def pack_documents(docs: Iterator[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """Rows `[N, seq_len]` (int32, half the memory of int64) of EOS-separated documents."""
+def document_pieces(docs: Iterator[str], tokenizer) -> list[torch.Tensor]:
+    """Token ids (int32) of each document followed by EOS."""
     eos = tokenizer.eos_token_id
     pieces: list[torch.Tensor] = []
     batch: list[str] = []
@@ -126,15 +126,28 @@ def pack_documents(docs: Iterator[str], tokenizer, seq_len: int) -> torch.Tensor
             flush()
     if batch:
         flush()
+    return pieces
+
+
+def pack_pieces(pieces: list[torch.Tensor], seq_len: int) -> torch.Tensor:
+    """Rows `[N, seq_len]` (int32, half the memory of int64) of the pieces laid end to end."""
     stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32)
     rows = len(stream) // seq_len
     return stream[: rows * seq_len].view(rows, seq_len)
 
 
-def _fingerprint(data: DataSection, train: list[str], evals: list[str], tokenizer, seq_len: int) -> str:
+def pack_documents(docs: Iterator[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """Rows `[N, seq_len]` of EOS-separated documents."""
+    return pack_pieces(document_pieces(docs, tokenizer), seq_len)
+
+
+def _fingerprint(data: DataSection, train: list[str], evals: list[str], tokenizer, seq_len: int,
+                 samples_key: str) -> str:
     parts = {"train": train, "eval": evals, "field": data.text_field, "max_chars": data.max_chars,
              "eval_sequences": data.eval_sequences, "seq_len": seq_len, "vocab": len(tokenizer),
              "eos": tokenizer.eos_token_id, "tokenizer": getattr(tokenizer, "name_or_path", "")}
+    if data.teacher_samples:
+        parts["samples"] = [data.teacher_samples, data.sample_length, data.sample_batch, samples_key]
     for spec in train + evals:
         if not _is_dataset_name(spec):
             stat = Path(spec).stat()
@@ -152,10 +165,20 @@ class PackedData:
         return self.train.shape[1]
 
 
-def build_packed_data(data: DataSection, tokenizer, seq_len: int) -> PackedData:
+# Writes the teacher's samples when the packed data are built (not when they are read from the cache).
+SampleWriter = Callable[[], list[torch.Tensor]]
+
+
+def build_packed_data(data: DataSection, tokenizer, seq_len: int, samples: SampleWriter | None = None
+                      ) -> PackedData:
     train_specs = resolve_files(data.train, "data.train")
     eval_specs = resolve_files(data.eval, "data.eval")
-    train = pack_documents(_documents(train_specs, data.text_field, data.max_chars), tokenizer, seq_len)
+    pieces = document_pieces(_documents(train_specs, data.text_field, data.max_chars), tokenizer)
+    if data.teacher_samples:
+        if samples is None:
+            raise GtakitError("data.teacher_samples needs the teacher to write them (teacher.model)")
+        pieces += samples()
+    train = pack_pieces(pieces, seq_len)
     if eval_specs:
         held = pack_documents(_documents(eval_specs, data.text_field, None), tokenizer, seq_len)
         held = held[: data.eval_sequences]
@@ -174,16 +197,18 @@ def build_packed_data(data: DataSection, tokenizer, seq_len: int) -> PackedData:
     return PackedData(train=train.contiguous(), eval=held.contiguous())
 
 
-def load_packed_data(data: DataSection, tokenizer, seq_len: int, cache_dir: Path, accelerator) -> PackedData:
-    """Tokenise once (main process first, cached in `cache_dir`); other processes and resumed runs load it."""
+def load_packed_data(data: DataSection, tokenizer, seq_len: int, cache_dir: Path, accelerator,
+                     samples: SampleWriter | None = None, samples_key: str = "") -> PackedData:
+    """Tokenise once (main process first, cached in `cache_dir`); other processes and resumed runs load it.
+    `samples_key` names the teacher (and seed) that writes the samples, so another teacher packs anew."""
     train_specs = resolve_files(data.train, "data.train")
     eval_specs = resolve_files(data.eval, "data.eval")
-    cache = cache_dir / f"data-{_fingerprint(data, train_specs, eval_specs, tokenizer, seq_len)}.pt"
+    cache = cache_dir / f"data-{_fingerprint(data, train_specs, eval_specs, tokenizer, seq_len, samples_key)}.pt"
     with accelerator.main_process_first():
         if cache.exists():
             stored = torch.load(cache, weights_only=True)
             return PackedData(train=stored["train"], eval=stored["eval"])
-        packed = build_packed_data(data, tokenizer, seq_len)
+        packed = build_packed_data(data, tokenizer, seq_len, samples)
         if accelerator.is_main_process:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")

@@ -86,7 +86,7 @@ def preflight(recipe: Recipe, resume: bool) -> None:
 
         resolve_hub(recipe.model.path)
     check_model_folder(model_path, "model.path")  # weights that match the config and are finite
-    if recipe.loss.kind != "ce":
+    if uses_teacher(recipe):
         teacher = resolve_teacher(recipe.teacher.model, recipe.model.path)
         check_model_folder(teacher, "teacher.model")
         mine, theirs = vocab_size(model_path), vocab_size(teacher)
@@ -286,7 +286,12 @@ def _setup(recipe: Recipe, resume: bool, log) -> Run:
     t = recipe.train
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
     cache_dir = Path(recipe.data.cache_dir).expanduser() if recipe.data.cache_dir else recipe.checkpoint_dir
-    data = load_packed_data(recipe.data, tokenizer, t.seq_len, cache_dir, accelerator)
+    teacher, teacher_device = _teacher(recipe, accelerator)
+    data = load_packed_data(recipe.data, tokenizer, t.seq_len, cache_dir, accelerator,
+                            _sample_writer(recipe, teacher, teacher_device, tokenizer, say),
+                            samples_key=f"{resolve_teacher(recipe.teacher.model, recipe.model.path)}:{t.seed}")
+    if recipe.loss.kind == "ce":  # the teacher only wrote samples: free its memory before training
+        teacher = teacher_device = None
     say(f"accelerate: {accelerator.distributed_type.value} over {accelerator.num_processes} process(es) on "
         f"{accelerator.device.type}")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type.value != "FSDP":
@@ -294,7 +299,6 @@ def _setup(recipe: Recipe, resume: bool, log) -> Run:
             "parallel (every process holds the whole model)")
     say(f"data: {len(data.train)} training and {len(data.eval)} evaluation sequences of {t.seq_len} tokens")
     model = _student(recipe, say)
-    teacher, teacher_device = _teacher(recipe, accelerator)
     matched_attention = _matched_attention(recipe, model, teacher)
     scorer = _recovery_scorer(recipe, tokenizer, data, teacher, accelerator)
     recovery_before = None
@@ -385,9 +389,14 @@ def _student(recipe: Recipe, say: Callable[[str], None]):
     return model
 
 
+def uses_teacher(recipe: Recipe) -> bool:
+    """Distillation reads the teacher's logits; data.teacher_samples has it write training text."""
+    return recipe.loss.kind != "ce" or bool(recipe.data.teacher_samples)
+
+
 def _teacher(recipe: Recipe, accelerator) -> tuple[Any, torch.device | None]:
-    """The distillation teacher, frozen on its device (None without distillation)."""
-    if recipe.loss.kind == "ce":
+    """The teacher, frozen on its device (None when the recipe does not use one)."""
+    if not uses_teacher(recipe):
         return None, None
     from gtakit.evaluate import load_model
 
@@ -501,6 +510,20 @@ def _save(run: Run, started: float) -> dict:
     accelerator.free_memory()
     # The per-step records stay out of conversion.json (long runs have many); callers get them here.
     return dict(report, history=state.history) if report else {}
+
+
+def _sample_writer(recipe: Recipe, teacher, device, tokenizer, say: Callable[[str], None]):
+    """What writes data.teacher_samples when the packed data are built (None when the recipe asks for none)."""
+    d = recipe.data
+    if not d.teacher_samples:
+        return None
+    from .samples import teacher_samples
+
+    def write() -> list[torch.Tensor]:
+        say(f"the teacher writes {d.teacher_samples:,} tokens of samples ({d.sample_length} tokens each at most)")
+        return teacher_samples(teacher, device, tokenizer, d.teacher_samples, d.sample_length, d.sample_batch,
+                               recipe.train.seed, progress=lambda n: say(f"teacher samples: {n:,} tokens"))
+    return write
 
 
 def _recovery_scorer(recipe: Recipe, tokenizer, data, teacher, accelerator):

@@ -1,0 +1,62 @@
+"""Training text the teacher writes itself: unconditional samples for distillation without a covering corpus.
+
+Each sample starts from the BOS token alone (no prompt, so no domain is chosen for the teacher) and is drawn at
+temperature 1 with no top-k/top-p cut, i.e. from the teacher's own distribution; it ends at the teacher's EOS or
+after `length` new tokens. The checkpoint's own sampling defaults (repetition penalty, top-p, ...) are set aside
+for the call, so they do not bend the distribution. Samples are token ids, never decoded and
+re-tokenised, and are seeded per batch without touching the training run's random state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from gtakit.errors import GtakitError
+
+
+def sample_batch(teacher, device: torch.device, bos: int, eos: int, batch: int, length: int, seed: int
+                 ) -> list[list[int]]:
+    """`batch` samples of at most `length` tokens each (their EOS and the BOS excluded)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
+                              min_new_tokens=1, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    start = torch.full((batch, 1), bos, device=device)
+    forked = [device] if device.type == "cuda" else []
+    # generate() fills the values a passed config leaves at their defaults (temperature 1, top_p 1, no
+    # repetition penalty) from the model's own generation_config, so that one is swapped out for the call
+    saved = teacher.generation_config
+    teacher.generation_config = config
+    try:
+        with torch.random.fork_rng(devices=forked), torch.no_grad():
+            torch.manual_seed(seed)
+            if device.type == "cuda":
+                torch.cuda.manual_seed(seed)
+            out = teacher.generate(start, attention_mask=torch.ones_like(start))
+    finally:
+        teacher.generation_config = saved
+    rows = []
+    for row in out[:, 1:].tolist():
+        rows.append(row[: row.index(eos)] if eos in row else row)
+    return rows
+
+
+def teacher_samples(teacher, device: torch.device, tokenizer, tokens: int, length: int, batch: int, seed: int,
+                    progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    """Samples (int32 ids, each followed by EOS) until at least `tokens` ids are written."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise GtakitError("data.teacher_samples: the tokenizer has no EOS token to end the samples with")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    pieces: list[torch.Tensor] = []
+    written, index = 0, 0
+    while written < tokens:
+        for row in sample_batch(teacher, device, bos, eos, batch, length, seed * 1_000_003 + index):
+            pieces.append(torch.tensor(row + [eos], dtype=torch.int32))
+            written += len(row) + 1
+        index += 1
+        if progress is not None:
+            progress(written)
+    return pieces
