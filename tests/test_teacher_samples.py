@@ -75,3 +75,27 @@ def test_recipe_may_train_on_samples_alone_but_needs_a_teacher():
     with pytest.raises(GtakitError, match="'data.train' is required"):
         load_recipe({**base, "data": {}})
     assert VOCAB > 3
+
+
+def test_sample_command_writes_json_lines_once(tmp_path):
+    import json
+
+    from sources import write_source
+    from typer.testing import CliRunner
+
+    from gtakit.cli.main import app
+
+    write_source("llama-gqa-llama3rope", tmp_path / "src")
+    out = tmp_path / "samples.jsonl"
+    args = ["sample", str(tmp_path / "src"), "-o", str(out), "--tokens", "40", "--length", "12", "--batch", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert len(rows) % 2 == 0 and sum(len(r.split()) for r in rows) >= 40
+    vocabulary = tiny_tokenizer().get_vocab()
+    assert all(word in vocabulary for r in rows for word in r.split())
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "pass --force" in again.output and "Traceback" not in again.output
+    assert CliRunner().invoke(app, args + ["--force"]).exit_code == 0
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == rows  # seeded
+    assert not list(tmp_path.glob("*.partial"))

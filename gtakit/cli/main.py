@@ -336,6 +336,40 @@ def _passkey_tables(report: dict) -> str:
 
 
 @app.command()
+def sample(
+    model: Optional[str] = typer.Argument(None, help="Source: HF folder, .gguf file or Hub id (none = the bundled "
+                                          "SmolLM2-135M)."),
+    out: Path = typer.Option(..., "-o", "--out", help="JSON lines file to write ({\"text\": ...} per sample)."),
+    tokens: int = typer.Option(65536, "--tokens", min=1, help="Write samples until this many tokens."),
+    length: int = typer.Option(512, "--length", min=1, help="Tokens per sample at most (a sample also ends at EOS)."),
+    batch: int = typer.Option(16, "--batch", min=1, help="Samples generated per batch."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed: the same command writes the same file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Let a model write text from its own distribution (from its BOS token, temperature 1, no prompt): a corpus
+    for calibration and distillation that needs no data, e.g.
+
+    \b
+    gtakit sample -o out/samples.jsonl --tokens 65536
+    gtakit convert --to mla --kv-rank 128 --rope-dim 64 --calib out/samples.jsonl -o out/mla"""
+    import torch
+
+    from gtakit.evaluate import load_model
+    from gtakit.finetune.samples import write_samples_file
+
+    with _one_line_errors():
+        if out.exists() and not force:
+            raise GtakitError(f"{out} exists; pass --force to overwrite it")
+        if not out.parent.is_dir():
+            raise GtakitError(f"{out.parent} is not a folder; create it first")
+        teacher, tokenizer = load_model(model)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        report = write_samples_file(teacher.to(device), device, tokenizer, out, tokens, length, batch, seed,
+                                    log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"{out}: {report['samples']} samples, {report['tokens']:,} tokens in {report['seconds']:.0f} s")
+
+
+@app.command()
 def push(
     folder: Path = typer.Argument(..., help="Converted folder (OUT of gtakit convert)."),
     repo_id: str = typer.Argument(..., help="Hub repository id, e.g. user/model-gla."),

@@ -9,6 +9,9 @@ re-tokenised, and are seeded per batch without touching the training run's rando
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -43,13 +46,18 @@ def sample_batch(teacher, device: torch.device, bos: int, eos: int, batch: int, 
     return rows
 
 
+def start_and_end(tokenizer) -> tuple[int, int]:
+    """(the token a sample starts from, the token that ends it): BOS (EOS where there is none) and EOS."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise GtakitError("the tokenizer has no EOS token to end the samples with; teacher samples need one")
+    return (tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos), eos
+
+
 def teacher_samples(teacher, device: torch.device, tokenizer, tokens: int, length: int, batch: int, seed: int,
                     progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """Samples (int32 ids, each followed by EOS) until at least `tokens` ids are written."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise GtakitError("data.teacher_samples: the tokenizer has no EOS token to end the samples with")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    bos, eos = start_and_end(tokenizer)
     pieces: list[torch.Tensor] = []
     written, index = 0, 0
     while written < tokens:
@@ -60,3 +68,23 @@ def teacher_samples(teacher, device: torch.device, tokenizer, tokens: int, lengt
         if progress is not None:
             progress(written)
     return pieces
+
+
+def write_samples_file(teacher, device: torch.device, tokenizer, out: Path, tokens: int, length: int, batch: int,
+                       seed: int, log: Callable[[str], None] | None = None) -> dict:
+    """The samples as JSON lines ({"text": ...} per sample, decoded), written to a temporary file that is renamed
+    at the end: text that `gtakit convert --calib` and a recipe's data.train read like any corpus."""
+    bos, eos = start_and_end(tokenizer)
+    partial = out.with_name(out.name + ".partial")
+    written = rows = index = 0
+    started = time.time()
+    with partial.open("w", encoding="utf-8") as handle:
+        while written < tokens:
+            for row in sample_batch(teacher, device, bos, eos, batch, length, seed * 1_000_003 + index):
+                handle.write(json.dumps({"text": tokenizer.decode(row)}) + "\n")
+                written, rows = written + len(row), rows + 1
+            index += 1
+            if log is not None:
+                log(f"{written:,} tokens ({written / (time.time() - started):.0f} tokens/s)")
+    partial.replace(out)
+    return {"tokens": written, "samples": rows, "seconds": round(time.time() - started, 1)}
