@@ -256,7 +256,8 @@ def test_overrides_and_shipped_recipes(workdir):
     recipe = load_recipe(recipe_dict(workdir, "x"), ["train.lr=5e-5", "train.tokens=1e6", "lora.target_modules=q_proj"])
     assert recipe.train.lr == 5e-5 and recipe.train.tokens == 1_000_000 and recipe.lora.target_modules == ["q_proj"]
     names = [name for name, _ in list_recipes()]
-    for needed in ("smollm2-135m-gla3", "smollm2-135m-mla", "llama-3.2-1b-gta", "qwen2.5-7b-gla2", "accelerate/ddp", "accelerate/fsdp"):
+    for needed in ("smollm2-135m-gla3", "smollm2-135m-mla", "llama-3.2-1b-gta", "qwen2.5-7b-gla2", "accelerate/ddp",
+                   "accelerate/fsdp"):
         assert needed in names
     result = runner.invoke(app, ["recipes", "list"])
     assert result.exit_code == 0 and "smollm2-135m-gla3" in result.output
