@@ -7,6 +7,9 @@ one document, an EOS, and the start of the next: the EOS tells the model a new d
 pretraining of Llama-family models), and nothing needs a per-document mask, which keeps the student and the
 teacher on the stock attention paths.
 
+With data.teacher_samples the teacher's own samples (samples.py) are packed after the documents, as token ids
+each followed by EOS, and cached with them: the cache key names the teacher and the seed that wrote them.
+
 Data order is a pure function of (seed, step): rows are shuffled by a per-epoch permutation, so a resumed run
 reads exactly the rows the uninterrupted run would have read, with nothing but the step count to restore.
 """
