@@ -139,13 +139,14 @@ def main() -> None:
                         help="haystack: characters of WikiText-2 from the evaluation span's start (filler only)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/recovery_curve"))
-    parser.add_argument("--plot", default="benchmarks/recovery_curve.png")
+    parser.add_argument("--plot", default=None, help="plot file (default: WORK/curve.png)")
     parser.add_argument("--report", action="store_true", help="only print the table and plot of WORK's JSON")
     parser.add_argument("--merge", default="",
                         help="with --report: other WORK folders whose runs join the table and plot")
     parser.add_argument("--rescore-wiki", action="store_true",
                         help="add the KL on WikiText-2 to WORK's runs scored before it was measured")
     args = parser.parse_args()
+    args.plot = args.plot or str(args.work / "curve.png")
     if args.rescore_wiki:
         torch.set_num_threads(args.threads or torch.get_num_threads())
         rescore_wiki(args.work)
@@ -156,8 +157,10 @@ def main() -> None:
             runs = {}
             for work in [args.work, *map(Path, args.merge.split(","))]:
                 merged = json.loads((work / "recovery_curve.json").read_text())
-                runs.update({f"{merged['settings_by_run'][label]['form']} {label}": run
-                             for label, run in merged["runs"].items()})
+                for label, run in merged["runs"].items():
+                    settings = merged["settings_by_run"][label]
+                    calib = f" calib:{Path(settings['calib_data']).stem}" if settings.get("calib_data") else ""
+                    runs[f"{settings['form']} {label}{calib}"] = run
             results["runs"] = runs
         print_table(results)
         plot(results, args.plot)
@@ -268,7 +271,7 @@ def plot(results: dict, path: str) -> None:
     axis.set_xlabel("training tokens (distillation)")
     axis.set_ylabel("KL(source || model) on held-out code, nats/token")
     axis.set_yscale("log")
-    axis.legend()
+    axis.legend(fontsize=7, loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
