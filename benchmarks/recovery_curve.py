@@ -101,8 +101,7 @@ def score(args, source, tokenizer, model, code_windows, wiki_text: str, haystack
     result["wiki_perplexity"] = perplexity(model, tokenizer, wiki_text, args.eval_windows * args.seq_len,
                                            window=args.seq_len)["perplexity"]
     # the distance on WikiText-2 too: the training domain, unless --train-data trains on something else
-    wiki_windows = token_windows(tokenizer, wiki_text, args.eval_windows * args.seq_len, args.seq_len)
-    result["wiki_kl"] = window_agreement(model, source, wiki_windows)["kl"]
+    result["wiki_kl"] = window_agreement(model, source, wiki_windows(tokenizer, wiki_text, vars(args)))["kl"]
     if haystack:
         lengths = tuple(int(n) for n in args.passkey_lengths.split(","))
         result["passkey"] = {str(k): v["accuracy"] for k, v in passkey(
@@ -203,8 +202,14 @@ def main() -> None:
     finish(results, args, work)
 
 
+def wiki_windows(tokenizer, wiki_text: str, settings: dict) -> torch.Tensor:
+    """The WikiText-2 evaluation windows a run's settings (--eval-windows x --seq-len) score on."""
+    return token_windows(tokenizer, wiki_text, settings["eval_windows"] * settings["seq_len"], settings["seq_len"])
+
+
 def rescore_wiki(work: Path) -> None:
-    """Score the KL on the WikiText-2 evaluation windows for every kept checkpoint that lacks it."""
+    """Score the KL on the WikiText-2 evaluation windows for every checkpoint kept in WORK (runs scored before
+    that KL was measured)."""
     path = work / "recovery_curve.json"
     results = json.loads(path.read_text())
     source_model = open_source(None)
@@ -216,8 +221,7 @@ def rescore_wiki(work: Path) -> None:
         start = work / f"{settings['form']}-{label.split('+')[0]}"
         if not checkpoints.exists():
             continue
-        windows = token_windows(tokenizer, wiki_text, settings["eval_windows"] * settings["seq_len"],
-                                settings["seq_len"])
+        windows = wiki_windows(tokenizer, wiki_text, settings)
         by_tokens = {row["training_tokens"]: row for row in run}
         for tokens, model in checkpoint_models(start, checkpoints, settings["seq_len"] * settings["micro_batch"]):
             with torch.no_grad():

@@ -9,10 +9,11 @@ re-tokenised, and are seeded per batch without touching the training run's rando
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -54,19 +55,28 @@ def start_and_end(tokenizer) -> tuple[int, int]:
     return (tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos), eos
 
 
+def sample_batches(teacher, device: torch.device, tokenizer, length: int, batch: int, seed: int
+                   ) -> Iterator[list[list[int]]]:
+    """Batch after batch of samples (see `sample_batch`), batch i seeded from (seed, i); the caller stops."""
+    bos, eos = start_and_end(tokenizer)
+    for index in itertools.count():
+        yield sample_batch(teacher, device, bos, eos, batch, length, seed * 1_000_003 + index)
+
+
 def teacher_samples(teacher, device: torch.device, tokenizer, tokens: int, length: int, batch: int, seed: int,
                     progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """Samples (int32 ids, each followed by EOS) until at least `tokens` ids are written."""
-    bos, eos = start_and_end(tokenizer)
+    eos = start_and_end(tokenizer)[1]
     pieces: list[torch.Tensor] = []
-    written, index = 0, 0
-    while written < tokens:
-        for row in sample_batch(teacher, device, bos, eos, batch, length, seed * 1_000_003 + index):
+    written = 0
+    for rows in sample_batches(teacher, device, tokenizer, length, batch, seed):
+        for row in rows:
             pieces.append(torch.tensor(row + [eos], dtype=torch.int32))
             written += len(row) + 1
-        index += 1
         if progress is not None:
             progress(written)
+        if written >= tokens:
+            break
     return pieces
 
 
@@ -74,17 +84,17 @@ def write_samples_file(teacher, device: torch.device, tokenizer, out: Path, toke
                        seed: int, log: Callable[[str], None] | None = None) -> dict:
     """The samples as JSON lines ({"text": ...} per sample, decoded), written to a temporary file that is renamed
     at the end: text that `gtakit convert --calib` and a recipe's data.train read like any corpus."""
-    bos, eos = start_and_end(tokenizer)
     partial = out.with_name(out.name + ".partial")
-    written = rows = index = 0
+    written = count = 0
     started = time.time()
     with partial.open("w", encoding="utf-8") as handle:
-        while written < tokens:
-            for row in sample_batch(teacher, device, bos, eos, batch, length, seed * 1_000_003 + index):
+        for rows in sample_batches(teacher, device, tokenizer, length, batch, seed):
+            for row in rows:
                 handle.write(json.dumps({"text": tokenizer.decode(row)}) + "\n")
-                written, rows = written + len(row), rows + 1
-            index += 1
+                written, count = written + len(row), count + 1
             if log is not None:
                 log(f"{written:,} tokens ({written / (time.time() - started):.0f} tokens/s)")
+            if written >= tokens:
+                break
     partial.replace(out)
-    return {"tokens": written, "samples": rows, "seconds": round(time.time() - started, 1)}
+    return {"tokens": written, "samples": count, "seconds": round(time.time() - started, 1)}
